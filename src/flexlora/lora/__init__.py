@@ -1,0 +1,1 @@
+"""LoRA factors <-> PEFT adapters, and the SVD helpers of the server step."""

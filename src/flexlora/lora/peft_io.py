@@ -1,0 +1,294 @@
+"""PEFT adapters <-> flexlora types. The only code that parses ``lora_A`` / ``lora_B`` keys.
+
+An adapter folder is PEFT's: ``adapter_config.json`` and ``adapter_model.safetensors`` whose
+keys look like ``base_model.model.<module>.lora_A.weight`` (A: (r, n)) and ``...lora_B.weight``
+(B: (m, r)). Module names in flexlora are the base model's own paths (``<module>`` above), the
+names PEFT's ``rank_pattern`` and ``alpha_pattern`` keys are matched against. Pickled
+``adapter_model.bin`` files are refused: nothing a client sends is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from flexlora.errors import InvalidUpdateError
+from flexlora.types import LoRAFactors, match_pattern
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdapterMeta",
+    "LoadedAdapter",
+    "factors_from_state_dict",
+    "load_adapter",
+    "state_dict_from_factors",
+    "write_adapter",
+    "write_adapters_atomically",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """What of ``adapter_config.json`` the math needs, plus the rest to write back."""
+
+    r: int
+    lora_alpha: float
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def alpha_for(self, module: str) -> float:
+        key = match_pattern(self.alpha_pattern, module)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+    def rank_for(self, module: str) -> int:
+        key = match_pattern(self.rank_pattern, module)
+        return int(self.rank_pattern[key]) if key is not None else int(self.r)
+
+    @classmethod
+    def from_json(cls, cfg: Mapping[str, Any], source: str) -> AdapterMeta:
+        peft_type = str(cfg.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise InvalidUpdateError(
+                source, None, "config", f"{ADAPTER_CONFIG}: peft_type is {peft_type}, not LORA"
+            )
+        for bad in ("use_dora",):
+            if cfg.get(bad):
+                raise InvalidUpdateError(
+                    source, None, "config", f"{ADAPTER_CONFIG}: {bad}=true is not supported"
+                )
+        try:
+            return cls(
+                r=int(cfg["r"]),
+                lora_alpha=float(cfg.get("lora_alpha", 8)),
+                rank_pattern={str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
+                alpha_pattern={
+                    str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()
+                },
+                use_rslora=bool(cfg.get("use_rslora", False)),
+                raw=dict(cfg),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidUpdateError(
+                source, None, "config", f"{ADAPTER_CONFIG} is not a valid LoRA config: {exc!r}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    source: str
+    meta: AdapterMeta
+    factors: dict[str, LoRAFactors]
+
+
+def _module_name(key_module: str) -> str:
+    return key_module[len(PEFT_PREFIX) :] if key_module.startswith(PEFT_PREFIX) else key_module
+
+
+def factors_from_state_dict(
+    state: Mapping[str, Tensor], meta: AdapterMeta, source: str
+) -> dict[str, LoRAFactors]:
+    """Group a PEFT LoRA state dict into factors per module, checking shapes and ranks."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise InvalidUpdateError(
+                source,
+                None,
+                "unsupported_key",
+                f"unexpected tensor {key!r}: only lora_A / lora_B weights are supported "
+                "(no DoRA, LoRA biases, embeddings or modules_to_save)",
+            )
+        module = _module_name(match["module"])
+        slot = parts.setdefault(module, {})
+        if match["which"] in slot:
+            raise InvalidUpdateError(source, module, "duplicate", f"two lora_{match['which']}")
+        slot[match["which"]] = tensor
+    if not parts:
+        raise InvalidUpdateError(source, None, "empty", "the adapter holds no LoRA weights")
+    out: dict[str, LoRAFactors] = {}
+    for module, slot in parts.items():
+        for which in "AB":
+            if which not in slot:
+                raise InvalidUpdateError(source, module, "missing_factor", f"no lora_{which}")
+        A, B = slot["A"], slot["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise InvalidUpdateError(
+                source,
+                module,
+                "shape",
+                f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, n) and (m, r)",
+            )
+        declared = meta.rank_for(module)
+        if A.shape[0] != declared:
+            raise InvalidUpdateError(
+                source,
+                module,
+                "rank",
+                f"tensors have rank {A.shape[0]} but {ADAPTER_CONFIG} declares r={declared}",
+            )
+        for which, t in (("A", A), ("B", B)):
+            if not t.dtype.is_floating_point:
+                raise InvalidUpdateError(source, module, "dtype", f"lora_{which} is {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise InvalidUpdateError(
+                    source, module, "nonfinite", f"lora_{which} holds NaN or Inf values"
+                )
+        out[module] = LoRAFactors(
+            A=A, B=B, alpha=meta.alpha_for(module), use_rslora=meta.use_rslora
+        )
+    return out
+
+
+def load_adapter(folder: str | os.PathLike[str]) -> LoadedAdapter:
+    """Read a PEFT LoRA adapter folder (safetensors only) into factors per module."""
+    path = Path(folder)
+    source = str(folder)
+    if not path.is_dir():
+        raise InvalidUpdateError(source, None, "missing", "adapter folder does not exist")
+    cfg_path = path / ADAPTER_CONFIG
+    weights_path = path / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise InvalidUpdateError(source, None, "missing", f"no {ADAPTER_CONFIG} in the folder")
+    if not weights_path.is_file():
+        hint = ""
+        if (path / "adapter_model.bin").exists():
+            hint = (
+                " (adapter_model.bin is a pickle and is never loaded; re-save the adapter "
+                "with safe_serialization=True)"
+            )
+        raise InvalidUpdateError(source, None, "missing", f"no {ADAPTER_WEIGHTS}{hint}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidUpdateError(
+            source, None, "unreadable", f"{ADAPTER_CONFIG} cannot be read: {exc}"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise InvalidUpdateError(source, None, "config", f"{ADAPTER_CONFIG} is not an object")
+    meta = AdapterMeta.from_json(cfg, source)
+    try:
+        state = load_file(str(weights_path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise InvalidUpdateError(
+            source, None, "unreadable", f"{ADAPTER_WEIGHTS} cannot be read: {exc}"
+        ) from None
+    return LoadedAdapter(source, meta, factors_from_state_dict(state, meta, source))
+
+
+def state_dict_from_factors(
+    factors: Mapping[str, LoRAFactors], dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """PEFT's saved-adapter keys for the given factors."""
+    out: dict[str, Tensor] = {}
+    for module, f in factors.items():
+        out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = f.A.to(dtype or f.A.dtype).contiguous()
+        out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = f.B.to(dtype or f.B.dtype).contiguous()
+    return out
+
+
+def _patterns(values: Mapping[str, float], default: float) -> dict[str, float]:
+    """Shortest rank/alpha pattern: by leaf name where consistent, else by full module name."""
+    by_leaf: dict[str, set[float]] = {}
+    for module, v in values.items():
+        by_leaf.setdefault(module.rsplit(".", 1)[-1], set()).add(v)
+    out: dict[str, float] = {}
+    for module, v in values.items():
+        leaf = module.rsplit(".", 1)[-1]
+        if len(by_leaf[leaf]) == 1:
+            if v != default:
+                out[leaf] = v
+        elif v != default:
+            out[module] = v
+    return out
+
+
+def adapter_config(
+    factors: Mapping[str, LoRAFactors], template: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """An ``adapter_config.json`` for ``factors``: the template's fields, our ranks and alphas."""
+    cfg: dict[str, Any] = {"peft_type": "LORA", "task_type": "CAUSAL_LM"}
+    cfg.update(template or {})
+    ranks = {m: f.rank for m, f in factors.items()}
+    alphas = {m: f.alpha for m, f in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    cfg["r"] = int(r)
+    cfg["lora_alpha"] = float(alpha) if not float(alpha).is_integer() else int(alpha)
+    cfg["rank_pattern"] = {k: int(v) for k, v in _patterns(ranks, r).items()}
+    cfg["alpha_pattern"] = _patterns(alphas, alpha)
+    cfg["use_rslora"] = any(f.use_rslora for f in factors.values())
+    if not cfg.get("target_modules"):
+        cfg["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in factors})
+    cfg["inference_mode"] = True
+    return cfg
+
+
+def write_adapter(
+    folder: str | os.PathLike[str],
+    factors: Mapping[str, LoRAFactors],
+    template: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a PEFT adapter folder (config + safetensors) that ``PeftModel`` loads."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = adapter_config(factors, template)
+    save_file(
+        state_dict_from_factors(factors, dtype),
+        str(path / ADAPTER_WEIGHTS),
+        metadata={"format": "pt"},
+    )
+    (path / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_adapters_atomically(
+    out: str | os.PathLike[str],
+    adapters: Mapping[str, Mapping[str, LoRAFactors]],
+    template: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[Path]:
+    """Write ``out/<name>/`` for each adapter, all or nothing.
+
+    Everything is written into a temporary folder beside ``out`` first and moved into place
+    only once every adapter is on disk, so an error leaves ``out`` as it was.
+    """
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        for name, factors in adapters.items():
+            write_adapter(staging / name, factors, template, dtype)
+        out_path.mkdir(exist_ok=True)
+        written = []
+        for name in adapters:
+            target = out_path / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+            written.append(target)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

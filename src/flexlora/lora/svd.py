@@ -1,0 +1,96 @@
+"""Truncated SVD of a sum of low-rank products, without forming it when it is thin.
+
+FlexLoRA's server step needs the SVD of ``ΔW = Σ_i w_i·B_i·A_i`` (m, n). With the client
+factors stacked, ``ΔW = Bs·As`` where ``Bs = [w_1 B_1 … w_K B_K]`` is (m, R) and
+``As = [A_1; …; A_K]`` is (R, n), ``R = Σ r_i``. When ``R < min(m, n)``:
+
+    Bs = Qb·Rb,  Asᵀ = Qa·Ra          (thin QR, O((m + n)·R²))
+    ΔW = Qb·(Rb·Raᵀ)·Qaᵀ              (core is R×R)
+    Rb·Raᵀ = Uc·diag(S)·Vcᵀ           (O(R³))
+    ΔW = (Qb·Uc)·diag(S)·(Vcᵀ·Qaᵀ)    an exact thin SVD of ΔW
+
+which never materialises the m×n matrix. Otherwise ΔW is formed (streaming over clients) and
+decomposed densely, or approximately with ``torch.svd_lowrank``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["SVD", "dense_svd", "factored_svd", "low_rank_sum_svd", "randomized_svd"]
+
+SVD_METHODS = ("auto", "factored", "dense", "randomized")
+
+
+class SVD(NamedTuple):
+    U: Tensor  # (m, k)
+    S: Tensor  # (k,)
+    Vh: Tensor  # (k, n)
+
+
+def factored_svd(B: Tensor, A: Tensor) -> SVD:
+    """Exact thin SVD of ``B·A`` from QR of both factors; ``B: (m, R)``, ``A: (R, n)``."""
+    Qb, Rb = torch.linalg.qr(B)  # (m, p), (p, R) with p = min(m, R)
+    Qa, Ra = torch.linalg.qr(A.T)  # (n, q), (q, R) with q = min(n, R)
+    core = Rb @ Ra.T  # (p, q)
+    Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)  # (p, k), (k,), (k, q)
+    U = Qb @ Uc  # (m, k)
+    Vh = Vhc @ Qa.T  # (k, n)
+    return SVD(U, S, Vh)
+
+
+def dense_svd(delta: Tensor) -> SVD:
+    """Thin SVD of a formed matrix (m, n)."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (m, k), (k,), (k, n)
+    return SVD(U, S, Vh)
+
+
+def randomized_svd(delta: Tensor, rank: int, niter: int = 4, oversample: int = 10) -> SVD:
+    """Approximate top-``rank`` SVD of a formed matrix with ``torch.svd_lowrank``."""
+    m, n = delta.shape
+    q = min(rank + oversample, m, n)
+    U, S, V = torch.svd_lowrank(delta, q=q, niter=niter)  # (m, q), (q,), (n, q)
+    k = min(rank, q)
+    return SVD(U[:, :k].contiguous(), S[:k].contiguous(), V[:, :k].T.contiguous())
+
+
+def low_rank_sum_svd(
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    method: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    randomized_rank: int | None = None,
+    niter: int = 4,
+) -> SVD:
+    """SVD of ``Σ_i weights[i]·Bs[i]·As[i]``.
+
+    ``auto`` uses the factored path when ``R = Σ r_i < min(m, n)`` and a dense SVD otherwise;
+    ``factored`` and ``dense`` force a path; ``randomized`` forms ΔW and keeps the top
+    ``randomized_rank`` triplets (approximate).
+    """
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd method must be one of {SVD_METHODS}, got {method!r}")
+    if not Bs or len(Bs) != len(As) or len(Bs) != len(weights):
+        raise ValueError("need the same positive number of B factors, A factors and weights")
+    m = Bs[0].shape[0]
+    n = As[0].shape[1]
+    total_rank = sum(int(a.shape[0]) for a in As)
+    if method == "auto":
+        method = "factored" if total_rank < min(m, n) else "dense"
+    if method == "factored":
+        B = torch.cat([w * b.to(dtype) for w, b in zip(weights, Bs, strict=True)], dim=1)  # (m, R)
+        A = torch.cat([a.to(dtype) for a in As], dim=0)  # (R, n)
+        return factored_svd(B, A)
+    delta = torch.zeros(m, n, dtype=dtype)  # (m, n), a running sum: one client at a time
+    for w, b, a in zip(weights, Bs, As, strict=True):
+        delta.addmm_(b.to(dtype), a.to(dtype), alpha=float(w))
+    if method == "dense":
+        return dense_svd(delta)
+    rank = randomized_rank if randomized_rank is not None else min(total_rank, m, n)
+    return randomized_svd(delta, rank, niter=niter)

@@ -1,0 +1,312 @@
+"""The small typed vocabulary shared by every layer of flexlora.
+
+Conventions (PEFT's): a LoRA adapter of rank r on a linear layer W (out=m, in=n) has
+``A: (r, n)`` and ``B: (m, r)``; its update is ``ΔW = s·B·A`` with scaling ``s = alpha / r``
+(``alpha / sqrt(r)`` with rsLoRA). A client's update maps module names to such factors, and
+ranks may differ per module (PEFT's ``rank_pattern``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flexlora.errors import InvalidUpdateError, RankError
+
+__all__ = [
+    "ClientUpdate",
+    "GlobalUpdate",
+    "LoRAFactors",
+    "ModuleDelta",
+    "lora_scaling",
+    "match_pattern",
+    "resolve_ranks",
+]
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling of a rank-``rank`` adapter: ``alpha/r`` or ``alpha/sqrt(r)`` (rsLoRA)."""
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class LoRAFactors:
+    """One module's LoRA factors. ``A: (r, n)``, ``B: (m, r)``; ``ΔW = scaling·B·A``."""
+
+    A: Tensor  # (r, n)
+    B: Tensor  # (m, r)
+    alpha: float
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.A.ndim != 2 or self.B.ndim != 2:
+            raise ValueError(
+                f"LoRA factors must be 2-D, got A{tuple(self.A.shape)} B{tuple(self.B.shape)}"
+            )
+        if self.A.shape[0] != self.B.shape[1]:
+            raise ValueError(
+                f"rank mismatch: A is {tuple(self.A.shape)} (r, n) but B is "
+                f"{tuple(self.B.shape)} (m, r)"
+            )
+        if self.A.shape[0] == 0:
+            raise ValueError("rank must be positive")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora alpha must be a positive finite number, got {self.alpha}")
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(m, n)`` of the weight this adapter updates."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
+
+    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense update ``s·B·A`` (m, n). Slow and large: for tests and small layers."""
+        dtype = dtype or self.A.dtype
+        return self.scaling * (self.B.to(dtype) @ self.A.to(dtype))  # (m, n)
+
+    def num_bytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client sends back after local training."""
+
+    client_id: str
+    num_examples: int
+    factors: Mapping[str, LoRAFactors]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_examples, bool) or not isinstance(self.num_examples, int):
+            raise InvalidUpdateError(
+                self.client_id, None, "num_examples", "num_examples must be an int"
+            )
+        if self.num_examples <= 0:
+            raise InvalidUpdateError(
+                self.client_id,
+                None,
+                "num_examples",
+                f"num_examples must be positive, got {self.num_examples}",
+            )
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: f.rank for name, f in self.factors.items()}
+
+    def num_bytes(self) -> int:
+        return sum(f.num_bytes() for f in self.factors.values())
+
+
+def match_pattern(patterns: Iterable[str], module: str) -> str | None:
+    """The first pattern that names ``module`` the way PEFT's ``rank_pattern`` keys do.
+
+    A key matches when it is the module's full name or a dotted suffix of it, or a regex whose
+    match ends at the end of the name (``(.*\\.)?KEY$``).
+    """
+    for key in patterns:
+        if module == key or module.endswith("." + key):
+            return key
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def resolve_ranks(
+    modules: Iterable[str], r: int, rank_pattern: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """Per-module ranks: ``rank_pattern`` where a key matches, ``r`` elsewhere."""
+    pattern = dict(rank_pattern or {})
+    out: dict[str, int] = {}
+    for module in modules:
+        key = match_pattern(pattern, module)
+        out[module] = int(pattern[key]) if key is not None else int(r)
+    return out
+
+
+Truncation = str  # "svd" | "prefix" | "exact"
+TRUNCATIONS = ("svd", "prefix", "exact")
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """One module's global update ``ΔW = U·diag(S)·Vh`` with ``U: (m, k)``, ``Vh: (k, n)``.
+
+    ``truncation`` says how a rank-r piece is cut from it:
+
+    - ``svd``: (U, S, Vh) is a thin SVD with S descending; the first r triplets are the best
+      rank-r approximation (Eckart–Young). Used by FlexLoRA and FLoRA.
+    - ``prefix``: the first r columns / rows, as HetLoRA and FFA-LoRA do; S is all ones.
+    - ``exact``: only r == k may be asked for (FedIT).
+    """
+
+    U: Tensor  # (m, k)
+    S: Tensor  # (k,)
+    Vh: Tensor  # (k, n)
+    truncation: Truncation = "svd"
+
+    def __post_init__(self) -> None:
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
+        k = self.S.shape[0] if self.S.ndim == 1 else -1
+        if self.U.ndim != 2 or self.Vh.ndim != 2 or self.U.shape[1] != k or self.Vh.shape[0] != k:
+            raise ValueError(
+                f"inconsistent module delta: U{tuple(self.U.shape)} S{tuple(self.S.shape)} "
+                f"Vh{tuple(self.Vh.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        """How many components are stored (an upper bound on rank(ΔW))."""
+        return int(self.S.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.U.shape[0]), int(self.Vh.shape[1])
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The full ``ΔW`` (m, n), for tests, evaluation of tiny models and exports."""
+        return (self.U.to(dtype) * self.S.to(dtype)) @ self.Vh.to(dtype)  # (m, n)
+
+    def factors(
+        self,
+        rank: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        split: str = "B",
+        pad: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        module: str | None = None,
+    ) -> LoRAFactors:
+        """Rank-``rank`` LoRA factors of this ΔW for a client with scaling ``alpha/rank``.
+
+        The client's update is ``s·B·A``, so its own scaling is divided out of B: the
+        receiving adapter reproduces the truncated ΔW exactly. ``split="B"`` puts the singular
+        values into B (the reference's convention); ``"balanced"`` puts ``sqrt(S)`` in each.
+        Asking for more than ``self.rank`` components is an error unless ``pad`` is given:
+        then the extra rows of A are drawn like PEFT's initialisation from that generator and
+        the extra columns of B are zero, which leaves ΔW unchanged and keeps every component
+        trainable.
+        """
+        if rank <= 0:
+            raise RankError(f"module {module}: rank must be positive, got {rank}")
+        if self.truncation == "exact" and rank != self.rank:
+            raise RankError(
+                f"module {module}: this global state has rank {self.rank} and cannot be cut "
+                f"to rank {rank} (the strategy needs every client at one rank)"
+            )
+        if rank > self.rank and pad is None:
+            raise RankError(
+                f"module {module}: rank {rank} was asked for but the global update has only "
+                f"{self.rank} components (sum of the clients' ranks, or min(m, n))"
+            )
+        if split not in ("B", "balanced"):
+            raise ValueError(f"split must be 'B' or 'balanced', got {split!r}")
+        dtype = dtype or self.U.dtype
+        keep = min(rank, self.rank)
+        s = lora_scaling(alpha, rank, use_rslora)
+        U = self.U[:, :keep].to(dtype)  # (m, keep)
+        S = self.S[:keep].to(dtype)  # (keep,)
+        Vh = self.Vh[:keep].to(dtype)  # (keep, n)
+        if split == "B":
+            B = U * (S / s)  # (m, keep)
+            A = Vh  # (keep, n)
+        else:
+            root = torch.sqrt(S / s)
+            B = U * root  # (m, keep)
+            A = root[:, None] * Vh  # (keep, n)
+        if keep < rank:
+            m, n = self.shape
+            extra = rank - keep
+            bound = 1.0 / math.sqrt(n)
+            A_pad = (torch.rand(extra, n, generator=pad, dtype=torch.float64) * 2 - 1) * bound
+            A = torch.cat([A, A_pad.to(dtype)], dim=0)  # (rank, n)
+            B = torch.cat([B, torch.zeros(m, extra, dtype=dtype)], dim=1)  # (m, rank)
+        return LoRAFactors(A=A.contiguous(), B=B.contiguous(), alpha=alpha, use_rslora=use_rslora)
+
+
+@dataclass(frozen=True)
+class GlobalUpdate:
+    """The server's global update: one :class:`ModuleDelta` per adapted module."""
+
+    modules: Mapping[str, ModuleDelta]
+    strategy: str = ""
+
+    def __getitem__(self, module: str) -> ModuleDelta:
+        return self.modules[module]
+
+    def names(self) -> list[str]:
+        return list(self.modules)
+
+    def max_rank(self) -> int:
+        return max((d.rank for d in self.modules.values()), default=0)
+
+    def factors(
+        self,
+        ranks: int | Mapping[str, int],
+        alpha: float | Mapping[str, float],
+        *,
+        use_rslora: bool = False,
+        split: str = "B",
+        pad: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, LoRAFactors]:
+        """Factors for every module at ``ranks`` (one int, or per module)."""
+        out: dict[str, LoRAFactors] = {}
+        for name, delta in self.modules.items():
+            r = ranks if isinstance(ranks, int) else ranks[name]
+            a = alpha if isinstance(alpha, (int, float)) else alpha[name]
+            out[name] = delta.factors(
+                r, float(a), use_rslora=use_rslora, split=split, pad=pad, dtype=dtype, module=name
+            )
+        return out
+
+    def num_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for d in self.modules.values() for t in (d.U, d.S, d.Vh)
+        )
+
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Flatten to a safetensors-ready dict plus JSON-able metadata (no pickle)."""
+        tensors: dict[str, Tensor] = {}
+        meta: dict[str, str] = {"strategy": self.strategy}
+        for name, d in self.modules.items():
+            tensors[f"{name}.U"] = d.U.contiguous()
+            tensors[f"{name}.S"] = d.S.contiguous()
+            tensors[f"{name}.Vh"] = d.Vh.contiguous()
+            meta[f"truncation:{name}"] = d.truncation
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> GlobalUpdate:
+        """Inverse of :meth:`to_tensors`."""
+        modules: dict[str, ModuleDelta] = {}
+        for key, trunc in meta.items():
+            if not key.startswith("truncation:"):
+                continue
+            name = key[len("truncation:") :]
+            modules[name] = ModuleDelta(
+                U=tensors[f"{name}.U"],
+                S=tensors[f"{name}.S"],
+                Vh=tensors[f"{name}.Vh"],
+                truncation=trunc,
+            )
+        return cls(modules=modules, strategy=meta.get("strategy", ""))
