@@ -1,0 +1,153 @@
+"""The SVD helpers of the server step against numpy's SVD of the formed matrix.
+
+Singular vectors are defined only up to sign (and rotation inside repeated singular values),
+so results are compared as reconstructed truncations ``U[:, :k]·diag(S[:k])·Vh[:k]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexlora.lora.svd import dense_svd, factored_svd, low_rank_sum_svd, randomized_svd
+
+# In float32 a rank-k truncation is only well defined to ~eps·σ1/(σk − σk+1) (Davis–Kahan);
+# compare truncations only where the spectral gap makes 1e-4 a fair demand.
+F32_MIN_GAP = 1e-2
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def truncate(U: np.ndarray, S: np.ndarray, Vh: np.ndarray, k: int) -> np.ndarray:
+    return (U[:, :k] * S[:k]) @ Vh[:k]  # (m, n)
+
+
+def reference(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.linalg.svd(M, full_matrices=False)
+
+
+def random_stack(
+    m: int, n: int, ranks: list[int], seed: int
+) -> tuple[list, list, list, np.ndarray]:
+    """Client factors, weights and their weighted sum formed term by term in float64."""
+    g = torch.Generator().manual_seed(seed)
+    Bs = [torch.randn(m, r, generator=g, dtype=torch.float64) for r in ranks]
+    As = [torch.randn(r, n, generator=g, dtype=torch.float64) for r in ranks]
+    weights = (torch.rand(len(ranks), generator=g, dtype=torch.float64) + 0.1).tolist()
+    M = np.zeros((m, n))
+    for w, B, A in zip(weights, Bs, As, strict=True):
+        for j in range(A.shape[0]):
+            M += w * np.outer(B[:, j].numpy(), A[j].numpy())
+    return Bs, As, weights, M
+
+
+shapes = st.tuples(
+    st.integers(1, 24),
+    st.integers(1, 24),
+    st.lists(st.integers(1, 8), min_size=1, max_size=4),
+    st.integers(0, 2**31 - 1),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_factored_equals_dense_truncation_float64(case) -> None:
+    m, n, ranks, seed = case
+    Bs, As, weights, M = random_stack(m, n, ranks, seed)
+    B = torch.cat([w * b for w, b in zip(weights, Bs, strict=True)], dim=1)  # (m, R)
+    A = torch.cat(As, dim=0)  # (R, n)
+    U, S, Vh = (t.numpy() for t in factored_svd(B, A))
+    Ur, Sr, Vhr = reference(M)
+    k_max = min(m, n, sum(ranks))
+    assert S.shape[0] == k_max
+    np.testing.assert_allclose(S, Sr[:k_max], rtol=1e-9, atol=1e-9 * Sr[0])
+    assert np.all(np.diff(S) <= 1e-12 * S[0])  # descending
+    np.testing.assert_allclose(U.T @ U, np.eye(k_max), atol=1e-10)
+    np.testing.assert_allclose(Vh @ Vh.T, np.eye(k_max), atol=1e-10)
+    for k in range(1, k_max + 1):
+        if k < len(Sr) and Sr[k - 1] - Sr[k] < 1e-9 * Sr[0]:
+            continue  # tied singular values: the truncation itself is not unique
+        assert rel_err(truncate(U, S, Vh, k), truncate(Ur, Sr, Vhr, k)) <= 1e-5
+    assert rel_err(truncate(U, S, Vh, k_max), M) <= 1e-10  # all components: exactly M
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_factored_and_dense_float32_match_float64_reference(case) -> None:
+    m, n, ranks, seed = case
+    Bs, As, weights, M = random_stack(m, n, ranks, seed)
+    Ur, Sr, Vhr = reference(M)
+    for method in ("factored", "dense"):
+        out = low_rank_sum_svd(Bs, As, weights, method=method, dtype=torch.float32)
+        assert out.U.dtype == torch.float32
+        U, S, Vh = (t.double().numpy() for t in out)
+        for k in range(1, S.shape[0] + 1):
+            gap = Sr[k - 1] - (Sr[k] if k < len(Sr) else 0.0)
+            if gap >= F32_MIN_GAP * Sr[0]:
+                assert rel_err(truncate(U, S, Vh, k), truncate(Ur, Sr, Vhr, k)) <= 1e-4, (method, k)
+        assert rel_err(truncate(U, S, Vh, S.shape[0]), M) <= 1e-5, method
+
+
+@pytest.mark.parametrize(("m", "n", "ranks"), [(30, 20, [2, 3]), (20, 30, [4, 8, 8]), (9, 9, [3])])
+def test_auto_is_factored_below_min_dim_and_dense_above(m: int, n: int, ranks: list[int]) -> None:
+    Bs, As, weights, M = random_stack(m, n, ranks, seed=5)
+    auto = low_rank_sum_svd(Bs, As, weights, dtype=torch.float64)
+    expected = "factored" if sum(ranks) < min(m, n) else "dense"
+    forced = low_rank_sum_svd(Bs, As, weights, method=expected, dtype=torch.float64)
+    for a, b in zip(auto, forced, strict=True):
+        assert torch.equal(a, b)
+    assert auto.S.shape[0] == min(sum(ranks), m, n)
+    assert rel_err(truncate(*(t.numpy() for t in auto), auto.S.shape[0]), M) <= 1e-10
+
+
+def test_dense_svd_is_thin() -> None:
+    M = torch.randn(7, 4, dtype=torch.float64)
+    U, S, Vh = dense_svd(M)
+    assert (U.shape, S.shape, Vh.shape) == ((7, 4), (4,), (4, 4))
+    torch.testing.assert_close((U * S) @ Vh, M)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_randomized_matches_dense_on_a_low_rank_matrix(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)  # torch.svd_lowrank draws its sketch from the global generator
+    Bs, As, weights, M = random_stack(60, 40, [3, 2, 4], seed=8)  # rank 9
+    out = low_rank_sum_svd(Bs, As, weights, method="randomized", dtype=dtype, randomized_rank=9)
+    assert out.S.shape[0] == 9
+    U, S, Vh = (t.double().numpy() for t in out)
+    Ur, Sr, Vhr = reference(M)
+    np.testing.assert_allclose(S, Sr[:9], rtol=1e-3)
+    for k in (3, 9):
+        assert rel_err(truncate(U, S, Vh, k), truncate(Ur, Sr, Vhr, k)) <= 1e-3
+    # default rank: everything the clients sent (capped by the shape)
+    default = low_rank_sum_svd(Bs, As, weights, method="randomized", dtype=dtype)
+    assert default.S.shape[0] == 9
+    full = randomized_svd(torch.from_numpy(M), rank=50)
+    assert full.S.shape[0] == 40  # q is capped by min(m, n)
+
+
+def test_low_rank_sum_svd_rejects_bad_calls() -> None:
+    B, A = torch.ones(3, 1), torch.ones(1, 3)
+    with pytest.raises(ValueError, match="svd method"):
+        low_rank_sum_svd([B], [A], [1.0], method="qr")
+    with pytest.raises(ValueError, match="same positive number"):
+        low_rank_sum_svd([], [], [])
+    with pytest.raises(ValueError, match="same positive number"):
+        low_rank_sum_svd([B, B], [A], [1.0, 1.0])
+
+
+def test_factored_svd_of_rank_deficient_factors() -> None:
+    """A zero B (PEFT's default init) or a repeated client must not break the QR path."""
+    g = torch.Generator().manual_seed(2)
+    B1 = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    A1 = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    B = torch.cat([B1, torch.zeros(12, 2, dtype=torch.float64), B1], dim=1)  # (12, 8), rank 3
+    A = torch.cat([A1, torch.randn(2, 10, generator=g, dtype=torch.float64), A1], dim=0)
+    U, S, Vh = factored_svd(B, A)
+    M = (B @ A).numpy()
+    assert rel_err(truncate(U.numpy(), S.numpy(), Vh.numpy(), 3), M) <= 1e-10
+    assert float(S[3:].abs().max()) <= 1e-10 * float(S[0])
