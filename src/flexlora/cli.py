@@ -84,7 +84,120 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_aggregate]
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    """The named flags of ``run`` as dotted overrides (they win over the file, like --set)."""
+    named = {
+        "output.dir": args.out,
+        "federation.strategy": args.strategy,
+        "federation.distribution": args.distribution,
+        "federation.rounds": args.rounds,
+        "federation.clients_per_round": args.clients_per_round,
+        "federation.seed": args.seed,
+    }
+    out = [
+        f"{k}={v}" if not isinstance(v, str) else f"{k}={v!r}"
+        for k, v in named.items()
+        if v is not None
+    ]
+    return [*args.set, *out]
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a federated fine-tuning job (no arguments: the offline embedded default)",
+        description=(
+            "Simulate federated LoRA fine-tuning in one process. Settings come from the "
+            "defaults, then CONFIG.toml, then --set overrides and the named flags."
+        ),
+    )
+    p.add_argument("config", nargs="?", default=None, help="TOML config file")
+    p.add_argument("--out", default=None, help="output folder (output.dir)")
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="flexlora, fedit-min, fedit-max, fedit, hetlora, flora, ffa",
+    )
+    p.add_argument(
+        "--distribution",
+        default=None,
+        help="uniform, heavy-tail-light, heavy-tail-strong, normal, explicit",
+    )
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--clients-per-round", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="dotted.key=value",
+        help="override any config key, e.g. --set train.lr=1e-4; repeat",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as TOML and exit"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from flexlora.config import load_config
+
+        cfg = load_config(args.config, _run_overrides(args))
+        if args.print_config:
+            print(cfg.to_toml(), end="")
+            return 0
+        from flexlora.simulation.runner import FederatedRun
+
+        FederatedRun(cfg).run()
+        print(f"outputs in {cfg.output.dir}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_resume(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("dir", help="the run's output folder (holds config.toml and checkpoint/)")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from flexlora.config import load_config
+        from flexlora.simulation.runner import FederatedRun
+
+        folder = Path(args.dir)
+        cfg = load_config(folder / "config.toml", [f"output.dir={str(folder)!r}"])
+        FederatedRun(cfg).run(resume=True)
+        print(f"outputs in {folder}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="redraw report.png from a run's metrics.jsonl")
+    p.add_argument("dir", help="the run's output folder")
+
+    def run(args: argparse.Namespace) -> int:
+        from flexlora.simulation.report import write_report
+
+        print(f"wrote {write_report(args.dir)}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from flexlora.data.cli import add_data_command  # the loader is imported when it runs
+
+    add_data_command(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_aggregate,
+    _add_run,
+    _add_resume,
+    _add_report,
+    _add_data,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,261 @@
+"""The run configuration: dataclasses with defaults and help, shared by the CLI and Flower.
+
+The defaults are the offline embedded job (`make run`): SmolLM2-135M-Instruct on the Natural
+Instructions tasks shipped in the ``bigbench`` sdist, FlexLoRA under ``heavy-tail-light``.
+A TOML file sets any subset of keys; ``--set dotted.key=value`` overrides on top.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexlora.config_io import apply_overrides, from_dict, load_toml, to_toml
+from flexlora.data.config import DataConfig
+from flexlora.errors import UsageError
+
+__all__ = [
+    "PAPER_RANK_TYPES",
+    "EvalConfig",
+    "FederationConfig",
+    "LoRASettings",
+    "ModelConfig",
+    "OutputConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+#: The paper's four client resource types: (attention rank, feed-forward rank).
+PAPER_RANK_TYPES: dict[str, list[int]] = {
+    "8": [8, 8],
+    "30": [30, 30],
+    "30-200": [30, 200],
+    "200": [200, 200],
+}
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help(
+        "base causal LM: a hub id, a local folder, 'smollm2-135m-instruct' (offline default) or "
+        "'tiny-llama' (tests)",
+        default="smollm2-135m-instruct",
+    )
+    dtype: str = _help("weights dtype: float32, bfloat16, float16 or auto", default="float32")
+    threads: int = _help("torch CPU threads (0 = torch's default)", default=0)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise UsageError(f"model.dtype: {self.dtype!r} is not float32/bfloat16/float16/auto")
+
+
+@dataclass
+class LoRASettings:
+    target_modules: list[str] = _help(
+        "leaf names of the linear layers to adapt",
+        default_factory=lambda: ["q_proj", "v_proj", "up_proj", "down_proj"],
+    )
+    ffn_modules: list[str] = _help(
+        "which of the target modules are feed-forward (they take the rank type's FFN rank)",
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc"],
+    )
+    alpha: float = _help(
+        "lora_alpha (scaling is alpha/r, or alpha/sqrt(r) with rsLoRA)", default=16.0
+    )
+    dropout: float = _help("lora_dropout", default=0.05)
+    use_rslora: bool = _help("rank-stabilised scaling alpha/sqrt(r)", default=False)
+
+    def __post_init__(self) -> None:
+        if not self.target_modules:
+            raise UsageError("lora.target_modules must name at least one module")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise UsageError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = _help(
+        "optimizer steps per client per round (0: use local_epochs)", default=8
+    )
+    local_epochs: float = _help("passes over the client's data when local_steps is 0", default=1.0)
+    batch_size: int = _help("examples per micro-batch", default=4)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    cutoff_len: int = _help("truncate prompt+response to this many tokens", default=128)
+    train_on_inputs: bool = _help(
+        "also train on the prompt tokens (off: response only)", default=False
+    )
+    optimizer: str = _help("adamw or sgd", default="adamw")
+    lr: float = _help("learning rate", default=3e-4)
+    lr_schedule: str = _help(
+        "constant, linear or cosine decay over the local steps", default="constant"
+    )
+    warmup_steps: int = _help("linear warm-up steps at the start of each local run", default=0)
+    weight_decay: float = _help("weight decay", default=0.0)
+    momentum: float = _help("SGD momentum", default=0.0)
+    max_grad_norm: float = _help("clip the gradient norm (0: off)", default=1.0)
+    precision: str = _help("fp32 or bf16 (autocast)", default="fp32")
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UsageError(f"train.optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise UsageError(
+                f"train.lr_schedule must be constant/linear/cosine, got {self.lr_schedule!r}"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise UsageError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "cutoff_len"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"train.{name} must be positive")
+        if self.local_steps < 0 or (self.local_steps == 0 and self.local_epochs <= 0):
+            raise UsageError("train.local_steps must be >= 0, and local_epochs > 0 when it is 0")
+        if not (self.lr > 0):
+            raise UsageError(f"train.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = _help(
+        "aggregation: flexlora, fedit, hetlora, flora, ffa; fedit-min / fedit-max hold every "
+        "client to the smallest / largest rank type",
+        default="flexlora",
+    )
+    rounds: int = _help("communication rounds", default=3)
+    clients_per_round: int = _help(
+        "clients sampled per round (seeded by seed and round)", default=4
+    )
+    distribution: str = _help(
+        "client resource types: uniform, heavy-tail-light, heavy-tail-strong, normal, or "
+        "'explicit' with client_types",
+        default="heavy-tail-light",
+    )
+    client_types: list[str] = _help(
+        "explicit rank type per client (distribution='explicit'), in client order; cycled",
+        default_factory=list,
+    )
+    rank_types: dict[str, list[int]] = _help(
+        "resource types: name -> [attention rank, FFN rank]",
+        default_factory=lambda: {k: list(v) for k, v in PAPER_RANK_TYPES.items()},
+    )
+    seed: int = _help(
+        "seed of client sampling, rank draw, data order and initialisation", default=42
+    )
+    svd: str = _help("flexlora decomposition: auto, factored, dense, randomized", default="auto")
+    split: str = _help(
+        "singular values into B ('B') or sqrt(S) into both ('balanced')", default="B"
+    )
+    min_clients: int = _help(
+        "fewest valid updates a round needs to change the global state", default=1
+    )
+    max_update_norm: float = _help(
+        "reject updates with ||s*B*A||_F above this (0: off)", default=0.0
+    )
+    dp_clip: float = _help(
+        "client-level DP: clip each client's dW to this norm (0: off)", default=0.0
+    )
+    dp_noise_multiplier: float = _help("client-level DP: Gaussian noise multiplier", default=0.0)
+    dp_delta: float = _help("client-level DP: delta of the reported (epsilon, delta)", default=1e-5)
+    fail_rate: float = _help(
+        "fault injection: share of sampled clients that fail each round", default=0.0
+    )
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise UsageError(f"federation.rounds must be >= 0, got {self.rounds}")
+        if self.clients_per_round <= 0:
+            raise UsageError("federation.clients_per_round must be positive")
+        if not self.rank_types:
+            raise UsageError("federation.rank_types must define at least one type")
+        for name, ranks in self.rank_types.items():
+            if len(ranks) != 2 or min(ranks) <= 0:
+                raise UsageError(
+                    f"federation.rank_types.{name} must be [attention rank, FFN rank] > 0, "
+                    f"got {ranks}"
+                )
+        if self.split not in ("B", "balanced"):
+            raise UsageError(f"federation.split must be 'B' or 'balanced', got {self.split!r}")
+        if self.min_clients < 1:
+            raise UsageError("federation.min_clients must be >= 1")
+        if not 0 <= self.fail_rate < 1:
+            raise UsageError("federation.fail_rate must be in [0, 1)")
+        for name in ("max_update_norm", "dp_clip", "dp_noise_multiplier"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"federation.{name} must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _help(
+        "evaluate every N rounds (and after the last); 0: only at the end", default=1
+    )
+    at_start: bool = _help("evaluate the base model before round 1 (round 0)", default=True)
+    unseen: bool = _help("zero-shot Rouge-L on the unseen clients' test sets", default=True)
+    seen: bool = _help("Rouge-L on the seen clients' test sets", default=False)
+    max_clients: int = _help("evaluate at most this many clients of each kind (0: all)", default=0)
+    max_examples_per_client: int = _help("test examples per client (0: all)", default=8)
+    max_new_tokens: int = _help("greedy generation length", default=48)
+    max_prompt_tokens: int = _help(
+        "keep the last N prompt tokens (0: train.cutoff_len, as in training)", default=0
+    )
+    batch_size: int = _help("prompts per generation batch", default=16)
+    patience: int = _help(
+        "stop after this many evaluations without improvement (0: off)", default=0
+    )
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _help("output folder", default="runs/default")
+    progress: bool = _help("progress bars", default=True)
+    checkpoint: bool = _help("write a resumable checkpoint after every round", default=True)
+    save_adapters: bool = _help(
+        "write adapters/rank-R/ for every rank type at the end", default=True
+    )
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_toml(self) -> str:
+        return to_toml(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml(), encoding="utf-8")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Defaults, then a TOML file, then ``values`` (a nested dict), then dotted overrides."""
+    data: dict[str, Any] = load_toml(path) if path is not None else {}
+    if values:
+        _merge(data, values)
+    apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def _merge(into: dict[str, Any], values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value

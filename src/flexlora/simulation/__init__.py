@@ -1,0 +1,1 @@
+"""In-process simulator: the round loop, checkpoints and reports."""

@@ -1,0 +1,195 @@
+"""One frozen base model shared by every client; clients differ only in adapter state.
+
+:class:`AdapterHost` wraps the base model once with PEFT and keeps one adapter *slot* per
+resource type (rank pattern). A client borrows the slot of its type: its starting factors are
+copied in, it trains, its factors are copied out. Memory is one base model plus one adapter
+per resource type, whatever the number of clients.
+
+It can also add a global ``ΔW`` to the frozen base weights (FLoRA's clients merge the global
+update; evaluation of any strategy's global model does the same) and restore them exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.types import GlobalUpdate, LoRAFactors
+
+__all__ = ["AdapterHost"]
+
+
+class AdapterHost:
+    """PEFT adapter slots on a shared frozen base model.
+
+    Parameters
+    ----------
+    model:
+        The base causal LM (frozen; it is wrapped in place by PEFT).
+    target_modules:
+        Leaf names of the linear layers to adapt (PEFT's ``target_modules``).
+    slots:
+        Slot name -> per-module rank for every adapted module.
+    alpha, dropout, use_rslora:
+        PEFT LoRA settings shared by all slots.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: list[str],
+        slots: Mapping[str, Mapping[str, int]],
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        if not slots:
+            raise UsageError("an adapter host needs at least one slot")
+        self.alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.slot_ranks = {name: dict(ranks) for name, ranks in slots.items()}
+        self.peft: PeftModel | None = None
+        for name, ranks in self.slot_ranks.items():
+            config = LoraConfig(
+                r=max(ranks.values()),
+                lora_alpha=self.alpha,
+                lora_dropout=dropout,
+                target_modules=list(target_modules),
+                rank_pattern={m: int(r) for m, r in ranks.items()},
+                use_rslora=use_rslora,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            if self.peft is None:
+                self.peft = get_peft_model(model, config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, config)
+        assert self.peft is not None
+        self.layers: dict[str, LoraLayer] = {
+            name: mod
+            for name, mod in self.peft.base_model.model.named_modules()
+            if isinstance(mod, LoraLayer)
+        }
+        if not self.layers:
+            raise UsageError(
+                f"no linear layer of the model matches target_modules={target_modules}"
+            )
+        for slot, ranks in self.slot_ranks.items():
+            missing = set(self.layers) - set(ranks)
+            if missing:
+                raise UsageError(f"slot {slot}: no rank for modules {sorted(missing)[:3]}")
+        for p in self.peft.parameters():
+            p.requires_grad_(False)
+        self._original: dict[str, torch.Tensor] = {}
+        self.active: str | None = None
+
+    @property
+    def model(self) -> PeftModel:
+        assert self.peft is not None
+        return self.peft
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.layers)
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(m, n) = (out_features, in_features) of every adapted module."""
+        out = {}
+        for name, layer in self.layers.items():
+            base = layer.get_base_layer()
+            out[name] = (int(base.out_features), int(base.in_features))
+        return out
+
+    def activate(self, slot: str, train_A: bool = True) -> list[nn.Parameter]:
+        """Make ``slot`` the active adapter; return its trainable parameters."""
+        if slot not in self.slot_ranks:
+            raise UsageError(f"unknown adapter slot {slot!r}")
+        self.model.base_model.set_adapter(slot)
+        params: list[nn.Parameter] = []
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for layer in self.layers.values():
+            a = layer.lora_A[slot].weight
+            b = layer.lora_B[slot].weight
+            a.requires_grad_(train_A)
+            b.requires_grad_(True)
+            params.extend([a, b] if train_A else [b])
+        self.active = slot
+        return params
+
+    def load(self, slot: str, factors: Mapping[str, LoRAFactors], client: str = "?") -> None:
+        """Copy a client's starting factors into ``slot``."""
+        ranks = self.slot_ranks[slot]
+        missing = set(self.layers) - set(factors)
+        if missing:
+            raise InvalidUpdateError(client, sorted(missing)[0], "missing_module", "no factors")
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                f = factors[name]
+                a = layer.lora_A[slot].weight  # (r, n)
+                b = layer.lora_B[slot].weight  # (m, r)
+                if (
+                    f.rank != ranks[name]
+                    or tuple(f.A.shape) != tuple(a.shape)
+                    or tuple(f.B.shape) != tuple(b.shape)
+                ):
+                    raise InvalidUpdateError(
+                        client,
+                        name,
+                        "shape",
+                        f"factors A{tuple(f.A.shape)} B{tuple(f.B.shape)} do not fit the "
+                        f"slot's A{tuple(a.shape)} B{tuple(b.shape)}",
+                    )
+                if abs(f.scaling - float(layer.scaling[slot])) > 1e-9 * max(1.0, f.scaling):
+                    raise InvalidUpdateError(
+                        client,
+                        name,
+                        "alpha",
+                        f"factors have scaling {f.scaling}, the slot {layer.scaling[slot]}",
+                    )
+                a.copy_(f.A.to(a.dtype))
+                b.copy_(f.B.to(b.dtype))
+
+    def read(self, slot: str) -> dict[str, LoRAFactors]:
+        """The factors currently in ``slot`` (float32 copies)."""
+        out = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                out[name] = LoRAFactors(
+                    A=layer.lora_A[slot].weight.detach().to(torch.float32).clone(),  # (r, n)
+                    B=layer.lora_B[slot].weight.detach().to(torch.float32).clone(),  # (m, r)
+                    alpha=self.alpha,
+                    use_rslora=self.use_rslora,
+                )
+        return out
+
+    def set_base_delta(self, update: GlobalUpdate | None) -> None:
+        """Frozen weights become ``W0 + ΔW`` (``None``: back to ``W0`` exactly)."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                base = layer.get_base_layer()
+                weight = base.weight
+                if name not in self._original:
+                    if update is None:
+                        continue
+                    self._original[name] = weight.detach().clone()
+                original = self._original[name]
+                if update is None or name not in update.modules:
+                    weight.copy_(original)
+                    continue
+                delta = update[name].dense(torch.float32)  # (m, n)
+                if getattr(layer, "fan_in_fan_out", False):
+                    delta = delta.T
+                weight.copy_((original.to(torch.float32) + delta).to(weight.dtype))
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the bare (possibly delta-merged) base model."""
+        with self.model.disable_adapter():
+            yield
