@@ -22,7 +22,7 @@ def run(tmp_path: Path, name: str = "run", **sections) -> tuple[FederatedRun, li
 
 
 def test_two_rounds_write_every_output(tmp_path: Path) -> None:
-    sim, metrics = run(tmp_path)
+    _sim, _metrics = run(tmp_path)
     out = tmp_path / "run"
     assert (out / "config.toml").is_file()
     assert load_toml(out / "config.toml")["federation"]["rounds"] == 2
