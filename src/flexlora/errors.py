@@ -35,3 +35,19 @@ class InvalidUpdateError(FlexLoRAError):
 
 class RankError(FlexLoRAError):
     """A rank was asked for that the global state cannot give."""
+
+
+class DataError(FlexLoRAError):
+    """A data file is malformed or missing.
+
+    ``path`` is the file (or folder), ``line`` the 1-based line when one is known (JSONL record,
+    split-file entry, JSON parse position) and ``detail`` what was wrong. The message reads like a
+    compiler's: ``path:line: detail``.
+    """
+
+    def __init__(self, path: object, detail: str, line: int | None = None) -> None:
+        self.path = str(path)
+        self.line = line
+        self.detail = detail
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {detail}")
