@@ -1,0 +1,1 @@
+"""One client's local LoRA training and its evaluation: base models, generation, Rouge-L."""
