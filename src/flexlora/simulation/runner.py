@@ -12,63 +12,33 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from flexlora.aggregation import Aggregator, get_aggregator
-from flexlora.aggregation.validation import UpdateValidator
 from flexlora.config import RunConfig
 from flexlora.errors import FlexLoRAError, UsageError
-from flexlora.schedule import assign_rank_types, derive_seed, module_ranks, sample_clients
+from flexlora.schedule import sample_clients
+from flexlora.server import Coordinator, resolve_client_types
 from flexlora.simulation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from flexlora.training.adapters import AdapterHost
-from flexlora.training.client import TokenizedExample, tokenize, train_local
-from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
+from flexlora.training.model import target_linear_modules
+from flexlora.training.worker import ClientWorker
+from flexlora.types import ClientUpdate, GlobalUpdate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FederatedRun", "StrategyPlan", "plan_strategy"]
-
-
-@dataclass(frozen=True)
-class StrategyPlan:
-    """A strategy name as users write it, resolved to an aggregator and a rank policy."""
-
-    name: str
-    aggregator: str
-    hold_to: str | None = None  # "min" / "max": every client uses that rank type (FedIT)
-
-
-def plan_strategy(name: str) -> StrategyPlan:
-    if name in ("fedit-min", "fedit-max"):
-        return StrategyPlan(name, "fedit", name.split("-")[1])
-    return StrategyPlan(name, name)
-
-
-class LazyTokenized(Sequence[TokenizedExample]):
-    """A client's examples, tokenized on first use (a round touches only a few)."""
-
-    def __init__(self, items: Sequence[Any], encode: Callable[[Any], TokenizedExample]) -> None:
-        self._items = items
-        self._encode = encode
-        self._cache: dict[int, TokenizedExample] = {}
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, i: int) -> TokenizedExample:  # type: ignore[override]
-        if i not in self._cache:
-            self._cache[i] = self._encode(self._items[i])
-        return self._cache[i]
+__all__ = ["FederatedRun"]
 
 
 class FederatedRun:
-    """One federated fine-tuning run, writing its outputs under ``cfg.output.dir``."""
+    """One federated fine-tuning run, writing its outputs under ``cfg.output.dir``.
+
+    A thin driver: :class:`~flexlora.server.Coordinator` makes every server decision and
+    :class:`~flexlora.training.worker.ClientWorker` does every client's work, in one process.
+    """
 
     def __init__(
         self,
@@ -77,15 +47,9 @@ class FederatedRun:
         dataset: Any | None = None,
         model_and_tokenizer: tuple[Any, Any] | None = None,
     ) -> None:
-        from flexlora.data.templates import render_prompt
-
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
-        self.render_prompt = render_prompt
         fed = cfg.federation
-        self.plan = plan_strategy(fed.strategy)
-        options: dict[str, Any] = {"svd": fed.svd} if self.plan.aggregator == "flexlora" else {}
-        self.aggregator: Aggregator = get_aggregator(self.plan.aggregator, **options)
         if cfg.model.threads > 0:
             torch.set_num_threads(cfg.model.threads)
 
@@ -101,7 +65,6 @@ class FederatedRun:
             len(self.data.unseen),
             time.perf_counter() - t0,
         )
-        self.template = getattr(self.data, "template", None) or cfg.data.template
         if not self.data.seen:
             raise UsageError("the dataset has no seen (training) clients")
         if model_and_tokenizer is None:
@@ -110,86 +73,33 @@ class FederatedRun:
             t0 = time.perf_counter()
             model_and_tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype)
             log.info("model %s loaded (%.1fs)", cfg.model.name, time.perf_counter() - t0)
-        self.model, self.tokenizer = model_and_tokenizer
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id or 0
+        model, tokenizer = model_and_tokenizer
 
-        # Resource types: fixed per client for the whole run, the same for every strategy.
-        self.client_type = assign_rank_types(
-            list(self.data.seen), fed.distribution, fed.seed, fed.rank_types, fed.client_types
+        # Resource types are fixed per client for the whole run, the same for every strategy.
+        self.server = Coordinator(
+            cfg,
+            target_linear_modules(model, cfg.lora.target_modules),
+            resolve_client_types(cfg, list(self.data.seen)),
         )
-        if self.plan.hold_to is not None:
-            used = sorted(set(self.client_type.values()), key=lambda t: sum(fed.rank_types[t]))
-            held = used[0] if self.plan.hold_to == "min" else used[-1]
-            self.client_type = dict.fromkeys(self.client_type, held)
-        elif self.aggregator.needs_uniform_rank and len(set(self.client_type.values())) > 1:
-            raise UsageError(
-                f"strategy {fed.strategy} needs one rank for every client but distribution "
-                f"{fed.distribution} mixes types; use fedit-min or fedit-max"
-            )
-        slot_types = sorted(set(self.client_type.values()), key=lambda t: sum(fed.rank_types[t]))
-        probe = _target_names(self.model, cfg.lora.target_modules)
-        self.host = AdapterHost(
-            self.model,
-            cfg.lora.target_modules,
-            {t: module_ranks(probe, fed.rank_types[t], cfg.lora.ffn_modules) for t in slot_types},
-            alpha=cfg.lora.alpha,
-            dropout=cfg.lora.dropout,
-            use_rslora=cfg.lora.use_rslora,
-        )
-        self.shapes = self.host.shapes()
-        self.validator = UpdateValidator(
-            shapes=self.shapes,
-            max_norm=fed.max_update_norm,
+        self.worker = ClientWorker(
+            model,
+            tokenizer,
+            cfg.lora,
+            self.server.slot_ranks,
+            cfg.train,
+            template=getattr(self.data, "template", None) or cfg.data.template,
         )
         self._eval_sets = self._choose_eval_sets()
-        self._last_stack_rank: dict[str, int] = {}
-
-    # ---------------------------------------------------------------- helpers
-    def ranks_of(self, client: str) -> dict[str, int]:
-        return self.host.slot_ranks[self.client_type[client]]
-
-    def _max_ranks(self) -> dict[str, int]:
-        return {m: max(r[m] for r in self.host.slot_ranks.values()) for m in self.host.modules}
-
-    def _generator(self, *keys: int | str) -> torch.Generator:
-        return torch.Generator().manual_seed(derive_seed(self.cfg.federation.seed, *keys))
-
-    def initial_state(self) -> GlobalUpdate:
-        return self.aggregator.initial_state(
-            self.shapes, self._max_ranks(), self._generator("init")
+        log.info(
+            "strategy %s, %d clients of types %s",
+            fed.strategy,
+            len(self.server.client_type),
+            dict(Counter(self.server.client_type.values())),
         )
 
-    def start_factors(
-        self, state: GlobalUpdate, client: str, round_: int
-    ) -> dict[str, LoRAFactors]:
-        """What the server sends ``client`` at the start of ``round_``, at its own ranks."""
-        ranks = self.ranks_of(client)
-        if self.aggregator.merges_into_base:
-            # FLoRA: the global ΔW is in the frozen weights; the adapter starts afresh.
-            fresh = self.aggregator.initial_state(
-                self.shapes, ranks, self._generator(round_, client, "fresh")
-            )
-            return fresh.factors(ranks, self.cfg.lora.alpha, use_rslora=self.cfg.lora.use_rslora)
-        return state.factors(
-            ranks,
-            self.cfg.lora.alpha,
-            use_rslora=self.cfg.lora.use_rslora,
-            split=self.cfg.federation.split,
-            pad=self._generator(round_, client, "pad"),
-            dtype=torch.float32,
-        )
-
-    def _encode(self, example: Any) -> TokenizedExample:
-        tc = self.cfg.train
-        return tokenize(
-            self.tokenizer,
-            self.render_prompt(example, self.template),
-            example.output,
-            tc.cutoff_len,
-            tc.train_on_inputs,
-        )
+    @property
+    def client_type(self) -> dict[str, str]:
+        return self.server.client_type
 
     def _choose_eval_sets(self) -> dict[str, list[str]]:
         ec = self.cfg.eval
@@ -205,78 +115,51 @@ class FederatedRun:
             sets[kind] = pool
         return sets
 
-    # ---------------------------------------------------------------- evaluation
     def evaluate(self, state: GlobalUpdate | None) -> dict[str, float]:
-        """Rouge-L of generated text with the global ΔW merged into the base weights."""
-        from flexlora.training.evaluate import evaluate_examples, weighted_mean
+        """Rouge-L of generated text on the evaluation clients' test sets."""
+        cap = self.cfg.eval.max_examples_per_client
+        sets = {
+            kind: [list(self.data.test(cid))[: cap or None] for cid in clients]
+            for kind, clients in self._eval_sets.items()
+        }
+        return self.worker.evaluate(
+            state,
+            sets,
+            self.cfg.eval,
+            max_prompt_tokens=self.cfg.eval.max_prompt_tokens or self.cfg.train.cutoff_len,
+            keep_delta=self.server.merges_into_base,
+        )
 
-        ec = self.cfg.eval
-        out: dict[str, float] = {}
-        self.host.set_base_delta(state)
-        try:
-            with self.host.adapters_disabled():
-                for kind, clients in self._eval_sets.items():
-                    results = []
-                    for cid in clients:
-                        examples = list(self.data.test(cid))
-                        if ec.max_examples_per_client:
-                            examples = examples[: ec.max_examples_per_client]
-                        if not examples:
-                            continue
-                        prompts = [self.render_prompt(e, self.template) for e in examples]
-                        refs = [e.output for e in examples]
-                        results.append(
-                            evaluate_examples(
-                                self.host.model,
-                                self.tokenizer,
-                                prompts,
-                                refs,
-                                max_new_tokens=ec.max_new_tokens,
-                                batch_size=ec.batch_size,
-                            )
-                        )
-                    if results:
-                        out[f"rouge_l_{kind}"] = float(weighted_mean(results))
-        finally:
-            self.host.set_base_delta(state if self.aggregator.merges_into_base else None)
-        return out
-
-    # ---------------------------------------------------------------- one round
-    def run_round(self, state: GlobalUpdate, round_: int, bar: bool) -> tuple[GlobalUpdate, dict]:
+    def run_round(
+        self, state: GlobalUpdate, round_: int, bar: bool
+    ) -> tuple[GlobalUpdate, dict[str, Any]]:
+        """Sample, train every sampled client at its rank, aggregate; return state and row."""
         fed = self.cfg.federation
-        clients = sample_clients(list(self.data.seen), fed.clients_per_round, fed.seed, round_)
-        failing = set()
+        server = self.server
+        clients = server.sample(round_)
+        failing: set[str] = set()
         if fed.fail_rate > 0:
             n_fail = round(fed.fail_rate * len(clients))
-            rng = self._generator(round_, "faults")
-            failing = {
-                clients[i] for i in torch.randperm(len(clients), generator=rng)[:n_fail].tolist()
-            }
+            perm = torch.randperm(len(clients), generator=server.generator(round_, "faults"))
+            failing = {clients[i] for i in perm[:n_fail].tolist()}
         updates: list[ClientUpdate] = []
         failures: dict[str, str] = {}
-        bytes_down = bytes_up = 0
+        bytes_down = 0
         seconds_train = 0.0
-        losses: list[tuple[float, int]] = []
         tokens = 0
         for cid in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not bar):
-            start = self.start_factors(state, cid, round_)
-            bytes_down += self._download_bytes(start)
-            train_examples = self.data.train(cid)
+            start = server.start_factors(state, cid, round_)
+            bytes_down += server.download_bytes(start)
             try:
                 if cid in failing:
                     raise RuntimeError("injected client failure (federation.fail_rate)")
-                if not train_examples:
-                    raise RuntimeError("client has no training examples")
-                result = train_local(
-                    self.host,
-                    self.client_type[cid],
+                update, result = self.worker.train(
+                    cid,
+                    server.client_type[cid],
                     start,
-                    LazyTokenized(train_examples, self._encode),
-                    self.cfg.train,
-                    seed=derive_seed(fed.seed, round_, cid, "train"),
-                    pad_id=self.pad_id,
-                    train_A=not self.aggregator.freeze_lora_A,
-                    client=cid,
+                    self.data.train(cid),
+                    seed=server.client_seed(round_, cid),
+                    train_A=server.trains_A,
                 )
             except (RuntimeError, FlexLoRAError) as exc:
                 failures[cid] = str(exc)
@@ -284,67 +167,18 @@ class FederatedRun:
                 continue
             seconds_train += result.seconds
             tokens += result.tokens
-            update = ClientUpdate(
-                client_id=cid,
-                num_examples=len(train_examples),
-                factors=result.factors,
-                metrics={"train_loss": result.train_loss},
-            )
-            bytes_up += update.num_bytes()
-            losses.append((result.train_loss, len(train_examples)))
             updates.append(update)
-
-        expected = {cid: self.ranks_of(cid) for cid in clients if cid not in failures}
-        valid, rejected = self.validator.split(updates, expected)
-        for cid, reason in rejected.items():
-            log.warning("round %d: update of client %s rejected: %s", round_, cid, reason)
-        t0 = time.perf_counter()
-        kept_previous = len(valid) < fed.min_clients
-        if kept_previous:
-            log.warning(
-                "round %d: %d valid updates < min_clients=%d; the global state is unchanged",
-                round_,
-                len(valid),
-                fed.min_clients,
-            )
-            new_state = state
-        else:
-            previous = state if self.aggregator.merges_into_base and round_ > 1 else None
-            new_state = self.aggregator.aggregate(valid, previous=previous)
-            if self.aggregator.merges_into_base:
-                self.host.set_base_delta(new_state)
-                self._last_stack_rank = {
-                    m: sum(u.factors[m].rank for u in valid) for m in self.shapes
-                }
-        seconds_aggregate = time.perf_counter() - t0
-        total_w = sum(w for _, w in losses)
-        row: dict[str, Any] = {
-            "round": round_,
-            "strategy": fed.strategy,
-            "clients": clients,
-            "client_types": {cid: self.client_type[cid] for cid in clients},
-            "aggregated": [u.client_id for u in valid],
-            "failed": failures,
-            "rejected": rejected,
-            "kept_previous_state": kept_previous,
-            "train_loss": (sum(x * w for x, w in losses) / total_w) if total_w else None,
-            "train_tokens": tokens,
-            "seconds_train": round(seconds_train, 4),
-            "seconds_aggregate": round(seconds_aggregate, 4),
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-        }
+        new_state, row = server.aggregate(state, round_, clients, updates, failures)
+        if server.merges_into_base and new_state is not state:
+            self.worker.set_base_delta(new_state)
+        row.update(
+            {
+                "train_tokens": tokens,
+                "seconds_train": round(seconds_train, 4),
+                "bytes_down": bytes_down,
+            }
+        )
         return new_state, row
-
-    def _download_bytes(self, start: dict[str, LoRAFactors]) -> int:
-        if self.aggregator.merges_into_base:
-            # FLoRA sends last round's stacked factors (rank = sum of its clients' ranks);
-            # the client merges them into its weights and starts a fresh adapter.
-            return sum(
-                r * (self.shapes[m][0] + self.shapes[m][1]) * 4
-                for m, r in self._last_stack_rank.items()
-            )
-        return sum(f.num_bytes() for f in start.values())
 
     # ---------------------------------------------------------------- the loop
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
@@ -355,19 +189,19 @@ class FederatedRun:
         metrics_path = self.out / "metrics.jsonl"
         if resume:
             ckpt = load_checkpoint(ckpt_dir)
-            state = ckpt.global_update or self.initial_state()
+            state = ckpt.global_update or self.server.initial_state()
             first = ckpt.round + 1
             metrics = ckpt.metrics
             best = ckpt.extra.get("best")
             bad = int(ckpt.extra.get("bad_evals", 0))
             stopped = bool(ckpt.extra.get("stopped", False))
-            self._last_stack_rank = dict(ckpt.extra.get("last_stack_rank", {}))
-            if self.aggregator.merges_into_base and ckpt.round > 0:
-                self.host.set_base_delta(state)
+            self.server.restore_extra(ckpt.extra)
+            if self.server.merges_into_base and ckpt.round > 0:
+                self.worker.set_base_delta(state)
             log.info("resuming %s after round %d", self.out, ckpt.round)
         else:
             (self.out / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-            state = self.initial_state()
+            state = self.server.initial_state()
             first, metrics, best, bad, stopped = 1, [], None, 0, False
         _write_metrics(metrics_path, metrics)
 
@@ -438,7 +272,7 @@ class FederatedRun:
                     "bad_evals": bad,
                     "stopped": stopped,
                     "strategy": self.cfg.federation.strategy,
-                    "last_stack_rank": self._last_stack_rank,
+                    **self.server.state_extra(),
                 },
             ),
         )
@@ -448,47 +282,16 @@ class FederatedRun:
         from flexlora.lora.peft_io import write_adapters_atomically
         from flexlora.simulation.report import write_report
 
-        if self.cfg.output.save_adapters and state is not None:
-            adapters = {}
-            for slot, ranks in self.host.slot_ranks.items():
-                try:
-                    adapters[f"rank-{slot}"] = state.factors(
-                        ranks,
-                        self.cfg.lora.alpha,
-                        use_rslora=self.cfg.lora.use_rslora,
-                        split=self.cfg.federation.split,
-                        pad=self._generator("export", slot),
-                        dtype=torch.float32,
-                    )
-                except FlexLoRAError as exc:
-                    log.warning("no adapter for rank type %s: %s", slot, exc)
-            template = {
-                "base_model_name_or_path": _base_name(self.cfg.model.name),
-                "target_modules": list(self.cfg.lora.target_modules),
-                "lora_dropout": self.cfg.lora.dropout,
-                "task_type": "CAUSAL_LM",
-            }
-            write_adapters_atomically(self.out / "adapters", adapters, template)
+        if self.cfg.output.save_adapters:
+            write_adapters_atomically(
+                self.out / "adapters",
+                self.server.export_factors(state),
+                self.server.adapter_template(),
+            )
         try:
             write_report(self.out)
         except Exception as exc:  # a plot must never fail a finished run
             log.warning("report.png not written: %s", exc)
-
-
-def _base_name(name: str) -> str:
-    """What adapter_config.json names as the base model: the hub id where we know it."""
-    from flexlora.training.model import SMOLLM2
-
-    return "HuggingFaceTB/SmolLM2-135M-Instruct" if name.strip().lower() == SMOLLM2 else name
-
-
-def _target_names(model: torch.nn.Module, targets: Sequence[str]) -> list[str]:
-    leaves = set(targets)
-    return [
-        name
-        for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in leaves
-    ]
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,279 @@
+"""The server side of a federated round, with no model and no network.
+
+:class:`Coordinator` holds what the server decides: each client's resource type and ranks,
+which clients a round samples, what each client receives, how replies are validated and
+aggregated, and what a round's metrics row says. The in-process simulator and the Flower
+ServerApp both drive this one object, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flexlora.aggregation import Aggregator, get_aggregator
+from flexlora.aggregation.validation import UpdateValidator
+from flexlora.config import RunConfig
+from flexlora.errors import FlexLoRAError, UsageError
+from flexlora.schedule import assign_rank_types, derive_seed, module_ranks, sample_clients
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Coordinator", "StrategyPlan", "plan_strategy", "resolve_client_types"]
+
+
+@dataclass(frozen=True)
+class StrategyPlan:
+    """A strategy name as users write it, resolved to an aggregator and a rank policy."""
+
+    name: str
+    aggregator: str
+    hold_to: str | None = None  # "min" / "max": every client uses that rank type (FedIT)
+
+
+def plan_strategy(name: str) -> StrategyPlan:
+    if name in ("fedit-min", "fedit-max"):
+        return StrategyPlan(name, "fedit", name.split("-")[1])
+    return StrategyPlan(name, name)
+
+
+def build_aggregator(cfg: RunConfig) -> Aggregator:
+    plan = plan_strategy(cfg.federation.strategy)
+    options: dict[str, Any] = {"svd": cfg.federation.svd} if plan.aggregator == "flexlora" else {}
+    return get_aggregator(plan.aggregator, **options)
+
+
+def resolve_client_types(
+    cfg: RunConfig, clients: Sequence[str], declared: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Each client's resource type for the whole run.
+
+    ``declared`` (a real deployment: each device says what it can afford) wins; otherwise the
+    configured distribution draws them. ``fedit-min`` / ``fedit-max`` then hold everyone to the
+    smallest / largest type present.
+    """
+    fed = cfg.federation
+    if declared is not None:
+        types = {c: declared[c] for c in clients}
+        for c, t in types.items():
+            if t not in fed.rank_types:
+                raise UsageError(f"client {c}: rank type {t!r} is not in federation.rank_types")
+    else:
+        types = assign_rank_types(
+            list(clients), fed.distribution, fed.seed, fed.rank_types, fed.client_types
+        )
+    plan = plan_strategy(fed.strategy)
+    if plan.hold_to is not None and types:
+        used = sorted(set(types.values()), key=lambda t: sum(fed.rank_types[t]))
+        held = used[0] if plan.hold_to == "min" else used[-1]
+        types = dict.fromkeys(types, held)
+    return types
+
+
+class Coordinator:
+    """Server-side logic of every round, shared by all drivers.
+
+    Parameters
+    ----------
+    cfg:
+        The run configuration.
+    shapes:
+        Adapted module name -> (m, n) of its weight.
+    client_types:
+        Client id -> resource type (see :func:`resolve_client_types`).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        shapes: Mapping[str, tuple[int, int]],
+        client_types: Mapping[str, str],
+    ) -> None:
+        self.cfg = cfg
+        fed = cfg.federation
+        self.plan = plan_strategy(fed.strategy)
+        self.aggregator = build_aggregator(cfg)
+        self.shapes = dict(shapes)
+        self.client_type = dict(client_types)
+        if self.aggregator.needs_uniform_rank and len(set(self.client_type.values())) > 1:
+            raise UsageError(
+                f"strategy {fed.strategy} needs one rank for every client but the clients mix "
+                f"types {sorted(set(self.client_type.values()))}; use fedit-min or fedit-max"
+            )
+        used = sorted(set(self.client_type.values()), key=lambda t: sum(fed.rank_types[t]))
+        modules = list(self.shapes)
+        self.slot_ranks: dict[str, dict[str, int]] = {
+            t: module_ranks(modules, fed.rank_types[t], cfg.lora.ffn_modules) for t in used
+        }
+        self.validator = UpdateValidator(shapes=self.shapes, max_norm=fed.max_update_norm)
+        self.last_stack_rank: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ decisions
+    @property
+    def merges_into_base(self) -> bool:
+        return self.aggregator.merges_into_base
+
+    @property
+    def trains_A(self) -> bool:
+        return not self.aggregator.freeze_lora_A
+
+    def ranks_of(self, client: str) -> dict[str, int]:
+        return self.slot_ranks[self.client_type[client]]
+
+    def generator(self, *keys: int | str) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.cfg.federation.seed, *keys))
+
+    def max_ranks(self) -> dict[str, int]:
+        return {m: max(r[m] for r in self.slot_ranks.values()) for m in self.shapes}
+
+    def initial_state(self) -> GlobalUpdate:
+        """Round-0 global state: ΔW = 0 with a shared, seeded A (see the aggregator)."""
+        return self.aggregator.initial_state(self.shapes, self.max_ranks(), self.generator("init"))
+
+    def sample(self, round_: int, clients: Sequence[str] | None = None) -> list[str]:
+        pool = list(clients) if clients is not None else list(self.client_type)
+        return sample_clients(
+            pool, self.cfg.federation.clients_per_round, self.cfg.federation.seed, round_
+        )
+
+    def client_seed(self, round_: int, client: str) -> int:
+        """The seed of a client's local work in a round (data order, dropout)."""
+        return derive_seed(self.cfg.federation.seed, round_, client, "train")
+
+    def start_factors(
+        self, state: GlobalUpdate, client: str, round_: int
+    ) -> dict[str, LoRAFactors]:
+        """What the server sends ``client`` at the start of ``round_``, at its own ranks."""
+        ranks = self.ranks_of(client)
+        lora = self.cfg.lora
+        if self.merges_into_base:
+            # FLoRA: the global ΔW is in the frozen weights; the adapter starts afresh.
+            fresh = self.aggregator.initial_state(
+                self.shapes, ranks, self.generator(round_, client, "fresh")
+            )
+            return fresh.factors(ranks, lora.alpha, use_rslora=lora.use_rslora)
+        return state.factors(
+            ranks,
+            lora.alpha,
+            use_rslora=lora.use_rslora,
+            split=self.cfg.federation.split,
+            pad=self.generator(round_, client, "pad"),
+            dtype=torch.float32,
+        )
+
+    def download_bytes(self, start: Mapping[str, LoRAFactors]) -> int:
+        """Bytes a client downloads at the start of a round."""
+        if self.merges_into_base:
+            # FLoRA sends last round's stacked factors (rank = sum of its clients' ranks);
+            # the client merges them into its weights and starts a fresh adapter.
+            return sum(
+                r * (self.shapes[m][0] + self.shapes[m][1]) * 4
+                for m, r in self.last_stack_rank.items()
+            )
+        return sum(f.num_bytes() for f in start.values())
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate(
+        self,
+        state: GlobalUpdate,
+        round_: int,
+        clients: Sequence[str],
+        updates: Sequence[ClientUpdate],
+        failures: Mapping[str, str] | None = None,
+    ) -> tuple[GlobalUpdate, dict[str, Any]]:
+        """Validate the replies, aggregate the valid ones; return the new state and its row.
+
+        With fewer than ``min_clients`` valid updates the previous state is kept as it is.
+        """
+        fed = self.cfg.federation
+        failures = dict(failures or {})
+        expected = {cid: self.ranks_of(cid) for cid in clients if cid not in failures}
+        valid, rejected = self.validator.split(updates, expected)
+        for cid, reason in rejected.items():
+            log.warning("round %d: update of client %s rejected: %s", round_, cid, reason)
+        t0 = time.perf_counter()
+        kept_previous = len(valid) < fed.min_clients
+        new_state = state
+        if kept_previous:
+            log.warning(
+                "round %d: %d valid updates < min_clients=%d; the global state is unchanged",
+                round_,
+                len(valid),
+                fed.min_clients,
+            )
+        else:
+            previous = state if self.merges_into_base and round_ > 1 else None
+            try:
+                new_state = self.aggregator.aggregate(valid, previous=previous)
+            except FlexLoRAError as exc:
+                log.warning("round %d: aggregation failed, state unchanged: %s", round_, exc)
+                kept_previous = True
+            else:
+                if self.merges_into_base:
+                    self.last_stack_rank = {
+                        m: sum(u.factors[m].rank for u in valid) for m in self.shapes
+                    }
+        seconds_aggregate = time.perf_counter() - t0
+        weights = [(u.metrics.get("train_loss"), u.num_examples) for u in valid]
+        weights = [(x, w) for x, w in weights if x is not None]
+        total = sum(w for _, w in weights)
+        row: dict[str, Any] = {
+            "round": round_,
+            "strategy": fed.strategy,
+            "clients": list(clients),
+            "client_types": {cid: self.client_type[cid] for cid in clients},
+            "aggregated": [u.client_id for u in valid] if not kept_previous else [],
+            "failed": failures,
+            "rejected": rejected,
+            "kept_previous_state": kept_previous,
+            "train_loss": (sum(x * w for x, w in weights) / total) if total else None,
+            "seconds_aggregate": round(seconds_aggregate, 4),
+            "bytes_up": sum(u.num_bytes() for u in updates),
+        }
+        return new_state, row
+
+    # ------------------------------------------------------------------ outputs
+    def export_factors(self, state: GlobalUpdate) -> dict[str, dict[str, LoRAFactors]]:
+        """``rank-<type>`` -> the global update at that resource type's ranks."""
+        lora = self.cfg.lora
+        out: dict[str, dict[str, LoRAFactors]] = {}
+        for slot, ranks in self.slot_ranks.items():
+            try:
+                out[f"rank-{slot}"] = state.factors(
+                    ranks,
+                    lora.alpha,
+                    use_rslora=lora.use_rslora,
+                    split=self.cfg.federation.split,
+                    pad=self.generator("export", slot),
+                    dtype=torch.float32,
+                )
+            except FlexLoRAError as exc:
+                log.warning("no adapter for rank type %s: %s", slot, exc)
+        return out
+
+    def adapter_template(self) -> dict[str, Any]:
+        """Fields of the exported ``adapter_config.json`` besides ranks and alphas."""
+        name = self.cfg.model.name
+        base = (
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+            if name.lower() == "smollm2-135m-instruct"
+            else name
+        )
+        return {
+            "base_model_name_or_path": base,
+            "target_modules": list(self.cfg.lora.target_modules),
+            "lora_dropout": self.cfg.lora.dropout,
+            "task_type": "CAUSAL_LM",
+        }
+
+    def state_extra(self) -> dict[str, Any]:
+        return {"last_stack_rank": dict(self.last_stack_rank)}
+
+    def restore_extra(self, extra: Mapping[str, Any]) -> None:
+        self.last_stack_rank = {str(k): int(v) for k, v in extra.get("last_stack_rank", {}).items()}

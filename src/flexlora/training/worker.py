@@ -1,0 +1,150 @@
+"""A process's client side: one base model, its adapter slots, local training and evaluation.
+
+The simulator keeps one :class:`ClientWorker` for all its clients; a Flower ClientApp keeps one
+per process. Neither decides who trains when: they are handed a client's examples, its slot,
+its starting factors and a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from flexlora.config import EvalConfig, LoRASettings, TrainConfig
+from flexlora.data.templates import render_prompt
+from flexlora.data.types import Example
+from flexlora.training.adapters import AdapterHost
+from flexlora.training.client import LocalResult, TokenizedExample, tokenize, train_local
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
+
+__all__ = ["ClientWorker", "LazyTokenized"]
+
+
+class LazyTokenized(Sequence[TokenizedExample]):
+    """A client's examples, tokenized on first use (a round touches only a few)."""
+
+    def __init__(self, items: Sequence[Any], encode: Callable[[Any], TokenizedExample]) -> None:
+        self._items = items
+        self._encode = encode
+        self._cache: dict[int, TokenizedExample] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> TokenizedExample:  # type: ignore[override]
+        if i not in self._cache:
+            self._cache[i] = self._encode(self._items[i])
+        return self._cache[i]
+
+
+class ClientWorker:
+    """Trains and evaluates clients on one shared frozen base model."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        lora: LoRASettings,
+        slot_ranks: Mapping[str, Mapping[str, int]],
+        train: TrainConfig,
+        template: Any = "alpaca",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.train_cfg = train
+        self.template = template
+        self.host = AdapterHost(
+            model,
+            list(lora.target_modules),
+            slot_ranks,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            use_rslora=lora.use_rslora,
+        )
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+    def encode(self, example: Example) -> TokenizedExample:
+        tc = self.train_cfg
+        return tokenize(
+            self.tokenizer,
+            render_prompt(example, self.template),
+            example.output,
+            tc.cutoff_len,
+            tc.train_on_inputs,
+        )
+
+    def train(
+        self,
+        client: str,
+        slot: str,
+        start: Mapping[str, LoRAFactors],
+        examples: Sequence[Example],
+        seed: int,
+        train_A: bool = True,
+    ) -> tuple[ClientUpdate, LocalResult]:
+        """Train ``client`` from ``start`` in ``slot``; its update weighs ``len(examples)``."""
+        if not examples:
+            raise RuntimeError("client has no training examples")
+        result = train_local(
+            self.host,
+            slot,
+            dict(start),
+            LazyTokenized(examples, self.encode),
+            self.train_cfg,
+            seed=seed,
+            pad_id=self.pad_id,
+            train_A=train_A,
+            client=client,
+        )
+        update = ClientUpdate(
+            client_id=client,
+            num_examples=len(examples),
+            factors=result.factors,
+            metrics={"train_loss": result.train_loss, "tokens": float(result.tokens)},
+        )
+        return update, result
+
+    def set_base_delta(self, state: GlobalUpdate | None) -> None:
+        self.host.set_base_delta(state)
+
+    def evaluate(
+        self,
+        state: GlobalUpdate | None,
+        sets: Mapping[str, Sequence[Sequence[Example]]],
+        cfg: EvalConfig,
+        max_prompt_tokens: int,
+        keep_delta: bool = False,
+    ) -> dict[str, float]:
+        """Rouge-L of generated text per named set of clients, weighted by example count.
+
+        The global ΔW is merged into the frozen weights (adapters off) for the evaluation;
+        afterwards the weights are restored, or keep ΔW when ``keep_delta`` (FLoRA trains on
+        the merged model).
+        """
+        from flexlora.training.evaluate import evaluate_examples, weighted_mean
+
+        out: dict[str, float] = {}
+        self.host.set_base_delta(state)
+        try:
+            with self.host.adapters_disabled():
+                for kind, clients in sets.items():
+                    results = []
+                    for examples in clients:
+                        if not examples:
+                            continue
+                        results.append(
+                            evaluate_examples(
+                                self.host.model,
+                                self.tokenizer,
+                                [render_prompt(e, self.template) for e in examples],
+                                [e.output for e in examples],
+                                max_new_tokens=cfg.max_new_tokens,
+                                batch_size=cfg.batch_size,
+                                max_prompt_tokens=max_prompt_tokens,
+                            )
+                        )
+                    if results:
+                        out[f"rouge_l_{kind}"] = float(weighted_mean(results))
+        finally:
+            self.host.set_base_delta(state if keep_delta else None)
+        return out
