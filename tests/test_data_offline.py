@@ -77,7 +77,7 @@ def test_download_path_runs_pip_then_deletes_the_tarball(
     fixture = write_bigbench_sdist(tmp_path / "fixture.tar.gz", TASKS)
     calls = []
 
-    def fake_pip(cmd, check=False):
+    def fake_pip(cmd, check=False, stdout=None):
         calls.append(cmd)
         dest = Path(cmd[cmd.index("-d") + 1])
         (dest / "bigbench-1.0.0.tar.gz").write_bytes(fixture.read_bytes())
@@ -103,7 +103,9 @@ def test_download_path_runs_pip_then_deletes_the_tarball(
 
 def test_failed_download_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        offline.subprocess, "run", lambda cmd, check=False: subprocess.CompletedProcess(cmd, 1)
+        offline.subprocess,
+        "run",
+        lambda cmd, check=False, stdout=None: subprocess.CompletedProcess(cmd, 1),
     )
     with pytest.raises(DataError, match=r"pip download failed.*FLEXLORA_BIGBENCH_SDIST"):
         offline.ensure_ni_v1()

@@ -101,7 +101,8 @@ def download_sdist(folder: Path) -> Path:
     )
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SDIST_REQUIREMENT]
     cmd += ["--disable-pip-version-check", "-d", str(folder)]
-    result = subprocess.run(cmd, check=False)
+    # pip's own progress bar goes to stderr: stdout stays for the command's output
+    result = subprocess.run(cmd, check=False, stdout=_stderr_fd())
     if result.returncode != 0:
         raise DataError(
             SDIST_REQUIREMENT,
@@ -112,6 +113,13 @@ def download_sdist(folder: Path) -> Path:
     if not found:
         raise DataError(folder, "pip download finished but left no bigbench-*.tar.gz")
     return found[0]
+
+
+def _stderr_fd() -> int | None:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stderr (notebook, capture)
+        return None
 
 
 class _Progress(io.RawIOBase):
@@ -191,6 +199,7 @@ def _atomic_fill(target: Path, fill: Callable[[Path], None], origin: str) -> Non
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary readable data
         fill(tmp)
         tasks = sorted(p.name for p in tmp.iterdir())
         manifest = {"source": origin, "requirement": SDIST_REQUIREMENT, "tasks": tasks}
