@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 
 import pytest
 
@@ -14,9 +15,14 @@ from flexlora.errors import DataError, UsageError
 EX = Example("Add the numbers.", "2 3", "5", "math", task="t1", id="t1-0")
 
 
-def test_example_is_frozen() -> None:
+def test_example_is_frozen_and_picklable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         EX.output = "6"  # type: ignore[misc]
+    split = ClientSplit((EX,), (), (EX,))
+    data = pickle.loads(
+        pickle.dumps(FederatedDataset({"a": split, "b": ClientSplit((), (), (EX,))}, ["b"]))
+    )
+    assert data.split("a") == split and data.unseen == ("b",)  # e.g. for simulation workers
 
 
 def test_alpaca_prompt_with_and_without_input() -> None:
