@@ -707,3 +707,18 @@ def test_initial_state_is_zero_with_a_shared_A(strategy: str) -> None:
         assert torch.equal(small.A, big.A[:2])  # every rank starts from the same prefix
         assert bool((big.A.abs() <= 1 / 4).all()) and torch.linalg.matrix_rank(big.A) == r_max
     assert isinstance(state, GlobalUpdate)
+
+
+def test_shape_error_blames_the_odd_client_out_even_when_it_comes_first() -> None:
+    ranks = [{Q: 2}] * 3
+    odd = make_round(0, {Q: (7, 4)}, [{Q: 2}], [1], [8.0])[0]
+    updates = [
+        ClientUpdate("odd", 1, odd.factors),
+        *make_round(1, {Q: (5, 4)}, ranks[:2], [1, 1], [8.0] * 2),
+    ]
+    with pytest.raises(InvalidUpdateError) as info:
+        check_updates(updates)
+    assert (info.value.client, info.value.module, info.value.reason) == ("odd", Q, "shape")
+    assert "adapts a 7x4 weight" in str(info.value) and "client client-0 adapts 5x4" in str(
+        info.value
+    )

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -73,6 +74,24 @@ def normalize_weights(
     return [w / total for w in raw]
 
 
+def majority_shapes(
+    updates: Sequence[ClientUpdate], modules: Iterable[str]
+) -> dict[str, tuple[tuple[int, int], str]]:
+    """Per module, the (m, n) most clients agree on (the first seen on a tie) and one such client.
+
+    A shape error then blames the odd client out rather than whoever happened to come first.
+    """
+    out: dict[str, tuple[tuple[int, int], str]] = {}
+    for name in modules:
+        votes = Counter(u.factors[name].shape for u in updates if name in u.factors)
+        shape = votes.most_common(1)[0][0]
+        witness = next(
+            u.client_id for u in updates if name in u.factors and u.factors[name].shape == shape
+        )
+        out[name] = (shape, witness)
+    return out
+
+
 def check_updates(updates: Sequence[ClientUpdate]) -> dict[str, tuple[int, int]]:
     """Check that the updates can be aggregated together; return each module's (m, n).
 
@@ -93,7 +112,7 @@ def check_updates(updates: Sequence[ClientUpdate]) -> dict[str, tuple[int, int]]
             raise InvalidUpdateError(u.client_id, None, "empty", "update has no modules")
         for name in u.factors:
             all_modules.setdefault(name, u.client_id)
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes = majority_shapes(updates, all_modules)
     for u in updates:
         for name, owner in all_modules.items():
             f = u.factors.get(name)
@@ -113,16 +132,16 @@ def check_updates(updates: Sequence[ClientUpdate]) -> dict[str, tuple[int, int]]
                     raise InvalidUpdateError(
                         u.client_id, name, "nonfinite", f"lora_{label} holds NaN or Inf values"
                     )
-            expected = shapes.setdefault(name, f.shape)
+            expected, witness = shapes[name]
             if f.shape != expected:
                 raise InvalidUpdateError(
                     u.client_id,
                     name,
                     "shape",
                     f"adapts a {f.shape[0]}x{f.shape[1]} weight (B {tuple(f.B.shape)}, A "
-                    f"{tuple(f.A.shape)}) but other clients adapt {expected[0]}x{expected[1]}",
+                    f"{tuple(f.A.shape)}) but client {witness} adapts {expected[0]}x{expected[1]}",
                 )
-    return shapes
+    return {name: shape for name, (shape, _) in shapes.items()}
 
 
 class Aggregator(ABC):
