@@ -74,6 +74,15 @@ def energy_kept(state: GlobalUpdate, rank: int) -> float:
     return kept / total if total > 0 else 1.0
 
 
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that could never be written as a folder, before any work is done."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UsageError(f"--out {out}: {folder} exists and is not a folder")
+            return
+
+
 def run_aggregate(
     clients: Sequence[str],
     ranks: Sequence[int],
@@ -92,6 +101,7 @@ def run_aggregate(
     for r in ranks:
         if r <= 0:
             raise UsageError(f"--rank must be positive, got {r}")
+    check_out(Path(out))
     specs = [parse_client(c) for c in clients]
     adapters = [load_adapter(s.folder) for s in specs]
     bases = {str(a.meta.raw.get("base_model_name_or_path")) for a in adapters}
