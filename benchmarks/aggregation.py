@@ -1,0 +1,292 @@
+"""The FlexLoRA server step on one LLaMA-7B-shaped layer: factored SVD against the dense one.
+
+Ten clients with ranks drawn (seeded) from {8, 30, 200} send float32 LoRA factors for the
+seven linear layers of one LLaMA-7B block. For each module the server needs the thin SVD of
+``ΔW = Σ_i p_i·s_i·B_i·A_i`` (p_i ∝ examples, s_i = alpha/r_i). Two paths of
+``FlexLoRA(svd=...)`` are run side by side, module by module:
+
+- ``factored``: QR of the stacked factors and an R×R SVD (R = Σ r_i); ΔW is never formed;
+- ``dense``: form ΔW (m×n) one client at a time, then ``torch.linalg.svd``.
+
+What each column measures (one fresh subprocess per module and path, so memory one run freed
+cannot hide another's growth; torch keeps its default thread count):
+
+- ``time``: wall-clock seconds of ``aggregate()`` on that module's updates (checks, weights,
+  decomposition), after a small warm-up;
+- ``peak``: growth of the process's resident set during that call, MiB (Linux ``VmHWM`` after
+  resetting it through ``/proc/self/clear_refs``, minus ``VmRSS`` before; elsewhere the
+  ``ru_maxrss`` growth). The clients' factors, made before, are not counted;
+- ``err``: ``‖U·S·Vh − ΔW‖_F / ‖ΔW‖_F`` for everything the path keeps, ΔW formed in float64
+  from the same float32 inputs;
+- ``err@r``: ``‖T_r − T*_r‖_F / ‖T*_r‖_F`` at r = the largest client rank, T*_r the rank-r
+  truncation of a float64 LAPACK SVD of ΔW (computed by the parent process);
+- ``gap@r``: ``(σ_r − σ_{r+1}) / σ_1`` of ΔW, how well defined the rank-r truncation is.
+
+Usage: ``.venv/bin/python benchmarks/aggregation.py [--quick] [--seed N] [--repeat N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexlora.aggregation import FlexLoRA
+from flexlora.types import ClientUpdate, LoRAFactors
+
+PATHS = ("factored", "dense")
+GOAL_SPEEDUP = 20.0
+GOAL_ERROR = 1e-4
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The layer's modules (name -> (m, n)) and the clients' rank choices."""
+
+    name: str
+    modules: dict[str, tuple[int, int]]
+    clients: int
+    rank_choices: tuple[int, ...]
+    alpha: float = 16.0
+
+
+LLAMA_7B = Setup(
+    name="LLaMA-7B layer",
+    modules={
+        "q_proj": (4096, 4096),
+        "k_proj": (4096, 4096),
+        "v_proj": (4096, 4096),
+        "o_proj": (4096, 4096),
+        "gate_proj": (11008, 4096),
+        "up_proj": (11008, 4096),
+        "down_proj": (4096, 11008),
+    },
+    clients=10,
+    rank_choices=(8, 30, 200),
+)
+QUICK = Setup(
+    name="quick smoke layer",
+    modules={"q_proj": (128, 128), "down_proj": (128, 344)},
+    clients=4,
+    rank_choices=(2, 4, 16),
+)
+
+
+def client_plan(setup: Setup, seed: int) -> tuple[list[int], list[int]]:
+    """Each client's rank (the same for every module) and example count, from ``seed``."""
+    rng = random.Random(seed)
+    ranks = [rng.choice(setup.rank_choices) for _ in range(setup.clients)]
+    examples = [rng.randint(100, 1000) for _ in range(setup.clients)]
+    return ranks, examples
+
+
+def make_updates(setup: Setup, module: str, seed: int) -> list[ClientUpdate]:
+    """Float32 client updates for one module, reproducible from (seed, client, module)."""
+    m, n = setup.modules[module]
+    ranks, examples = client_plan(setup, seed)
+    index = list(setup.modules).index(module)
+    updates = []
+    for i, (r, count) in enumerate(zip(ranks, examples, strict=True)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 1_000 * i + index)
+        A = torch.randn(r, n, generator=g) / math.sqrt(n)  # (r, n)
+        B = torch.randn(m, r, generator=g) * 1e-2  # (m, r)
+        updates.append(ClientUpdate(f"client-{i}", count, {module: LoRAFactors(A, B, setup.alpha)}))
+    return updates
+
+
+def reference_delta(updates: list[ClientUpdate], module: str) -> torch.Tensor:
+    """ΔW in float64, one client at a time, with p_i and s_i written out."""
+    total = sum(u.num_examples for u in updates)
+    f0 = updates[0].factors[module]
+    delta = torch.zeros(f0.shape, dtype=torch.float64)  # (m, n)
+    for u in updates:
+        f = u.factors[module]
+        delta.addmm_(f.B.double(), f.A.double(), alpha=(u.num_examples / total) * f.scaling)
+    return delta
+
+
+def rel_fro(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.norm(x - ref) / torch.linalg.norm(ref))
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> int:
+    """Reset the peak-RSS mark where Linux allows it; return the baseline in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        rss = _status_kib("VmRSS")
+        if rss is not None:
+            return rss * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_since(baseline: int) -> int:
+    hwm = _status_kib("VmHWM")
+    peak = (
+        hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return max(0, peak - baseline)
+
+
+# --- one module, one path: run in a fresh process --------------------------------------------
+
+
+def worker(spec: dict) -> None:
+    """Time and measure one path on one module; save its rank-r truncation for the parent."""
+    setup = QUICK if spec["quick"] else LLAMA_7B
+    module, path = spec["module"], spec["path"]
+    updates = make_updates(setup, module, spec["seed"])
+    aggregator = FlexLoRA(svd=path)
+    warm = torch.randn(64, 48)
+    torch.linalg.svd(warm, full_matrices=False)
+    torch.linalg.qr(warm)
+    baseline = reset_peak()
+    seconds = math.inf
+    for _ in range(spec["repeat"]):
+        start = time.perf_counter()
+        state = aggregator.aggregate(updates)
+        seconds = min(seconds, time.perf_counter() - start)
+        if spec["repeat"] > 1:
+            del state
+            state = None
+    if state is None:
+        state = aggregator.aggregate(updates)
+    peak = peak_since(baseline)
+    d = state[module]
+    err_full = rel_fro(d.dense(torch.float64), reference_delta(updates, module))
+    r = spec["r"]
+    save_file({"US": (d.U[:, :r] * d.S[:r]).contiguous(), "Vh": d.Vh[:r].contiguous()}, spec["out"])
+    row = {"seconds": seconds, "peak": peak, "err_full": err_full, "k": d.rank}
+    print(json.dumps(row))
+
+
+def run_worker(spec: dict) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"worker {spec['module']}/{spec['path']} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the parent: side by side, module by module ----------------------------------------------
+
+
+def fmt_mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke version (seconds)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of ranks, counts and factors")
+    parser.add_argument("--repeat", type=int, default=1, help="time each path N times, keep min")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+    setup = QUICK if args.quick else LLAMA_7B
+    ranks, examples = client_plan(setup, args.seed)
+    r = max(ranks)
+    print(f"# FlexLoRA server step, {setup.name}: {setup.clients} clients, float32")
+    print(f"# client ranks {ranks} (R = {sum(ranks)}), examples {examples}, alpha {setup.alpha:g}")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
+        f"errors at r = {r} (largest client rank)"
+    )
+    header = (
+        f"{'module':<10} {'m x n':>11} {'path':>9} {'time s':>8} {'peak MiB':>9} "
+        f"{'err':>9} {'err@r':>9} {'gap@r':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    totals = {p: {"seconds": 0.0, "peak": 0, "err_full": 0.0, "err_r": 0.0} for p in PATHS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for module, (m, n) in setup.modules.items():
+            rows = {}
+            for path in PATHS:
+                spec = {
+                    "quick": args.quick,
+                    "module": module,
+                    "path": path,
+                    "seed": args.seed,
+                    "repeat": args.repeat,
+                    "r": r,
+                    "out": str(Path(tmp) / f"{module}-{path}.safetensors"),
+                }
+                rows[path] = run_worker(spec)
+            delta = reference_delta(make_updates(setup, module, args.seed), module)  # (m, n)
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            best = (U[:, :r] * S[:r]) @ Vh[:r]  # (m, n), float64 rank-r truncation
+            gap = float((S[r - 1] - S[r]) / S[0]) if r < S.shape[0] else 1.0
+            del U, Vh, delta
+            for path in PATHS:
+                parts = load_file(str(Path(tmp) / f"{module}-{path}.safetensors"))
+                ours = parts["US"].double() @ parts["Vh"].double()  # (m, n)
+                row = rows[path]
+                row["err_r"] = rel_fro(ours, best)
+                print(
+                    f"{module:<10} {f'{m}x{n}':>11} {path:>9} {row['seconds']:>8.3f} "
+                    f"{fmt_mib(row['peak']):>9} {row['err_full']:>9.2e} {row['err_r']:>9.2e} "
+                    f"{gap:>8.1e}"
+                )
+                t = totals[path]
+                t["seconds"] += row["seconds"]
+                t["peak"] = max(t["peak"], row["peak"])
+                t["err_full"] = max(t["err_full"], row["err_full"])
+                t["err_r"] = max(t["err_r"], row["err_r"])
+            ratio = rows["dense"]["seconds"] / rows["factored"]["seconds"]
+            print(f"{'':<10} {'':>11} {'speedup':>9} {ratio:>7.1f}x")
+    print("-" * len(header))
+    for path in PATHS:
+        t = totals[path]
+        print(
+            f"{'total':<10} {'(max)':>11} {path:>9} {t['seconds']:>8.3f} {fmt_mib(t['peak']):>9} "
+            f"{t['err_full']:>9.2e} {t['err_r']:>9.2e}"
+        )
+    speedup = totals["dense"]["seconds"] / totals["factored"]["seconds"]
+    worst = max(totals["factored"]["err_full"], totals["factored"]["err_r"])
+    print(f"speedup (dense time / factored time, whole layer): {speedup:.1f}x")
+    verdict = "met" if speedup >= GOAL_SPEEDUP and worst <= GOAL_ERROR else "NOT met"
+    print(
+        f"goal (factored >= {GOAL_SPEEDUP:g}x faster, error <= {GOAL_ERROR:g}): {verdict} "
+        f"(factored worst error {worst:.2e})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
