@@ -722,3 +722,20 @@ def test_shape_error_blames_the_odd_client_out_even_when_it_comes_first() -> Non
     assert "adapts a 7x4 weight" in str(info.value) and "client client-0 adapts 5x4" in str(
         info.value
     )
+
+
+@pytest.mark.parametrize("split", ["B", "balanced"])
+def test_ffa_redistribution_keeps_the_frozen_A_for_every_split(split: str) -> None:
+    """The A a client gets back is the shared frozen A, so the next round is accepted."""
+    ranks = [{Q: 2}, {Q: 4}]
+    updates = make_round(6, {Q: (6, 8)}, ranks, [1, 1], [8.0, 16.0], shared_A=True)
+    shared = updates[1].factors[Q].A
+    agg = get_aggregator("ffa", dtype=torch.float64)
+    state = agg.aggregate(updates)
+    back = [state[Q].factors(r[Q], a, split=split) for r, a in zip(ranks, (8.0, 16.0), strict=True)]
+    for f in back:
+        assert torch.equal(f.A, shared[: f.rank])
+    p = probabilities(updates, None)
+    for f, r in zip(back, ranks, strict=True):
+        assert rel_err(dense(f), ref_client_delta("ffa", updates, Q, p, r[Q])) <= 1e-12
+    agg.aggregate([ClientUpdate(f"client-{i}", 1, {Q: f}) for i, f in enumerate(back)])

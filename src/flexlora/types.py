@@ -201,6 +201,8 @@ class ModuleDelta:
         The client's update is ``s·B·A``, so its own scaling is divided out of B: the
         receiving adapter reproduces the truncated ΔW exactly. ``split="B"`` puts the singular
         values into B (the reference's convention); ``"balanced"`` puts ``sqrt(S)`` in each.
+        ``split`` applies to ``svd`` truncations only: a ``prefix`` or ``exact`` state stores
+        the strategy's own A (FFA-LoRA's frozen A, FedIT's average), which is handed back as is.
         Asking for more than ``self.rank`` components is an error unless ``pad`` is given:
         then the extra rows of A are drawn like PEFT's initialisation from that generator and
         the extra columns of B are zero, which leaves ΔW unchanged and keeps every component
@@ -226,7 +228,7 @@ class ModuleDelta:
         U = self.U[:, :keep].to(dtype)  # (m, keep)
         S = self.S[:keep].to(dtype)  # (keep,)
         Vh = self.Vh[:keep].to(dtype)  # (keep, n)
-        if split == "B":
+        if split == "B" or self.truncation != "svd":
             B = U * (S / s)  # (m, keep)
             A = Vh  # (keep, n)
         else:
