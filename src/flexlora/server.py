@@ -9,6 +9,7 @@ ServerApp both drive this one object, so they cannot drift apart.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from typing import Any
 import torch
 
 from flexlora.aggregation import Aggregator, get_aggregator
-from flexlora.aggregation.validation import UpdateValidator
+from flexlora.aggregation.validation import UpdateValidator, payload_bytes
 from flexlora.config import RunConfig
 from flexlora.errors import FlexLoRAError, UsageError
+from flexlora.privacy import DP_STRATEGIES, ClientDP
 from flexlora.schedule import assign_rank_types, derive_seed, module_ranks, sample_clients
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
 
@@ -76,6 +78,29 @@ def resolve_client_types(
     return types
 
 
+def _client_dp(cfg: RunConfig, population: int) -> ClientDP | None:
+    """The client-level DP mechanism when ``federation.dp_clip`` > 0; refuses what it can't do."""
+    fed = cfg.federation
+    if fed.dp_clip <= 0:
+        if fed.dp_noise_multiplier > 0:
+            raise UsageError("federation.dp_noise_multiplier needs federation.dp_clip > 0")
+        return None
+    if plan_strategy(fed.strategy).aggregator not in DP_STRATEGIES:
+        raise UsageError(
+            f"client-level DP (federation.dp_clip > 0) is supported by {', '.join(DP_STRATEGIES)} "
+            f"only, not {fed.strategy}: its aggregate is not ΔW, so clipping ΔW_i bounds nothing"
+        )
+    if fed.dp_noise_multiplier == 0:
+        log.warning("federation.dp_clip without dp_noise_multiplier clips but gives no DP bound")
+    return ClientDP(
+        clip=fed.dp_clip,
+        noise_multiplier=fed.dp_noise_multiplier,
+        delta=fed.dp_delta,
+        cohort=min(fed.clients_per_round, population),
+        population=population,
+    )
+
+
 class Coordinator:
     """Server-side logic of every round, shared by all drivers.
 
@@ -111,7 +136,13 @@ class Coordinator:
         self.slot_ranks: dict[str, dict[str, int]] = {
             t: module_ranks(modules, fed.rank_types[t], cfg.lora.ffn_modules) for t in used
         }
-        self.validator = UpdateValidator(shapes=self.shapes, max_norm=fed.max_update_norm)
+        self.validator = UpdateValidator(
+            shapes=self.shapes,
+            max_norm=fed.max_update_norm,
+            alpha=cfg.lora.alpha,
+            use_rslora=cfg.lora.use_rslora,
+        )
+        self.dp = _client_dp(cfg, len(self.client_type))
         self.last_stack_rank: dict[str, int] = {}
 
     # ------------------------------------------------------------------ decisions
@@ -190,6 +221,8 @@ class Coordinator:
         """Validate the replies, aggregate the valid ones; return the new state and its row.
 
         With fewer than ``min_clients`` valid updates the previous state is kept as it is.
+        The weights renormalise over the valid updates; with client-level DP they are uniform
+        over a fixed cohort instead (see :mod:`flexlora.privacy`).
         """
         fed = self.cfg.federation
         failures = dict(failures or {})
@@ -200,12 +233,22 @@ class Coordinator:
         t0 = time.perf_counter()
         kept_previous = len(valid) < fed.min_clients
         new_state = state
+        dp_clipped: int | None = None
         if kept_previous:
             log.warning(
                 "round %d: %d valid updates < min_clients=%d; the global state is unchanged",
                 round_,
                 len(valid),
                 fed.min_clients,
+            )
+        elif self.dp is not None:
+            # Client-level DP (flexlora only): clip, noise the sum, SVD (see flexlora.privacy).
+            new_state, dp_clipped = self.dp.aggregate(
+                valid,
+                self.shapes,
+                self.max_ranks(),
+                self.generator(round_, "dp-noise"),
+                self.aggregator.dtype,
             )
         else:
             previous = state if self.merges_into_base and round_ > 1 else None
@@ -234,8 +277,17 @@ class Coordinator:
             "kept_previous_state": kept_previous,
             "train_loss": (sum(x * w for x, w in weights) / total) if total else None,
             "seconds_aggregate": round(seconds_aggregate, 4),
-            "bytes_up": sum(u.num_bytes() for u in updates),
+            "bytes_up": sum(payload_bytes(u) for u in updates),
         }
+        if self.dp is not None:
+            eps = self.dp.epsilon(round_)  # every round so far counts, also a kept one
+            row.update(
+                dp_clip=self.dp.clip,
+                dp_noise_multiplier=self.dp.noise_multiplier,
+                dp_delta=self.dp.delta,
+                dp_epsilon=eps if math.isfinite(eps) else None,  # None: no noise, no bound
+                dp_clipped=dp_clipped,
+            )
         return new_state, row
 
     # ------------------------------------------------------------------ outputs

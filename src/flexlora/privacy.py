@@ -1,0 +1,167 @@
+"""Client-level differential privacy for FlexLoRA: clip each client's ΔW, noise the sum, account.
+
+The mechanism is DP-FedAvg's (McMahan et al., ICLR 2018) applied to FlexLoRA's aggregate:
+
+1. clip: client i's whole update ΔW_i = {s_i·B_i·A_i per module} is scaled by
+   ``c_i = min(1, C / ‖ΔW_i‖_F)`` (the Frobenius norm over all modules). Scaling B_i by c_i
+   clips the product exactly, so a clipped update is still a rank-r_i LoRA update;
+2. noise the sum: per module, ``ΔW = (Σ_i c_i·ΔW_i + σ·C·Z) / K`` with ``Z`` dense standard
+   Gaussian (m, n) and ``K`` the fixed cohort size (clients_per_round). Weights are uniform
+   and the denominator is fixed, so adding or removing one client moves the sum by at most C
+   whatever the others sent: example counts are private data and are not used as weights;
+3. the server's truncated SVD then acts on the noised, full-rank ΔW: post-processing, which
+   costs no privacy. The state keeps the top ``keep_ranks`` triplets, the most any client or
+   exported adapter receives;
+4. account: (ε, δ) after T rounds from Opacus's RDP accountant for the subsampled Gaussian
+   mechanism with sample rate ``q = K / population`` and T steps (every round counts, also one
+   whose state was kept).
+
+Only FlexLoRA supports this (:data:`DP_STRATEGIES`): FedIT, HetLoRA, FFA-LoRA and FLoRA
+average or stack the factors themselves, and a norm bound on ΔW_i does not bound what one
+client moves in averaged A and B.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from flexlora.aggregation.hetlora import frobenius_norm
+from flexlora.errors import UsageError
+from flexlora.lora.svd import dense_svd
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
+
+__all__ = ["DP_STRATEGIES", "ClientDP", "clip_update", "dp_epsilon", "update_norm"]
+
+#: strategies whose aggregate is ΔW itself, so that clipping ΔW_i bounds the sensitivity
+DP_STRATEGIES = ("flexlora",)
+
+
+def update_norm(update: ClientUpdate) -> float:
+    """‖ΔW_i‖_F over all modules: sqrt(Σ_m ‖s·B·A‖²_F), without forming any m×n product."""
+    return math.sqrt(math.fsum(frobenius_norm(f) ** 2 for f in update.factors.values()))
+
+
+def clip_update(update: ClientUpdate, clip: float) -> tuple[ClientUpdate, float]:
+    """``update`` with every B scaled by ``min(1, clip / ‖ΔW‖_F)``, and the norm before.
+
+    ``s·(c·B)·A = c·(s·B·A)``, so the clipped update has norm ``min(‖ΔW‖_F, clip)`` exactly.
+    The input is not modified.
+    """
+    if not clip > 0:
+        raise UsageError(f"the DP clipping norm must be positive, got {clip}")
+    norm = update_norm(update)
+    if norm <= clip:
+        return update, norm
+    c = clip / norm
+    factors = {
+        name: LoRAFactors(A=f.A, B=f.B * c, alpha=f.alpha, use_rslora=f.use_rslora)
+        for name, f in update.factors.items()
+    }
+    return replace(update, factors=factors), norm
+
+
+def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε of ``steps`` subsampled Gaussian rounds at ``delta``, from Opacus's RDP accountant.
+
+    ``inf`` without noise; 0 before the first round.
+    """
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    try:
+        from opacus.accountants import RDPAccountant
+    except ImportError:  # pragma: no cover - opacus is a dev dependency
+        raise UsageError(
+            "client-level DP accounting needs opacus: pip install 'flexlora[dp]'"
+        ) from None
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return float(accountant.get_epsilon(delta=delta))
+
+
+@dataclass(frozen=True)
+class ClientDP:
+    """Settings of the client-level Gaussian mechanism and its accounting.
+
+    Parameters
+    ----------
+    clip:
+        C, the bound on each client's ‖ΔW_i‖_F.
+    noise_multiplier:
+        σ: the noise on the sum has standard deviation σ·C per entry.
+    delta:
+        δ of the reported (ε, δ).
+    cohort:
+        K, clients sampled per round: the fixed denominator of the average.
+    population:
+        Clients that can be sampled; the sample rate is ``K / population``.
+    """
+
+    clip: float
+    noise_multiplier: float
+    delta: float
+    cohort: int
+    population: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise UsageError(f"federation.dp_clip must be positive, got {self.clip}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise UsageError(
+                f"federation.dp_noise_multiplier must be >= 0, got {self.noise_multiplier}"
+            )
+        if not 0 < self.delta < 1:
+            raise UsageError(f"federation.dp_delta must be in (0, 1), got {self.delta}")
+        if not 0 < self.cohort <= self.population:
+            raise UsageError(
+                f"DP needs 0 < clients per round ({self.cohort}) <= clients ({self.population})"
+            )
+
+    @property
+    def sample_rate(self) -> float:
+        return self.cohort / self.population
+
+    def epsilon(self, rounds: int) -> float:
+        """ε spent after ``rounds`` rounds (``inf`` when σ = 0)."""
+        return dp_epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta)
+
+    def aggregate(
+        self,
+        updates: Sequence[ClientUpdate],
+        shapes: Mapping[str, tuple[int, int]],
+        keep_ranks: Mapping[str, int],
+        generator: torch.Generator,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[GlobalUpdate, int]:
+        """The noised FlexLoRA state of this round and how many updates were clipped.
+
+        Streams over clients: one dense (m, n) sum per module at a time.
+        """
+        clipped = [clip_update(u, self.clip) for u in updates]
+        n_clipped = sum(1 for _, norm in clipped if norm > self.clip)
+        std = self.noise_multiplier * self.clip
+        modules: dict[str, ModuleDelta] = {}
+        for name, (m, n) in shapes.items():
+            delta = torch.zeros(m, n, dtype=dtype)  # (m, n): the clipped sum, client by client
+            for u, _ in clipped:
+                f = u.factors[name]
+                delta.addmm_(f.B.to(dtype), f.A.to(dtype), alpha=f.scaling)
+            if std > 0:
+                noise = torch.randn(m, n, generator=generator, dtype=dtype)  # (m, n)
+                delta.add_(noise, alpha=std)
+            delta.div_(self.cohort)
+            U, S, Vh = dense_svd(delta)  # (m, k), (k,), (k, n)
+            k = min(int(keep_ranks[name]), S.shape[0])
+            modules[name] = ModuleDelta(
+                U=U[:, :k].contiguous(),
+                S=S[:k].contiguous(),
+                Vh=Vh[:k].contiguous(),
+                truncation="svd",
+            )
+        return GlobalUpdate(modules=modules, strategy="flexlora"), n_clipped
