@@ -168,6 +168,11 @@ class FederationConfig:
     fail_rate: float = _help(
         "fault injection: share of sampled clients that fail each round", default=0.0
     )
+    client_timeout: float = _help(
+        "seconds a client's local training may take; a later reply is discarded as a "
+        "straggler's (0: no limit; Flower uses it as the message timeout)",
+        default=0.0,
+    )
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -188,7 +193,7 @@ class FederationConfig:
             raise UsageError("federation.min_clients must be >= 1")
         if not 0 <= self.fail_rate < 1:
             raise UsageError("federation.fail_rate must be in [0, 1)")
-        for name in ("max_update_norm", "dp_clip", "dp_noise_multiplier"):
+        for name in ("max_update_norm", "dp_clip", "dp_noise_multiplier", "client_timeout"):
             if getattr(self, name) < 0:
                 raise UsageError(f"federation.{name} must be >= 0")
 

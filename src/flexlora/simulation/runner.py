@@ -20,10 +20,17 @@ import torch
 from tqdm.auto import tqdm
 
 from flexlora.config import RunConfig
+from flexlora.config_io import to_dict
 from flexlora.errors import FlexLoRAError, UsageError
 from flexlora.schedule import sample_clients
 from flexlora.server import Coordinator, resolve_client_types
-from flexlora.simulation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flexlora.simulation.checkpoint import (
+    STATE,
+    Checkpoint,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
 from flexlora.training.model import target_linear_modules
 from flexlora.training.worker import ClientWorker
 from flexlora.types import ClientUpdate, GlobalUpdate
@@ -153,6 +160,7 @@ class FederatedRun:
             try:
                 if cid in failing:
                     raise RuntimeError("injected client failure (federation.fail_rate)")
+                t0 = time.perf_counter()
                 update, result = self.worker.train(
                     cid,
                     server.client_type[cid],
@@ -161,6 +169,13 @@ class FederatedRun:
                     seed=server.client_seed(round_, cid),
                     train_A=server.trains_A,
                 )
+                took = time.perf_counter() - t0
+                if fed.client_timeout and took > fed.client_timeout:
+                    # A straggler: a real server has stopped waiting, so its reply is ignored.
+                    raise RuntimeError(
+                        f"straggler: replied after {took:.2f}s > federation.client_timeout="
+                        f"{fed.client_timeout:g}s"
+                    )
             except (RuntimeError, FlexLoRAError) as exc:
                 failures[cid] = str(exc)
                 log.warning("round %d: client %s dropped: %s", round_, cid, exc)
@@ -187,8 +202,12 @@ class FederatedRun:
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt_dir = self.out / "checkpoint"
         metrics_path = self.out / "metrics.jsonl"
+        if resume and not (ckpt_dir / STATE).exists():
+            log.warning("no checkpoint in %s yet: starting the run from the beginning", self.out)
+            resume = False
         if resume:
-            ckpt = load_checkpoint(ckpt_dir)
+            ckpt = load_checkpoint(ckpt_dir, self.server.shapes)
+            check_resumable(ckpt.config, self._config_dict())
             state = ckpt.global_update or self.server.initial_state()
             first = ckpt.round + 1
             metrics = ckpt.metrics
@@ -274,8 +293,13 @@ class FederatedRun:
                     "strategy": self.cfg.federation.strategy,
                     **self.server.state_extra(),
                 },
+                config=self._config_dict(),
             ),
         )
+
+    def _config_dict(self) -> dict[str, Any]:
+        """The run's configuration as JSON values (what a resume must find unchanged)."""
+        return json.loads(json.dumps(to_dict(self.cfg)))
 
     def finish(self, state: GlobalUpdate, metrics: list[dict[str, Any]]) -> None:
         """Write the per-rank-type adapters and the report."""
