@@ -230,26 +230,32 @@ def test_global_update_factors_per_module_ranks_and_alphas() -> None:
 
 
 def test_global_update_round_trips_through_safetensors(tmp_path) -> None:
-    state = GlobalUpdate(
-        {
-            "model.layers.0.q": svd_delta(6, 6, 4, 0),
-            "model.layers.0.mlp.up": ModuleDelta(
-                torch.randn(8, 2), torch.ones(2), torch.randn(2, 6), "prefix"
-            ),
-        },
-        "flexlora",
-    )
+    names = ["model.layers.1.q", "model.layers.0.mlp.up", "model.layers.0.q"]  # not sorted
+    deltas = [
+        svd_delta(6, 6, 4, 0),
+        ModuleDelta(torch.randn(8, 2), torch.ones(2), torch.randn(2, 6), "prefix"),
+        ModuleDelta(torch.randn(6, 3), torch.ones(3), torch.randn(3, 6), "exact"),
+    ]
+    state = GlobalUpdate(dict(zip(names, deltas, strict=True)), "flexlora")
     tensors, meta = state.to_tensors()
     save_file(tensors, str(tmp_path / "state.safetensors"), metadata=meta)
     with safe_open(str(tmp_path / "state.safetensors"), framework="pt") as fh:
         stored_meta = fh.metadata()
-    back = GlobalUpdate.from_tensors(load_file(str(tmp_path / "state.safetensors")), stored_meta)
-    assert back.strategy == "flexlora" and back.names() == state.names()
-    for name in state.names():
-        assert back[name].truncation == state[name].truncation
-        for t0, t1 in zip(
-            (state[name].U, state[name].S, state[name].Vh),
-            (back[name].U, back[name].S, back[name].Vh),
-            strict=True,
-        ):
-            assert torch.equal(t0, t1)
+    # safetensors gives metadata back in any order; the module order must survive anyway
+    for shuffled in (stored_meta, dict(reversed(list(stored_meta.items())))):
+        back = GlobalUpdate.from_tensors(load_file(str(tmp_path / "state.safetensors")), shuffled)
+        assert back.strategy == "flexlora" and back.names() == names
+        for name in names:
+            assert back[name].truncation == state[name].truncation
+            for t0, t1 in zip(
+                (state[name].U, state[name].S, state[name].Vh),
+                (back[name].U, back[name].S, back[name].Vh),
+                strict=True,
+            ):
+                assert torch.equal(t0, t1)
+    legacy = {k: v for k, v in meta.items() if k != "modules"}
+    assert GlobalUpdate.from_tensors(tensors, legacy).names() == sorted(names)
+    with pytest.raises(ValueError, match="metadata lists modules"):
+        GlobalUpdate.from_tensors(tensors, {**meta, "modules": '["model.layers.0.q"]'})
+    with pytest.raises(KeyError):
+        GlobalUpdate.from_tensors({}, meta)

@@ -8,6 +8,7 @@ ranks may differ per module (PEFT's ``rank_pattern``).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -287,9 +288,17 @@ class GlobalUpdate:
         )
 
     def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """Flatten to a safetensors-ready dict plus JSON-able metadata (no pickle)."""
+        """Flatten to a safetensors-ready dict plus string metadata (no pickle).
+
+        The module order is stored too (``modules``, a JSON list): safetensors hands metadata
+        back in no particular order, and code that walks the modules (drawing padding from a
+        generator, say) must see them in the same order after a reload.
+        """
         tensors: dict[str, Tensor] = {}
-        meta: dict[str, str] = {"strategy": self.strategy}
+        meta: dict[str, str] = {
+            "strategy": self.strategy,
+            "modules": json.dumps(list(self.modules)),
+        }
         for name, d in self.modules.items():
             tensors[f"{name}.U"] = d.U.contiguous()
             tensors[f"{name}.S"] = d.S.contiguous()
@@ -299,16 +308,27 @@ class GlobalUpdate:
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> GlobalUpdate:
-        """Inverse of :meth:`to_tensors`."""
-        modules: dict[str, ModuleDelta] = {}
-        for key, trunc in meta.items():
-            if not key.startswith("truncation:"):
-                continue
-            name = key[len("truncation:") :]
-            modules[name] = ModuleDelta(
+        """Inverse of :meth:`to_tensors`, in the stored module order (sorted when none is stored).
+
+        Raises ``KeyError`` for a missing tensor and ``ValueError`` for inconsistent metadata.
+        """
+        truncations = {
+            key[len("truncation:") :]: trunc
+            for key, trunc in meta.items()
+            if key.startswith("truncation:")
+        }
+        order = json.loads(meta["modules"]) if "modules" in meta else sorted(truncations)
+        if not isinstance(order, list) or sorted(order) != sorted(truncations):
+            raise ValueError(
+                f"metadata lists modules {order!r} but has truncations for {sorted(truncations)}"
+            )
+        modules = {
+            name: ModuleDelta(
                 U=tensors[f"{name}.U"],
                 S=tensors[f"{name}.S"],
                 Vh=tensors[f"{name}.Vh"],
-                truncation=trunc,
+                truncation=truncations[name],
             )
+            for name in order
+        }
         return cls(modules=modules, strategy=meta.get("strategy", ""))
