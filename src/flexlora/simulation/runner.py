@@ -53,7 +53,10 @@ class FederatedRun:
         *,
         dataset: Any | None = None,
         model_and_tokenizer: tuple[Any, Any] | None = None,
+        client_types: dict[str, str] | None = None,
     ) -> None:
+        """``client_types`` (client -> resource type) replaces the configured draw over the
+        seen clients: a Flower ServerApp passes the types its nodes declared."""
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
         fed = cfg.federation
@@ -86,7 +89,7 @@ class FederatedRun:
         self.server = Coordinator(
             cfg,
             target_linear_modules(model, cfg.lora.target_modules),
-            resolve_client_types(cfg, list(self.data.seen)),
+            client_types or resolve_client_types(cfg, list(self.data.seen)),
         )
         self.worker = ClientWorker(
             model,
@@ -151,12 +154,12 @@ class FederatedRun:
             failing = {clients[i] for i in perm[:n_fail].tolist()}
         updates: list[ClientUpdate] = []
         failures: dict[str, str] = {}
-        bytes_down = 0
+        bytes_down: dict[str, int] = {}
         seconds_train = 0.0
         tokens = 0
         for cid in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not bar):
             start = server.start_factors(state, cid, round_)
-            bytes_down += server.download_bytes(start)
+            bytes_down[cid] = server.download_bytes(start)
             try:
                 if cid in failing:
                     raise RuntimeError("injected client failure (federation.fail_rate)")
@@ -190,7 +193,9 @@ class FederatedRun:
             {
                 "train_tokens": tokens,
                 "seconds_train": round(seconds_train, 4),
-                "bytes_down": bytes_down,
+                "bytes_down": sum(bytes_down.values()),
+                "bytes_up_per_client": {u.client_id: u.num_bytes() for u in updates},
+                "bytes_down_per_client": bytes_down,
             }
         )
         return new_state, row
