@@ -123,6 +123,15 @@ def test_folder_without_config_is_a_usage_error(tmp_path: Path) -> None:
         load_base_model(str(tmp_path))
 
 
+def test_folder_without_weights_is_a_usage_error(tmp_path: Path) -> None:
+    model, tokenizer = build_tiny_llama()
+    tokenizer.save_pretrained(tmp_path)
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="could not load model") as info:
+        load_base_model(str(tmp_path))
+    assert "model.safetensors" in str(info.value)
+
+
 def test_hub_id_offline_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     start = time.perf_counter()
     with pytest.raises(UsageError, match="local Hugging Face cache"):

