@@ -1,0 +1,198 @@
+"""The ClientApp: one node, one client; trains it at the ranks the server sends.
+
+A node learns who it is from its node config: ``client-id`` (a client of the federated
+dataset) or ``partition-id`` (the i-th seen client, which Flower's simulation sets), and its
+resource type from ``rank-type`` (what a real device declares it can afford) or, when absent,
+from the configured distribution, as the simulator draws it. A process keeps its model, data
+and :class:`~flexlora.training.worker.ClientWorker` between messages (a simulation actor
+serves many nodes with one of each, like the simulator).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flexlora.config import RunConfig
+from flexlora.config_io import to_dict
+from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.flower.records import factors_to_record, record_to_factors, record_to_state
+from flexlora.flower.settings import load_run_config
+from flexlora.schedule import module_ranks
+from flexlora.server import plan_strategy, resolve_client_types
+from flexlora.types import LoRAFactors
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NodeRuntime", "app", "make_client_app"]
+
+
+class NodeRuntime:
+    """What a process keeps between messages: data, base model and worker for one config."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from flexlora.data import load_federated_dataset
+        from flexlora.training.model import load_base_model, target_linear_modules
+        from flexlora.training.worker import ClientWorker
+
+        self.cfg = cfg
+        if cfg.model.threads > 0:
+            torch.set_num_threads(cfg.model.threads)
+        self.data = load_federated_dataset(cfg.data)
+        model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype)
+        self.shapes = target_linear_modules(model, cfg.lora.target_modules)
+        fed = cfg.federation
+        # Every configured type gets a slot: the server says which one a round uses.
+        self.slot_ranks = {
+            t: module_ranks(list(self.shapes), ranks, cfg.lora.ffn_modules)
+            for t, ranks in fed.rank_types.items()
+        }
+        self.worker = ClientWorker(
+            model,
+            tokenizer,
+            cfg.lora,
+            self.slot_ranks,
+            cfg.train,
+            template=getattr(self.data, "template", None) or cfg.data.template,
+        )
+        self._drawn: dict[str, str] | None = None
+
+    # ---------------------------------------------------------------- identity
+    def client_of(self, node_config: Mapping[str, Any]) -> str:
+        """The client this node trains: ``client-id``, else the ``partition-id``-th seen one."""
+        seen = self.data.seen
+        if "client-id" in node_config:
+            cid = str(node_config["client-id"])
+            if cid not in seen:
+                raise UsageError(f"node config client-id {cid!r} is not a seen client")
+            return cid
+        if "partition-id" in node_config:
+            pid = node_config["partition-id"]
+            if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < len(seen):
+                raise UsageError(
+                    f"node config partition-id={pid!r}: the dataset has {len(seen)} seen "
+                    f"clients (0..{len(seen) - 1})"
+                )
+            return seen[pid]
+        raise UsageError("the node config names no client: set partition-id or client-id")
+
+    def rank_type_of(self, client: str, node_config: Mapping[str, Any]) -> str:
+        """``rank-type`` from the node config, else the simulator's draw for ``client``."""
+        if "rank-type" in node_config:
+            declared = str(node_config["rank-type"])
+            if declared not in self.cfg.federation.rank_types:
+                raise UsageError(
+                    f"node config rank-type={declared!r} is not one of "
+                    f"{sorted(self.cfg.federation.rank_types)} (federation.rank_types)"
+                )
+            return declared
+        if self._drawn is None:
+            self._drawn = resolve_client_types(self.cfg, list(self.data.seen))
+        return self._drawn[client]
+
+    # ---------------------------------------------------------------- work
+    def check_start(self, start: Mapping[str, LoRAFactors], ranks: Mapping[str, int]) -> None:
+        """The server's factors must adapt this model's modules at exactly ``ranks``."""
+        for name in self.shapes.keys() - start.keys():
+            raise InvalidUpdateError("server", name, "missing_module", "no starting factors")
+        for name, f in start.items():
+            if name not in self.shapes:
+                raise InvalidUpdateError("server", name, "extra_module", "not adapted here")
+            if f.shape != self.shapes[name] or f.rank != ranks[name]:
+                raise InvalidUpdateError(
+                    "server",
+                    name,
+                    "shape",
+                    f"got rank {f.rank} for a {f.shape} weight; this node expects rank "
+                    f"{ranks[name]} for {self.shapes[name]}",
+                )
+
+    def train(self, content: RecordDict, client: str) -> RecordDict:
+        """Train ``client`` from the message's factors; the reply's arrays and metrics."""
+        config = content.config_records["config"]
+        if config.get("client-id") != client:
+            raise UsageError(
+                f"the server addressed client {config.get('client-id')!r}, "
+                f"but this node trains {client!r}"
+            )
+        slot = str(config["rank-type"])
+        if slot not in self.slot_ranks:
+            raise UsageError(f"the server asked for unknown rank type {slot!r}")
+        lora = self.cfg.lora
+        start = record_to_factors(
+            content.array_records["arrays"], "server", lora.alpha, lora.use_rslora
+        )
+        self.check_start(start, self.slot_ranks[slot])
+        base = content.array_records.get("base")
+        aggregator = plan_strategy(self.cfg.federation.strategy).aggregator
+        self.worker.set_base_delta(record_to_state(base, aggregator) if base else None)
+        if config.get("fail"):
+            raise RuntimeError("injected client failure (federation.fail_rate)")
+        update, result = self.worker.train(
+            client,
+            slot,
+            start,
+            self.data.train(client),
+            seed=int(config["seed"]),
+            train_A=bool(config["train-a"]),
+        )
+        metrics = MetricRecord(
+            {
+                "num-examples": update.num_examples,
+                "train_loss": float(result.train_loss),
+                "tokens": int(result.tokens),
+                "seconds": float(result.seconds),
+            }
+        )
+        return RecordDict({"arrays": factors_to_record(update.factors), "metrics": metrics})
+
+
+_RUNTIME: dict[str, NodeRuntime] = {}
+
+
+def runtime_for(cfg: RunConfig) -> NodeRuntime:
+    """This process's runtime for ``cfg`` (built once; a new config replaces the old one)."""
+    key = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    if key not in _RUNTIME:
+        _RUNTIME.clear()
+        _RUNTIME[key] = NodeRuntime(cfg)
+    return _RUNTIME[key]
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``defaults`` overlaid by Flower's run config."""
+    client_app = ClientApp()
+
+    def node(context: Context) -> tuple[NodeRuntime, str]:
+        cfg, _ = load_run_config(context.run_config, defaults)
+        runtime = runtime_for(cfg)
+        return runtime, runtime.client_of(context.node_config)
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Who this node is: client id, resource type, number of training examples."""
+        runtime, cid = node(context)
+        info = ConfigRecord(
+            {
+                "client-id": cid,
+                "rank-type": runtime.rank_type_of(cid, context.node_config),
+                "num-examples": len(runtime.data.train(cid)),
+            }
+        )
+        return Message(RecordDict({"node": info}), reply_to=msg)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        runtime, cid = node(context)
+        return Message(runtime.train(msg.content, cid), reply_to=msg)
+
+    return client_app
+
+
+app = make_client_app()

@@ -1,0 +1,134 @@
+"""LoRA factors and global updates <-> Flower ``ArrayRecord`` (numpy arrays, never pickle).
+
+Flower checks that replies carry the same *keys*, never that arrays have the shapes the
+server expects; everything decoded here is checked (keys, dtype, 2-D, A/B ranks agree), and a
+fault raises :class:`~flexlora.errors.InvalidUpdateError` naming the client and the module.
+Shapes and ranks against the round's expectations are the Coordinator's validator's job.
+
+Keys: ``<module>.lora_A`` ``(r, n)`` / ``<module>.lora_B`` ``(m, r)`` for factors;
+``<module>.U`` ``(m, k)``, ``.S`` ``(k,)``, ``.Vh`` ``(k, n)`` and ``.truncation`` (a one-element
+uint8 code) for a :class:`~flexlora.types.GlobalUpdate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from flexlora.errors import InvalidUpdateError
+from flexlora.types import TRUNCATIONS, GlobalUpdate, LoRAFactors, ModuleDelta
+
+__all__ = [
+    "factors_to_record",
+    "record_bytes",
+    "record_to_factors",
+    "record_to_state",
+    "state_to_record",
+]
+
+FACTOR_SUFFIXES = (".lora_A", ".lora_B")
+STATE_SUFFIXES = (".U", ".S", ".Vh", ".truncation")
+
+
+def _array(t: torch.Tensor) -> Array:
+    return Array(t.detach().cpu().contiguous().numpy())
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of the serialized arrays (what travels, npy headers included)."""
+    return sum(len(a.data) for a in record.values())
+
+
+def factors_to_record(factors: Mapping[str, LoRAFactors]) -> ArrayRecord:
+    """One array per factor: ``<module>.lora_A`` (r, n) and ``<module>.lora_B`` (m, r)."""
+    record = ArrayRecord()
+    for name, f in factors.items():
+        record[name + ".lora_A"] = _array(f.A)  # (r, n)
+        record[name + ".lora_B"] = _array(f.B)  # (m, r)
+    return record
+
+
+def _numpy(record: ArrayRecord, key: str, client: str, module: str) -> np.ndarray:
+    try:
+        return record[key].numpy()
+    except (TypeError, ValueError, OSError) as exc:  # not an npy payload, or a pickled one
+        raise InvalidUpdateError(client, module, "type", f"{key} cannot be read: {exc}") from None
+
+
+def _tensor(record: ArrayRecord, key: str, client: str, module: str) -> torch.Tensor:
+    """A float tensor from ``record[key]``, or an error naming client and module."""
+    arr = _numpy(record, key, client, module)
+    if arr.dtype.kind != "f":
+        raise InvalidUpdateError(client, module, "dtype", f"{key} has dtype {arr.dtype}")
+    return torch.from_numpy(np.array(arr, copy=True))
+
+
+def _group(
+    record: ArrayRecord, suffixes: tuple[str, ...], client: str
+) -> dict[str, dict[str, str]]:
+    """Module name -> {suffix: key}; a key with no known suffix is an error."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in record:
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None or len(key) == len(suffix):
+            raise InvalidUpdateError(
+                client, None, "extra_module", f"unexpected array {key!r} (not <module>{suffixes})"
+            )
+        modules.setdefault(key[: -len(suffix)], {})[suffix] = key
+    for name, keys in modules.items():
+        missing = [s for s in suffixes if s not in keys]
+        if missing:
+            raise InvalidUpdateError(client, name, "missing_module", f"no {name}{missing[0]}")
+    return modules
+
+
+def record_to_factors(
+    record: ArrayRecord, client: str, alpha: float, use_rslora: bool = False
+) -> dict[str, LoRAFactors]:
+    """Decode what :func:`factors_to_record` wrote; structural faults raise, naming ``client``."""
+    out: dict[str, LoRAFactors] = {}
+    for name, keys in _group(record, FACTOR_SUFFIXES, client).items():
+        A = _tensor(record, keys[".lora_A"], client, name)  # (r, n)
+        B = _tensor(record, keys[".lora_B"], client, name)  # (m, r)
+        if A.ndim != 2 or B.ndim != 2:
+            detail = f"lora_A is {A.ndim}-D and lora_B {B.ndim}-D; both must be 2-D"
+            raise InvalidUpdateError(client, name, "ndim", detail)
+        try:
+            out[name] = LoRAFactors(A=A, B=B, alpha=alpha, use_rslora=use_rslora)
+        except ValueError as exc:
+            raise InvalidUpdateError(client, name, "shape", str(exc)) from None
+    return out
+
+
+def state_to_record(state: GlobalUpdate) -> ArrayRecord:
+    """The global update's thin factors per module, with its truncation rule as a code."""
+    record = ArrayRecord()
+    for name, d in state.modules.items():
+        record[name + ".U"] = _array(d.U)  # (m, k)
+        record[name + ".S"] = _array(d.S)  # (k,)
+        record[name + ".Vh"] = _array(d.Vh)  # (k, n)
+        code = np.array([TRUNCATIONS.index(d.truncation)], dtype=np.uint8)
+        record[name + ".truncation"] = Array(code)
+    return record
+
+
+def record_to_state(record: ArrayRecord, strategy: str, sender: str = "server") -> GlobalUpdate:
+    """Decode what :func:`state_to_record` wrote (``sender`` names the source in errors)."""
+    modules: dict[str, ModuleDelta] = {}
+    for name, keys in _group(record, STATE_SUFFIXES, sender).items():
+        code = _numpy(record, keys[".truncation"], sender, name)
+        if code.shape != (1,) or code.dtype != np.uint8 or int(code[0]) >= len(TRUNCATIONS):
+            raise InvalidUpdateError(sender, name, "type", f"bad truncation code {code!r}")
+        try:
+            modules[name] = ModuleDelta(
+                U=_tensor(record, keys[".U"], sender, name),  # (m, k)
+                S=_tensor(record, keys[".S"], sender, name),  # (k,)
+                Vh=_tensor(record, keys[".Vh"], sender, name),  # (k, n)
+                truncation=TRUNCATIONS[int(code[0])],
+            )
+        except ValueError as exc:
+            raise InvalidUpdateError(sender, name, "shape", str(exc)) from None
+    return GlobalUpdate(modules=modules, strategy=strategy)

@@ -1,0 +1,174 @@
+"""The ServerApp: the simulator's round loop with the clients behind a Flower Grid.
+
+:class:`FlowerRun` is :class:`~flexlora.simulation.runner.FederatedRun` with one method
+replaced: a round sends one message per sampled node through the Grid
+(:class:`~flexlora.flower.strategy.FlexLoRAStrategy`) instead of training in process.
+Everything else is the simulator's own code: the evaluation of the global update on the
+server, early stopping, ``metrics.jsonl`` rows with the same keys, resumable checkpoints
+(``flower.resume``), the per-rank-type adapters and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from flexlora.config import RunConfig
+from flexlora.errors import UsageError
+from flexlora.flower.settings import FlowerOptions, load_run_config
+from flexlora.flower.strategy import FlexLoRAStrategy
+from flexlora.server import resolve_client_types
+from flexlora.simulation.runner import FederatedRun
+from flexlora.types import GlobalUpdate
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FlowerRun", "NodeInfo", "app", "discover_nodes", "make_server_app"]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node said about itself when asked."""
+
+    node_id: int
+    client: str
+    rank_type: str
+    num_examples: int
+
+
+def _wait_for_nodes(grid: Grid, want: int, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while len(ids := sorted(grid.get_node_ids())) < want:
+        if time.monotonic() > deadline:
+            raise UsageError(
+                f"only {len(ids)} of {want} SuperNodes connected within {seconds:g}s "
+                "(flower.num-nodes, flower.wait-nodes)"
+            )
+        time.sleep(0.2)
+    return ids
+
+
+def _node_info(reply: Message) -> NodeInfo | None:
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        log.warning("node %d left out: %s", node, reply.error.reason)
+        return None
+    info = reply.content.config_records.get("node")
+    values = (info or {}).get("client-id"), (info or {}).get("rank-type")
+    num = (info or {}).get("num-examples")
+    if not all(isinstance(v, str) and v for v in values) or not isinstance(num, int):
+        log.warning("node %d left out: its reply does not say who it is (%s)", node, info)
+        return None
+    return NodeInfo(node, str(values[0]), str(values[1]), int(num))
+
+
+def discover_nodes(
+    grid: Grid, options: FlowerOptions, seen: Sequence[str], timeout: float
+) -> list[NodeInfo]:
+    """Wait for the nodes, ask each who it is; return them in the dataset's client order."""
+    want = options.num_nodes or len(seen)
+    ids = _wait_for_nodes(grid, want, options.wait_nodes)
+    content = RecordDict({"config": ConfigRecord({})})
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in ids]
+    nodes = [n for r in grid.send_and_receive(messages, timeout=timeout) if (n := _node_info(r))]
+    by_client: dict[str, NodeInfo] = {}
+    for n in nodes:
+        if n.client in by_client:
+            raise UsageError(
+                f"nodes {by_client[n.client].node_id} and {n.node_id} both train client "
+                f"{n.client!r}; give each node its own partition-id or client-id"
+            )
+        by_client[n.client] = n
+    if not by_client:
+        raise UsageError(f"none of the {len(ids)} connected nodes can train a client")
+    order = {c: i for i, c in enumerate(seen)}
+    return sorted(by_client.values(), key=lambda n: (order.get(n.client, len(order)), n.client))
+
+
+class FlowerRun(FederatedRun):
+    """A federated run whose clients are Flower nodes; the rest is the simulator's loop.
+
+    The server loads the model (for the adapted shapes and its own evaluation) and the data
+    configuration (for the population order and the held-out evaluation clients).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        grid: Grid,
+        options: FlowerOptions | None = None,
+        *,
+        dataset: Any | None = None,
+        model_and_tokenizer: tuple[Any, Any] | None = None,
+    ) -> None:
+        self.grid = grid
+        self.options = options or FlowerOptions()
+        fed = cfg.federation
+        # federation.client_timeout bounds a round's wait (nodes train in parallel).
+        self.timeout = fed.client_timeout or self.options.round_timeout
+        if dataset is None:
+            from flexlora.data import load_federated_dataset
+
+            dataset = load_federated_dataset(cfg.data)
+        self.nodes = discover_nodes(grid, self.options, dataset.seen, self.timeout)
+        declared = {n.client: n.rank_type for n in self.nodes}
+        super().__init__(
+            cfg,
+            dataset=dataset,
+            model_and_tokenizer=model_and_tokenizer,
+            client_types=resolve_client_types(cfg, list(declared), declared=declared),
+        )
+        self.strategy = FlexLoRAStrategy(self.server, {n.node_id: n.client for n in self.nodes})
+        self.strategy.summary()
+
+    def run_round(
+        self, state: GlobalUpdate, round_: int, bar: bool
+    ) -> tuple[GlobalUpdate, dict[str, Any]]:
+        """Send one message per sampled node, wait for the replies, aggregate."""
+        plan = self.strategy.plan(state, round_)
+        replies = self.grid.send_and_receive(plan.messages, timeout=self.timeout)
+        new_state, row = self.strategy.collect(state, plan, replies)
+        log.debug(
+            "round %d: %d bytes of arrays sent (%d accounted)",
+            round_,
+            sum(plan.wire_bytes_down.values()),
+            row["bytes_down"],
+        )
+        if self.server.merges_into_base and new_state is not state:
+            self.worker.set_base_delta(new_state)
+        return new_state, row
+
+
+def _log_to_stderr() -> None:
+    """Show flexlora's INFO lines (``[ROUND r/R]``) when nobody configured logging."""
+    root = logging.getLogger()
+    ours = logging.getLogger("flexlora")
+    if not root.handlers and not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False  # a handler the runtime adds to the root later would repeat it
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``defaults`` overlaid by Flower's run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _log_to_stderr()
+        cfg, options = load_run_config(context.run_config, defaults)
+        FlowerRun(cfg, grid, options).run(resume=options.resume)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,236 @@
+"""Any flexlora aggregator as a Flower Message-API strategy, mixed ranks included.
+
+Flower's ``FedAvg`` sends one payload to every node and averages arrays key by key; with
+heterogeneous ranks neither is right. :class:`FlexLoRAStrategy` asks the
+:class:`~flexlora.server.Coordinator` for every decision instead: which clients a round samples
+(the simulator's seeded (seed, round) rule, over the nodes' client ids), what each node
+receives (the global update cut to *that node's* ranks, one message per node), how replies are
+validated (shapes and ranks: Flower only checks keys) and how they are aggregated. A round's
+metrics row has the simulator's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from flexlora.errors import InvalidUpdateError
+from flexlora.flower.records import (
+    factors_to_record,
+    record_bytes,
+    record_to_factors,
+    record_to_state,
+    state_to_record,
+)
+from flexlora.server import Coordinator
+from flexlora.types import ClientUpdate, GlobalUpdate
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FlexLoRAStrategy", "RoundPlan", "decode_reply"]
+
+INJECTED_FAILURE = "injected client failure (federation.fail_rate)"
+
+
+@dataclass
+class RoundPlan:
+    """One round's outgoing messages and what the server needs to read the replies."""
+
+    round: int
+    clients: list[str]  # sampled, in the population's order
+    node_client: dict[int, str]  # destination node -> its client
+    messages: list[Message]
+    bytes_down: dict[str, int]  # accounted like the simulator (factor bytes)
+    wire_bytes_down: dict[str, int]  # serialized arrays actually sent (npy headers included)
+
+
+def decode_reply(
+    content: RecordDict, client: str, alpha: float, use_rslora: bool
+) -> tuple[ClientUpdate, float]:
+    """A reply's ``arrays`` + ``metrics`` -> (update, seconds of local training)."""
+    arrays = content.array_records.get("arrays")
+    metrics = content.metric_records.get("metrics")
+    if arrays is None or metrics is None:
+        raise InvalidUpdateError(client, None, "type", "reply lacks its arrays or metrics record")
+    num = metrics.get("num-examples")
+    if isinstance(num, bool) or not isinstance(num, int):
+        raise InvalidUpdateError(client, None, "num_examples", f"num-examples is {num!r}")
+    values = {k: metrics.get(k) for k in ("train_loss", "tokens", "seconds")}
+    for key, value in values.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidUpdateError(client, None, "metrics", f"{key} is {value!r}")
+    update = ClientUpdate(
+        client_id=client,
+        num_examples=num,
+        factors=record_to_factors(arrays, client, alpha, use_rslora),
+        metrics={"train_loss": float(values["train_loss"]), "tokens": float(values["tokens"])},
+    )
+    return update, float(values["seconds"])
+
+
+class FlexLoRAStrategy(Strategy):
+    """A Flower strategy that drives a :class:`~flexlora.server.Coordinator`.
+
+    Parameters
+    ----------
+    coordinator:
+        The server step (aggregator, ranks, sampling, validation).
+    nodes:
+        Node id -> the client id that node trains (from the nodes' own configs).
+    """
+
+    def __init__(self, coordinator: Coordinator, nodes: Mapping[int, str]) -> None:
+        self.coordinator = coordinator
+        self.node_of = {cid: node for node, cid in nodes.items()}
+        if len(self.node_of) != len(nodes):
+            raise ValueError("two nodes claim the same client")
+        # The population in the coordinator's order (the dataset's), so that sampling is
+        # the simulator's whenever every client has a node.
+        self.pool = [c for c in coordinator.client_type if c in self.node_of]
+        self._pending: tuple[GlobalUpdate, RoundPlan] | None = None
+
+    # ---------------------------------------------------------------- one round
+    def injected_failures(self, round_: int, clients: Sequence[str]) -> set[str]:
+        """The clients ``federation.fail_rate`` makes fail, drawn as the simulator does."""
+        fail_rate = self.coordinator.cfg.federation.fail_rate
+        if fail_rate <= 0:
+            return set()
+        n_fail = round(fail_rate * len(clients))
+        perm = torch.randperm(len(clients), generator=self.coordinator.generator(round_, "faults"))
+        return {clients[i] for i in perm[:n_fail].tolist()}
+
+    def plan(
+        self, state: GlobalUpdate, round_: int, config: ConfigRecord | None = None
+    ) -> RoundPlan:
+        """Sample the round's clients and build one message per node, at that node's ranks."""
+        server = self.coordinator
+        clients = server.sample(round_, self.pool)
+        failing = self.injected_failures(round_, clients)
+        # FLoRA: the clients merge the stacked global ΔW into their frozen weights.
+        base = state_to_record(state) if server.merges_into_base and round_ > 1 else None
+        plan = RoundPlan(round_, clients, {}, [], {}, {})
+        for cid in clients:
+            start = server.start_factors(state, cid, round_)
+            arrays = factors_to_record(start)
+            settings = ConfigRecord(dict(config or {}))
+            settings.update(
+                {
+                    "server-round": round_,
+                    "client-id": cid,
+                    "rank-type": server.client_type[cid],
+                    "seed": server.client_seed(round_, cid),
+                    "train-a": server.trains_A,
+                    "fail": cid in failing,
+                }
+            )
+            content = RecordDict({"arrays": arrays, "config": settings})
+            if base is not None:
+                content["base"] = base
+            node = self.node_of[cid]
+            plan.node_client[node] = cid
+            plan.messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+            plan.bytes_down[cid] = server.download_bytes(start)
+            plan.wire_bytes_down[cid] = record_bytes(arrays) + (record_bytes(base) if base else 0)
+        return plan
+
+    def collect(
+        self, state: GlobalUpdate, plan: RoundPlan, replies: Iterable[Message]
+    ) -> tuple[GlobalUpdate, dict[str, Any]]:
+        """Validate the replies, aggregate with the flexlora math; the new state and its row."""
+        server = self.coordinator
+        lora = server.cfg.lora
+        round_ = plan.round
+        failures: dict[str, str] = {}
+        rejected: dict[str, str] = {}
+        received: dict[str, ClientUpdate] = {}
+        seconds: dict[str, float] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            cid = plan.node_client.get(node)
+            if cid is None or cid in received or cid in failures or cid in rejected:
+                log.warning("round %d: unexpected reply from node %d ignored", round_, node)
+                continue
+            if reply.has_error():
+                failures[cid] = reply.error.reason
+                log.warning("round %d: client %s failed: %s", round_, cid, reply.error.reason)
+                continue
+            try:
+                received[cid], seconds[cid] = decode_reply(
+                    reply.content, cid, lora.alpha, lora.use_rslora
+                )
+            except InvalidUpdateError as exc:
+                rejected[cid] = str(exc)
+                log.warning("round %d: update of client %s rejected: %s", round_, cid, exc)
+        for cid in plan.clients:
+            if cid not in received and cid not in failures and cid not in rejected:
+                failures[cid] = "no reply before the round's timeout"
+                log.warning("round %d: client %s did not reply in time", round_, cid)
+        # The simulator's order, so the aggregate is the same sum in the same order.
+        updates = [received[c] for c in plan.clients if c in received]
+        new_state, row = server.aggregate(state, round_, plan.clients, updates, failures)
+        row["rejected"] = {**rejected, **row["rejected"]}
+        row.update(
+            {
+                "train_tokens": int(sum(u.metrics["tokens"] for u in updates)),
+                "seconds_train": round(sum(seconds.values()), 4),
+                "bytes_down": sum(plan.bytes_down.values()),
+                "bytes_up_per_client": {u.client_id: u.num_bytes() for u in updates},
+                "bytes_down_per_client": dict(plan.bytes_down),
+            }
+        )
+        return new_state, row
+
+    # ---------------------------------------------------------------- Flower's Strategy API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled node, holding the global update at that node's ranks."""
+        state = record_to_state(arrays, self.coordinator.aggregator.name)
+        plan = self.plan(state, server_round, config)
+        self._pending = (state, plan)
+        return plan.messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global update and the round's numeric metrics."""
+        if self._pending is None or self._pending[1].round != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train")
+        state, plan = self._pending
+        self._pending = None
+        new_state, row = self.collect(state, plan, replies)
+        numbers = {
+            k: v
+            for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        return state_to_record(new_state), MetricRecord(numbers)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """None: the ServerApp evaluates the global update itself, as the simulator does."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        server = self.coordinator
+        log.info(
+            "FlexLoRAStrategy: %s over %d nodes, %d clients per round, rank types %s",
+            server.cfg.federation.strategy,
+            len(self.pool),
+            server.cfg.federation.clients_per_round,
+            sorted(set(server.client_type[c] for c in self.pool)),
+        )

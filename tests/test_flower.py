@@ -1,0 +1,320 @@
+"""flexlora.flower without a network: records, run config, strategy and apps on a local Grid."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Message
+from flwr.supercore.task_identity import TaskIdentity
+
+from flexlora.config import RunConfig
+from flexlora.config_io import load_toml
+from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.flower.client_app import NodeRuntime, make_client_app
+from flexlora.flower.records import (
+    factors_to_record,
+    record_bytes,
+    record_to_factors,
+    record_to_state,
+    state_to_record,
+)
+from flexlora.flower.server_app import discover_nodes
+from flexlora.flower.settings import FlowerOptions, load_run_config, to_run_config
+from flexlora.flower.strategy import FlexLoRAStrategy
+from flexlora.server import Coordinator, resolve_client_types
+from flexlora.simulation.checkpoint import load_checkpoint
+from flexlora.simulation.runner import FederatedRun
+from flexlora.types import GlobalUpdate, ModuleDelta
+from tests.conftest import random_factors
+from tests.flower_helpers import LocalGrid, toy_config, write_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are stamped with the current task's ids, which a real runtime sets."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+# -------------------------------------------------------------------------------- records
+def test_factor_and_state_records_round_trip() -> None:
+    factors = {
+        "layers.0.q_proj": random_factors(6, 5, 2, seed=1, dtype=torch.float32),
+        "layers.0.up_proj": random_factors(8, 5, 4, seed=2, dtype=torch.float32),
+    }
+    back = record_to_factors(factors_to_record(factors), "c1", alpha=16.0)
+    assert back.keys() == factors.keys()
+    for name, f in factors.items():
+        assert torch.equal(back[name].A, f.A) and torch.equal(back[name].B, f.B)
+        assert back[name].alpha == 16.0
+    g = torch.Generator().manual_seed(0)
+    state = GlobalUpdate(
+        {
+            "a": ModuleDelta(torch.randn(6, 3, generator=g), torch.rand(3), torch.randn(3, 5)),
+            "b": ModuleDelta(torch.randn(4, 2), torch.ones(2), torch.randn(2, 5), "prefix"),
+        },
+        strategy="flexlora",
+    )
+    again = record_to_state(state_to_record(state), "flexlora")
+    for name, d in state.modules.items():
+        e = again[name]
+        assert e.truncation == d.truncation
+        assert torch.equal(e.U, d.U) and torch.equal(e.S, d.S) and torch.equal(e.Vh, d.Vh)
+
+
+def _npy(arr: np.ndarray, allow_pickle: bool = False) -> Array:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=allow_pickle)
+    return Array(dtype=str(arr.dtype), shape=arr.shape, stype="numpy.ndarray", data=buf.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("m.lora_A", Array(np.zeros((2, 5), dtype=np.int64)), "dtype"),
+        ("m.lora_A", Array(np.zeros(10, dtype=np.float32)), "ndim"),
+        ("m.lora_A", Array(np.zeros((3, 5), dtype=np.float32)), "shape"),  # r=3 vs B's r=2
+        ("m.lora_A", _npy(np.array([object()]), allow_pickle=True), "type"),  # a pickle
+        ("m.extra", Array(np.zeros((2, 2), dtype=np.float32)), "extra_module"),
+    ],
+)
+def test_bad_factor_records_are_refused_naming_client_and_module(
+    key: str, value: Array, reason: str
+) -> None:
+    record = factors_to_record({"m": random_factors(4, 5, 2, seed=0, dtype=torch.float32)})
+    record[key] = value
+    with pytest.raises(InvalidUpdateError) as info:
+        record_to_factors(record, "client-7", alpha=16.0)
+    assert info.value.reason == reason
+    assert info.value.client == "client-7"
+    assert "client client-7" in str(info.value)
+
+
+def test_a_factor_without_its_pair_is_refused() -> None:
+    record = factors_to_record({"m": random_factors(4, 5, 2, seed=0, dtype=torch.float32)})
+    del record["m.lora_B"]
+    with pytest.raises(InvalidUpdateError, match=r"module m: no m\.lora_B") as info:
+        record_to_factors(record, "c", alpha=16.0)
+    assert info.value.reason == "missing_module"
+
+
+# -------------------------------------------------------------------------------- run config
+def test_run_config_maps_onto_the_cli_dataclasses(tmp_path: Path) -> None:
+    cfg = RunConfig()
+    cfg.federation.rank_types = {"2": [2, 2], "2-8": [2, 8]}
+    cfg.federation.client_types = ["2", "2-8"]
+    cfg.lora.target_modules = ["q_proj"]
+    cfg.train.lr = 1e-5
+    cfg.data.split_ratios = (0.7, 0.2, 0.1)
+    back, options = load_run_config(to_run_config(cfg))
+    assert back == cfg
+    assert options == FlowerOptions()
+
+    file = tmp_path / "job.toml"
+    file.write_text("[federation]\nrounds = 9\nseed = 5\n", encoding="utf-8")
+    cfg2, options2 = load_run_config(
+        {
+            "config-file": str(file),
+            "federation.seed": 11,  # a key beats the file
+            "lora.target-modules": "['q_proj', 'v_proj']",
+            "federation.rank_types": "{ 'a' = [1, 2] }",
+            "flower.num-nodes": 3,
+            "flower.resume": True,
+        }
+    )
+    assert (cfg2.federation.rounds, cfg2.federation.seed) == (9, 11)
+    assert cfg2.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg2.federation.rank_types == {"a": [1, 2]}
+    assert (options2.num_nodes, options2.resume) == (3, True)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rounds": 2}, "neither"),
+        ({"federation.roundz": 2}, "unknown config key federation.roundz"),
+        ({"federation.rounds": "two"}, "federation.rounds: expected an integer"),
+        ({"lora.target_modules": "['q_proj'"}, "not a valid TOML value"),
+        ({"flower.num-nodez": 2}, "unknown config key flower.num-nodez"),
+        ({"flower.wait-nodes": 0}, "flower.wait-nodes must be positive"),
+    ],
+)
+def test_run_config_errors_name_the_key(values: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        load_run_config(values)
+
+
+def test_example_app_declares_every_key_and_only_flwr_as_dependency() -> None:
+    """Flower lets --run-config override only the keys the app declares: all of them."""
+    project = load_toml(ROOT / "examples" / "flower-app" / "pyproject.toml")
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "flexlora.flower.server_app:app",
+        "clientapp": "flexlora.flower.client_app:app",
+    }
+    declared = set(app["config"])
+    wanted = set(to_run_config(RunConfig())) | {"config-file"}
+    wanted |= {"flower." + k.replace("_", "-") for k in FlowerOptions.__dataclass_fields__}
+    assert declared == wanted, (sorted(wanted - declared), sorted(declared - wanted))
+    load_run_config(app["config"])  # every value parses
+    assert [d.split(">")[0].split("[")[0] for d in project["project"]["dependencies"]] == ["flwr"]
+
+
+# -------------------------------------------------------------------------------- strategy
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, dict, NodeRuntime]:
+    """The tiny 6-client job, its Flower run config and one node runtime (model + data)."""
+    tmp = tmp_path_factory.mktemp("flower")
+    cfg = toy_config(tmp / "out", write_tasks(tmp / "tasks.jsonl"))
+    values = to_run_config(cfg)
+    return cfg, values, NodeRuntime(cfg)
+
+
+def _strategy(cfg: RunConfig, runtime: NodeRuntime) -> tuple[FlexLoRAStrategy, dict[int, dict]]:
+    seen = list(runtime.data.seen)
+    types = resolve_client_types(cfg, seen)
+    coordinator = Coordinator(cfg, runtime.shapes, types)
+    nodes = {100 + i: cid for i, cid in enumerate(seen)}
+    return FlexLoRAStrategy(coordinator, nodes), {n: {"partition-id": n - 100} for n in nodes}
+
+
+def test_each_node_gets_the_global_update_at_its_own_ranks(job) -> None:
+    cfg, _values, runtime = job
+    strategy, _ = _strategy(cfg, runtime)
+    server = strategy.coordinator
+    plan = strategy.plan(server.initial_state(), 1)
+    assert plan.clients == server.sample(1)  # the simulator's seeded draw
+    assert len(plan.messages) == cfg.federation.clients_per_round
+    broadcast = 0
+    for msg in plan.messages:
+        cid = plan.node_client[msg.metadata.dst_node_id]
+        ranks = server.ranks_of(cid)
+        arrays = msg.content.array_records["arrays"]
+        for name, (m, n) in runtime.shapes.items():
+            assert tuple(arrays[name + ".lora_A"].shape) == (ranks[name], n)
+            assert tuple(arrays[name + ".lora_B"].shape) == (m, ranks[name])
+        assert msg.content.config_records["config"]["rank-type"] == server.client_type[cid]
+        assert plan.bytes_down[cid] == sum(
+            f.num_bytes() for f in server.start_factors(server.initial_state(), cid, 1).values()
+        )
+        assert plan.wire_bytes_down[cid] == record_bytes(arrays)
+        top = server.max_ranks()
+        broadcast += sum(4 * top[k] * (m + n) for k, (m, n) in runtime.shapes.items())
+    # mixed ranks: per-node messages carry less than one top-rank payload for everyone
+    assert sum(plan.bytes_down.values()) < broadcast
+
+
+def test_bad_replies_are_rejected_failures_recorded_and_the_rest_aggregated(
+    job, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg, values, runtime = job
+    strategy, node_configs = _strategy(cfg, runtime)
+    server = strategy.coordinator
+    state = server.initial_state()
+    plan = strategy.plan(state, 1)
+    nodes = [m.metadata.dst_node_id for m in plan.messages]
+    bad, dropped, broken = nodes[0], nodes[1], nodes[2]
+    module = next(iter(runtime.shapes))
+
+    def tamper(node: int, reply: Message) -> Message:
+        if node == bad:  # a rank-1 A where the client's rank is higher
+            arrays = reply.content.array_records["arrays"]
+            arrays[module + ".lora_A"] = Array(np.zeros((1, 3), dtype=np.float32))
+        return reply
+
+    node_configs[broken]["partition-id"] = 99  # this node cannot find its client
+    grid = LocalGrid(make_client_app(values), node_configs, drop=[dropped], tamper=tamper)
+    caplog.set_level(logging.WARNING, logger="flexlora")
+    new_state, row = strategy.collect(state, plan, grid.send_and_receive(plan.messages))
+    cid = plan.node_client
+    assert set(row["rejected"]) == {cid[bad]}
+    assert module in row["rejected"][cid[bad]]
+    assert set(row["failed"]) == {cid[dropped], cid[broken]}
+    assert "partition-id=99" in row["failed"][cid[broken]]
+    assert row["aggregated"] == [cid[n] for n in nodes[3:]]
+    assert new_state is not state
+    assert f"update of client {cid[bad]} rejected" in caplog.text
+    assert set(row["bytes_up_per_client"]) == {cid[bad], *row["aggregated"]} - {cid[bad]}
+
+
+def test_the_stock_strategy_loop_reaches_the_simulators_global_update(job, tmp_path: Path) -> None:
+    """Flower's own Strategy.start with FlexLoRAStrategy == the in-process simulator."""
+    cfg, values, runtime = job
+    no_eval = {"eval": {"at_start": False, "unseen": False}}
+    sim_cfg = toy_config(tmp_path / "sim", Path(cfg.data.path), **no_eval)
+    FederatedRun(sim_cfg).run()
+    expected = load_checkpoint(tmp_path / "sim" / "checkpoint").global_update
+    strategy, node_configs = _strategy(cfg, runtime)
+    grid = LocalGrid(make_client_app(values), node_configs)
+    result = strategy.start(
+        grid, state_to_record(strategy.coordinator.initial_state()), num_rounds=2
+    )
+    got = record_to_state(result.arrays, "flexlora")
+    assert expected is not None and got.names() == expected.names()
+    for name in got.names():
+        torch.testing.assert_close(got[name].dense(), expected[name].dense(), rtol=1e-5, atol=1e-7)
+    assert result.train_metrics_clientapp[2]["bytes_up"] > 0
+
+
+# -------------------------------------------------------------------------------- nodes
+def test_a_node_is_its_partition_or_client_id_with_its_declared_rank_type(job) -> None:
+    cfg, _values, runtime = job
+    seen = runtime.data.seen
+    assert runtime.client_of({"partition-id": 2}) == seen[2]
+    assert runtime.client_of({"client-id": seen[4], "partition-id": 0}) == seen[4]
+    drawn = resolve_client_types(cfg, list(seen))
+    assert runtime.rank_type_of(seen[1], {}) == drawn[seen[1]]
+    assert runtime.rank_type_of(seen[1], {"rank-type": 8}) == "8"
+    for bad, message in (
+        ({}, "partition-id or client-id"),
+        ({"partition-id": len(seen)}, f"has {len(seen)} seen clients"),
+        ({"client-id": "nope"}, "'nope' is not a seen client"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            runtime.client_of(bad)
+    with pytest.raises(UsageError, match="rank-type='3' is not one of"):
+        runtime.rank_type_of(seen[0], {"rank-type": "3"})
+
+
+def test_discovery_refuses_two_nodes_that_train_one_client(job) -> None:
+    _cfg, values, runtime = job
+    seen = runtime.data.seen
+    configs = {1: {"partition-id": 0, "rank-type": "8"}, 2: {"partition-id": 1}}
+    nodes = discover_nodes(
+        LocalGrid(make_client_app(values), configs), FlowerOptions(num_nodes=2), seen, 10.0
+    )
+    assert [(n.node_id, n.client, n.rank_type) for n in nodes] == [
+        (1, seen[0], "8"),
+        (2, seen[1], resolve_client_types(_cfg, list(seen))[seen[1]]),
+    ]
+    configs[2] = {"client-id": seen[0]}
+    with pytest.raises(UsageError, match=f"nodes 1 and 2 both train client '{seen[0]}'"):
+        discover_nodes(
+            LocalGrid(make_client_app(values), configs), FlowerOptions(num_nodes=2), seen, 10.0
+        )
+    with pytest.raises(UsageError, match="only 2 of 3 SuperNodes connected"):
+        discover_nodes(
+            LocalGrid(make_client_app(values), configs),
+            FlowerOptions(num_nodes=3, wait_nodes=0.3),
+            seen,
+            10.0,
+        )
+
+
+def test_flwr_is_imported_only_by_flexlora_flower() -> None:
+    src = ROOT / "src" / "flexlora"
+    importers = {
+        p.relative_to(src).parts[0]
+        for p in src.rglob("*.py")
+        if "import flwr" in (text := p.read_text(encoding="utf-8")) or "from flwr" in text
+    }
+    assert importers == {"flower"}
+    assert "flwr" in sys.modules  # this test module did import it (sanity)
