@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     speedup = totals["dense"]["seconds"] / totals["factored"]["seconds"]
     worst = max(totals["factored"]["err_full"], totals["factored"]["err_r"])
     print(f"speedup (dense time / factored time, whole layer): {speedup:.1f}x")
+    print(
+        f"load average at the end: {os.getloadavg()[0]:.2f} (other work on the machine skews times)"
+    )
     verdict = "met" if speedup >= GOAL_SPEEDUP and worst <= GOAL_ERROR else "NOT met"
     if args.quick:
         verdict += " (judged on the full layer only: --quick sizes are too small to time)"
