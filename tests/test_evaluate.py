@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 from flexlora.errors import UsageError
 from flexlora.training.evaluate import (
     EvalResult,
+    cut_at_stop,
     evaluate_examples,
     generate,
     generate_ids,
@@ -215,3 +216,24 @@ def test_weighted_mean_equals_the_pooled_mean(groups: list[list[float]]) -> None
     assert weighted_mean([_result(g) for g in groups]) == pytest.approx(
         sum(pooled) / len(pooled), abs=1e-12
     )
+
+
+def test_cut_at_stop_ends_the_answer_at_the_first_marker() -> None:
+    assert cut_at_stop("Paris.\n\n### Explanation: it is", ["###"]) == "Paris."
+    assert cut_at_stop("a b ## c", ["###", "##"]) == "a b"
+    assert cut_at_stop("no marker here ", ["###"]) == "no marker here"
+    assert cut_at_stop("keep", []) == "keep"
+
+
+def test_stop_strings_cut_generation_where_the_marker_first_appears(tiny) -> None:
+    model, tok = tiny
+    prompts = ["Say something:", "Another prompt, longer than the first one:"]
+    free = generate(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert all(len(p) >= 6 for p in free), free
+    marker = free[0][3:5]
+    stopped = generate(model, tok, prompts, max_new_tokens=12, batch_size=2, stop=[marker])
+    # HF stops generating once the marker is produced; the text then holds it at most at the end
+    assert stopped[0].startswith(free[0][: free[0].find(marker)].strip())
+    assert cut_at_stop(stopped[0], [marker]) == free[0][: free[0].find(marker)].strip()
+    result = evaluate_examples(model, tok, prompts, ["x", "y"], max_new_tokens=12, stop=[marker])
+    assert marker not in result.predictions[0]

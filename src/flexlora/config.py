@@ -209,6 +209,10 @@ class EvalConfig:
     max_clients: int = _help("evaluate at most this many clients of each kind (0: all)", default=0)
     max_examples_per_client: int = _help("test examples per client (0: all)", default=8)
     max_new_tokens: int = _help("greedy generation length", default=48)
+    stop: list[str] = _help(
+        "an answer ends where one of these strings first appears (the template's marker)",
+        default_factory=lambda: ["###"],
+    )
     max_prompt_tokens: int = _help(
         "keep the last N prompt tokens (0: train.cutoff_len, as in training)", default=0
     )

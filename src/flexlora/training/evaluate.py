@@ -54,6 +54,7 @@ def generate_ids(
     batch_size: int = 8,
     *,
     max_prompt_tokens: int | None = None,
+    stop: Sequence[str] = (),
     progress: bool = False,
 ) -> list[list[int]]:
     """Greedy continuation ids of each prompt, without the prompt and cut before the first EOS.
@@ -79,6 +80,7 @@ def generate_ids(
         num_beams=1,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
+        stop_strings=[m for m in stop if m] or None,
     )
     encoded: list[list[int]] = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     if max_prompt_tokens is not None:
@@ -101,6 +103,7 @@ def generate_ids(
                     input_ids=input_ids.to(device),  # (b, t)
                     attention_mask=attention_mask.to(device),  # (b, t)
                     generation_config=config,
+                    tokenizer=tokenizer,  # for stop strings
                 )  # (b, t + new)
             new = out[:, input_ids.shape[1] :].tolist()  # (b, new)
             for i, ids in zip(index, new, strict=True):
@@ -118,6 +121,7 @@ def generate(
     batch_size: int = 8,
     *,
     max_prompt_tokens: int | None = None,
+    stop: Sequence[str] = (),
     progress: bool = False,
 ) -> list[str]:
     """Greedy continuation text of each prompt (prompt and special tokens removed, stripped).
@@ -131,6 +135,7 @@ def generate(
         max_new_tokens,
         batch_size,
         max_prompt_tokens=max_prompt_tokens,
+        stop=stop,
         progress=progress,
     )
     return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
@@ -169,6 +174,15 @@ def _cut_at_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
     return ids
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string, stripped."""
+    cut = len(text)
+    for marker in stop:
+        if marker and (at := text.find(marker)) >= 0:
+            cut = min(cut, at)
+    return text[:cut].strip()
+
+
 @functools.lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -196,9 +210,14 @@ def evaluate_examples(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     max_prompt_tokens: int | None = None,
+    stop: Sequence[str] = (),
     progress: bool = False,
 ) -> EvalResult:
-    """Generate an answer to each prompt and score it against its reference with Rouge-L."""
+    """Generate an answer to each prompt and score it against its reference with Rouge-L.
+
+    ``stop`` strings end an answer where they first appear (e.g. the template's ``###``
+    section marker, which an untrained model tends to run on into).
+    """
     if len(prompts) != len(references):
         raise UsageError(
             f"{len(prompts)} prompts but {len(references)} references; they must pair up"
@@ -210,8 +229,10 @@ def evaluate_examples(
         max_new_tokens,
         batch_size,
         max_prompt_tokens=max_prompt_tokens,
+        stop=stop,
         progress=progress,
     )
+    predictions = [cut_at_stop(p, stop) for p in predictions]
     scores = rouge_l(predictions, references)
     mean = math.fsum(scores) / len(scores) if scores else math.nan
     return EvalResult(mean, len(scores), tuple(scores), tuple(predictions))

@@ -141,6 +141,7 @@ class ClientWorker:
                                 max_new_tokens=cfg.max_new_tokens,
                                 batch_size=cfg.batch_size,
                                 max_prompt_tokens=max_prompt_tokens,
+                                stop=cfg.stop,
                             )
                         )
                     if results:
