@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors.torch import load_file
 
 from flexlora.config import RunConfig
+from flexlora.simulation.checkpoint import load_checkpoint
 from tests.sim_helpers import WORDS, tiny_config
 
 #: metrics-row keys whose values are wall-clock times (they differ run to run)
@@ -49,6 +54,34 @@ def strip_timings(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def read_rows(out: Path) -> list[dict[str, Any]]:
     lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(x) for x in lines]
+
+
+def assert_rows_match(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """Same keys and values; floats (losses, scores) within float tolerance."""
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for g, w in zip(got, want, strict=True):
+        for key, value in w.items():
+            if isinstance(value, float) and not math.isnan(value):
+                assert g[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+            else:
+                assert g[key] == value, key
+
+
+def assert_same_outputs(got: Path, want: Path) -> None:
+    """The global update in the last checkpoint and every exported adapter agree."""
+    a = load_checkpoint(got / "checkpoint").global_update
+    b = load_checkpoint(want / "checkpoint").global_update
+    assert a is not None and b is not None and a.names() == b.names()
+    for name in a.names():
+        torch.testing.assert_close(a[name].dense(), b[name].dense(), rtol=1e-5, atol=1e-7)
+    adapters = sorted(p.name for p in (want / "adapters").iterdir())
+    assert adapters and sorted(p.name for p in (got / "adapters").iterdir()) == adapters
+    for slot in adapters:
+        x = load_file(str(got / "adapters" / slot / "adapter_model.safetensors"))
+        y = load_file(str(want / "adapters" / slot / "adapter_model.safetensors"))
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
 
 
 class LocalGrid:

@@ -19,7 +19,13 @@ from flexlora.config import RunConfig, load_config
 from flexlora.config_io import apply_overrides, from_dict
 from flexlora.errors import UsageError
 
-__all__ = ["CONFIG_FILE_KEY", "FlowerOptions", "load_run_config", "to_run_config"]
+__all__ = [
+    "CONFIG_FILE_KEY",
+    "FlowerOptions",
+    "app_config_toml",
+    "load_run_config",
+    "to_run_config",
+]
 
 CONFIG_FILE_KEY = "config-file"
 FLOWER_PREFIX = "flower."
@@ -128,4 +134,37 @@ def to_run_config(cfg: Any, prefix: str = "") -> dict[str, bool | int | float | 
             out[key] = _inline_toml(value)
         elif value is not None:
             out[key] = value
+    return out
+
+
+def app_config_toml(cfg: Any, options: FlowerOptions | None = None) -> str:
+    """Lines for ``[tool.flwr.app.config]`` declaring every key (Flower's ``--run-config``
+    overrides only declared keys), one section comment per config table."""
+
+    def line(key: str, value: bool | int | float | str) -> str:
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str) and _is_structured(value):
+            text = "'" + value + "'"  # a literal string: the TOML inside keeps its quotes
+        else:
+            text = json.dumps(value)
+        return f'"{key}" = {text}'
+
+    flower = {FLOWER_PREFIX[:-1]: options or FlowerOptions()}
+    lines = [line(CONFIG_FILE_KEY, "")]
+    section = ""
+    for key, value in {**_dashed(flower), **to_run_config(cfg)}.items():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines.append(f"# {section}")
+        lines.append(line(key, value))
+    return "\n".join(lines) + "\n"
+
+
+def _dashed(tables: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """``flower.num_nodes`` -> ``flower.num-nodes``: Flower's own spelling of its keys."""
+    out: dict[str, bool | int | float | str] = {}
+    for name, obj in tables.items():
+        for key, value in to_run_config(obj, name + ".").items():
+            out[key.replace("_", "-")] = value
     return out
