@@ -13,7 +13,10 @@ import torch
 from flexlora.data.types import ClientSplit, Example, FederatedDataset
 from flexlora.simulation.runner import FederatedRun
 from flexlora.training.model import build_tiny_llama
+from tests.reliability_helpers import one_torch_thread  # noqa: F401 (fixture)
 from tests.sim_helpers import WORDS, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NO_EVAL = {"at_start": False, "every": 0, "unseen": False, "seen": False}
 

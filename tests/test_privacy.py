@@ -16,7 +16,10 @@ from flexlora.privacy import ClientDP, clip_update, dp_epsilon, update_norm
 from flexlora.server import Coordinator
 from flexlora.types import ClientUpdate, LoRAFactors
 from tests.conftest import random_factors
+from tests.reliability_helpers import one_torch_thread  # noqa: F401 (fixture)
 from tests.sim_helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_update(
