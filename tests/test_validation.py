@@ -198,7 +198,7 @@ def bad_shape(u: ClientUpdate, draw: Draw) -> list[object]:
     return [_with_module(u, name, wrong)]
 
 
-def bad_rank(u: ClientUpdate, draw: Draw, coord: Coordinator | None = None) -> list[object]:
+def bad_rank(u: ClientUpdate, draw: Draw) -> list[object]:
     name = _pick_module(draw)
     f = u.factors[name]
     m, n = SHAPES[name]
