@@ -24,7 +24,7 @@ from flexlora.flower.records import (
     record_to_state,
     state_to_record,
 )
-from flexlora.flower.server_app import discover_nodes
+from flexlora.flower.server_app import FlowerRun, discover_nodes
 from flexlora.flower.settings import (
     FlowerOptions,
     app_config_toml,
@@ -37,7 +37,15 @@ from flexlora.simulation.checkpoint import load_checkpoint
 from flexlora.simulation.runner import FederatedRun
 from flexlora.types import GlobalUpdate, ModuleDelta
 from tests.conftest import random_factors
-from tests.flower_helpers import LocalGrid, toy_config, write_tasks
+from tests.flower_helpers import (
+    LocalGrid,
+    assert_rows_match,
+    assert_same_outputs,
+    read_rows,
+    strip_timings,
+    toy_config,
+    write_tasks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,6 +277,46 @@ def test_the_stock_strategy_loop_reaches_the_simulators_global_update(job, tmp_p
     for name in got.names():
         torch.testing.assert_close(got[name].dense(), expected[name].dense(), rtol=1e-5, atol=1e-7)
     assert result.train_metrics_clientapp[2]["bytes_up"] > 0
+
+
+class CrashingGrid(LocalGrid):
+    """A LocalGrid whose ServerApp dies while sending the ``crash_at``-th round."""
+
+    def __init__(self, *args, crash_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds_left = crash_at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.rounds_left -= 1
+            if self.rounds_left == 0:
+                raise KeyboardInterrupt("the ServerApp process is killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_killed_server_app_resumes_from_its_checkpoint_like_an_uninterrupted_run(
+    job, tmp_path: Path
+) -> None:
+    cfg, values, runtime = job
+    nodes = {100 + i: {"partition-id": i} for i in range(len(runtime.data.seen))}
+    small = {"eval": {"at_start": False, "unseen": False}, "federation": {"clients_per_round": 2}}
+
+    def flower_run(out: str, grid: LocalGrid, resume: bool) -> FlowerRun:
+        run_cfg = toy_config(tmp_path / out, Path(cfg.data.path), **small)
+        run = FlowerRun(run_cfg, grid, FlowerOptions(resume=resume))
+        run.run(resume=resume)
+        return run
+
+    flower_run("whole", LocalGrid(make_client_app(values), nodes), resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        flower_run("killed", CrashingGrid(make_client_app(values), nodes, crash_at=2), False)
+    assert [r["round"] for r in read_rows(tmp_path / "killed")] == [1]
+    flower_run("killed", LocalGrid(make_client_app(values), nodes), resume=True)
+    assert_rows_match(
+        strip_timings(read_rows(tmp_path / "killed")), strip_timings(read_rows(tmp_path / "whole"))
+    )
+    assert_same_outputs(tmp_path / "killed", tmp_path / "whole")
 
 
 # -------------------------------------------------------------------------------- nodes

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flexlora.config import RunConfig
 from flexlora.errors import UsageError
 from flexlora.flower.settings import FlowerOptions, load_run_config
-from flexlora.flower.strategy import FlexLoRAStrategy
+from flexlora.flower.strategy import FlexLoRAStrategy, RoundPlan
 from flexlora.server import resolve_client_types
 from flexlora.simulation.runner import FederatedRun
 from flexlora.types import GlobalUpdate
@@ -127,12 +127,13 @@ class FlowerRun(FederatedRun):
         )
         self.strategy = FlexLoRAStrategy(self.server, {n.node_id: n.client for n in self.nodes})
         self.strategy.summary()
+        self.last_plan: RoundPlan | None = None  # the last round's messages and byte counts
 
     def run_round(
         self, state: GlobalUpdate, round_: int, bar: bool
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
         """Send one message per sampled node, wait for the replies, aggregate."""
-        plan = self.strategy.plan(state, round_)
+        plan = self.last_plan = self.strategy.plan(state, round_)
         replies = self.grid.send_and_receive(plan.messages, timeout=self.timeout)
         new_state, row = self.strategy.collect(state, plan, replies)
         log.debug(
