@@ -55,17 +55,16 @@ def _wait_for_nodes(grid: Grid, want: int, seconds: float) -> list[int]:
     return ids
 
 
-def _node_info(reply: Message) -> NodeInfo | None:
+def _node_info(reply: Message) -> NodeInfo | str:
+    """Who the node is, or why it is left out."""
     node = reply.metadata.src_node_id
     if reply.has_error():
-        log.warning("node %d left out: %s", node, reply.error.reason)
-        return None
+        return f"node {node}: {reply.error.reason}"
     info = reply.content.config_records.get("node")
     values = (info or {}).get("client-id"), (info or {}).get("rank-type")
     num = (info or {}).get("num-examples")
     if not all(isinstance(v, str) and v for v in values) or not isinstance(num, int):
-        log.warning("node %d left out: its reply does not say who it is (%s)", node, info)
-        return None
+        return f"node {node}: its reply does not say who it is ({info})"
     return NodeInfo(node, str(values[0]), str(values[1]), int(num))
 
 
@@ -77,7 +76,14 @@ def discover_nodes(
     ids = _wait_for_nodes(grid, want, options.wait_nodes)
     content = RecordDict({"config": ConfigRecord({})})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in ids]
-    nodes = [n for r in grid.send_and_receive(messages, timeout=timeout) if (n := _node_info(r))]
+    nodes, problems = [], []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        info = _node_info(reply)
+        if isinstance(info, str):
+            log.warning("left out: %s", info)
+            problems.append(info)
+        else:
+            nodes.append(info)
     by_client: dict[str, NodeInfo] = {}
     for n in nodes:
         if n.client in by_client:
@@ -87,7 +93,8 @@ def discover_nodes(
             )
         by_client[n.client] = n
     if not by_client:
-        raise UsageError(f"none of the {len(ids)} connected nodes can train a client")
+        first = f"; {problems[0]}" if problems else ""
+        raise UsageError(f"none of the {len(ids)} connected nodes can train a client{first}")
     order = {c: i for i, c in enumerate(seen)}
     return sorted(by_client.values(), key=lambda n: (order.get(n.client, len(order)), n.client))
 
