@@ -15,6 +15,10 @@ import torch
 
 from flexlora.types import LoRAFactors
 
+# Tests use tiny models: one intra-op thread is as fast as two and, unlike two, does not collapse
+# when the CPU is shared (OpenMP's spinning barriers slow tiny ops down tens of times).
+torch.set_num_threads(1)
+
 TINY_LLAMA = {
     "vocab_size": 64,
     "hidden_size": 32,
