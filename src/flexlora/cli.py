@@ -144,9 +144,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         if args.print_config:
             print(cfg.to_toml(), end="")
             return 0
+        from flexlora.simulation.report import format_table
         from flexlora.simulation.runner import FederatedRun
 
-        FederatedRun(cfg).run()
+        metrics = FederatedRun(cfg).run()
+        print(format_table(metrics))
         print(f"outputs in {cfg.output.dir}")
         return 0
 
@@ -165,7 +167,10 @@ def _add_resume(sub: argparse._SubParsersAction) -> None:
 
         folder = Path(args.dir)
         cfg = load_config(folder / "config.toml", [f"output.dir={str(folder)!r}"])
-        FederatedRun(cfg).run(resume=True)
+        from flexlora.simulation.report import format_table
+
+        metrics = FederatedRun(cfg).run(resume=True)
+        print(format_table(metrics))
         print(f"outputs in {folder}")
         return 0
 

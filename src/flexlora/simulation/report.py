@@ -8,7 +8,40 @@ from typing import Any
 
 from flexlora.errors import UsageError
 
-__all__ = ["read_metrics", "write_report"]
+__all__ = ["format_table", "read_metrics", "write_report"]
+
+TABLE_COLUMNS = (
+    ("round", "round", "{}"),
+    ("clients", "clients", "{}"),
+    ("train_loss", "train loss", "{:.4f}"),
+    ("rouge_l_unseen", "Rouge-L unseen", "{:.4f}"),
+    ("rouge_l_seen", "Rouge-L seen", "{:.4f}"),
+    ("seconds_train", "train s", "{:.1f}"),
+    ("seconds_aggregate", "aggregate s", "{:.3f}"),
+    ("seconds_eval", "eval s", "{:.1f}"),
+    ("bytes_up", "up MiB", "{:.2f}"),
+    ("bytes_down", "down MiB", "{:.2f}"),
+)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the per-round metrics (the columns any row has)."""
+    cols = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    lines = [
+        "| " + " | ".join(title for _, title, _ in cols) + " |",
+        "|" + "|".join("---:" for _ in cols) + "|",
+    ]
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            value = r.get(key)
+            if key == "clients" and isinstance(value, list):
+                value = len(r.get("aggregated", value)) if value else None
+            if key.startswith("bytes_") and value is not None:
+                value = value / 2**20
+            cells.append("" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
@@ -32,6 +65,7 @@ def write_report(folder: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(folder)
     strategy = next((r.get("strategy") for r in rows if r.get("strategy")), "")
@@ -56,6 +90,8 @@ def write_report(folder: str | Path) -> Path:
     ax2.set_ylabel("mean local training loss")
     ax2.set_title(f"{strategy}: training loss")
     ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(folder) / "report.png"
     fig.savefig(out, dpi=110)
