@@ -196,12 +196,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     add_data_command(sub)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from flexlora.bench.cli import add_bench_command  # the runner is imported when it runs
+
+    add_bench_command(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_aggregate,
     _add_run,
     _add_resume,
     _add_report,
     _add_data,
+    _add_bench,
 ]
 
 

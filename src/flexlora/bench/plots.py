@@ -1,0 +1,122 @@
+"""The bench's two figures: Rouge-L by round (one panel per distribution) and the final
+Rouge-L as grouped bars, both with 95 % Student-t intervals over seeds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flexlora.bench.stats import mean_ci
+
+__all__ = ["plot_final", "plot_rounds"]
+
+LABELS = {"rouge_l_unseen": "Rouge-L, unseen tasks (zero-shot)", "rouge_l_seen": "Rouge-L, seen"}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(strategies: Sequence[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {s: cycle[i % len(cycle)] for i, s in enumerate(strategies)}
+
+
+def plot_rounds(
+    rows: Sequence[Mapping[str, Any]],
+    strategies: Sequence[str],
+    distributions: Sequence[str],
+    metric: str,
+    path: Path,
+) -> Path:
+    """One panel per distribution; per strategy the mean over seeds by round, CI as a band."""
+    plt = _pyplot()
+    colors = _colors(strategies)
+    fig, axes = plt.subplots(
+        1, len(distributions), figsize=(4.2 * len(distributions), 3.6), sharey=True, squeeze=False
+    )
+    for ax, dist in zip(axes[0], distributions, strict=True):
+        for s in strategies:
+            by_round: dict[int, list[float]] = {}
+            for r in rows:
+                if r["strategy"] == s and r["distribution"] == dist and r.get(metric) is not None:
+                    by_round.setdefault(int(r["round"]), []).append(float(r[metric]))
+            if not by_round:
+                continue
+            rounds = sorted(by_round)
+            est = [mean_ci(by_round[x]) for x in rounds]
+            mean = [e.mean for e in est]
+            half = [0.0 if math.isnan(e.half_width) else e.half_width for e in est]
+            ax.plot(rounds, mean, marker="o", color=colors[s], label=s)
+            ax.fill_between(
+                rounds,
+                [m - h for m, h in zip(mean, half, strict=True)],
+                [m + h for m, h in zip(mean, half, strict=True)],
+                color=colors[s],
+                alpha=0.15,
+                linewidth=0,
+            )
+        ax.set_title(dist)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(LABELS.get(metric, metric))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_final(
+    finals: Mapping[tuple[str, str], Mapping[int, float]],
+    strategies: Sequence[str],
+    distributions: Sequence[str],
+    metric: str,
+    path: Path,
+    base: Mapping[int, float] | None = None,
+) -> Path:
+    """Grouped bars: x = distribution, one bar per strategy, 95 % CI error bars over seeds."""
+    plt = _pyplot()
+    colors = _colors(strategies)
+    fig, ax = plt.subplots(
+        figsize=(max(5.0, 1.2 + 0.45 * len(strategies) * len(distributions)), 3.8)
+    )
+    width = 0.8 / len(strategies)
+    for i, s in enumerate(strategies):
+        est = [mean_ci(list(finals.get((s, d), {}).values())) for d in distributions]
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(distributions))]
+        ax.bar(
+            xs,
+            [0.0 if math.isnan(e.mean) else e.mean for e in est],
+            width,
+            yerr=[0.0 if math.isnan(e.half_width) else e.half_width for e in est],
+            capsize=3,
+            color=colors[s],
+            label=s,
+        )
+    if base:
+        ax.axhline(
+            mean_ci(list(base.values())).mean,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="base model (round 0)",
+        )
+    ax.set_xticks(range(len(distributions)), list(distributions))
+    ax.set_ylabel(f"final {LABELS.get(metric, metric)}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,102 @@
+"""Named bench grids: which strategies, distributions and seeds, and the run settings they use.
+
+A preset's ``values`` are config values (nested like the TOML file) laid over the
+:class:`~flexlora.config.RunConfig` defaults; a CONFIG file and ``--set`` overrides go on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flexlora.errors import UsageError
+
+__all__ = ["ALL_DISTRIBUTIONS", "ALL_STRATEGIES", "PRESETS", "BenchPreset", "get_preset"]
+
+ALL_STRATEGIES = ("flexlora", "fedit-min", "fedit-max", "hetlora", "flora", "ffa")
+ALL_DISTRIBUTIONS = ("uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """A grid and its run settings."""
+
+    name: str
+    description: str
+    strategies: tuple[str, ...]
+    distributions: tuple[str, ...]
+    seeds: int
+    values: dict[str, Any] = field(default_factory=dict)
+    #: dotted keys that must be given a non-empty value (a local dataset path, say)
+    requires: tuple[str, ...] = ()
+
+
+PRESETS: dict[str, BenchPreset] = {
+    p.name: p
+    for p in (
+        BenchPreset(
+            name="2core",
+            description=(
+                "flexlora, fedit-min and hetlora under heavy-tail-light and heavy-tail-strong, "
+                "3 seeds, on the offline default (SmolLM2-135M, 61 Natural Instructions "
+                "tasks): 18 runs sized for ~90 minutes on 2 quiet CPU cores with --jobs 2"
+            ),
+            strategies=("flexlora", "fedit-min", "hetlora"),
+            distributions=("heavy-tail-light", "heavy-tail-strong"),
+            seeds=3,
+            values={
+                "federation": {"rounds": 3, "clients_per_round": 4},
+                "train": {"local_steps": 6, "lr": 1e-3},
+                # round 0 (shared by every run of a seed) and the last round only
+                "eval": {"every": 0},
+            },
+        ),
+        BenchPreset(
+            name="full",
+            description=(
+                "every strategy under every distribution, 3 seeds, on the offline default; "
+                "432 training steps a run (~6 CPU-hours per seed at 1 thread; use --jobs)"
+            ),
+            strategies=ALL_STRATEGIES,
+            distributions=ALL_DISTRIBUTIONS,
+            seeds=3,
+            values={
+                "federation": {"rounds": 6, "clients_per_round": 6},
+                "train": {"local_steps": 12, "lr": 1e-3},
+                "eval": {"every": 2, "max_examples_per_client": 16},
+            },
+        ),
+        BenchPreset(
+            name="paper",
+            description=(
+                "the paper's scale: Natural Instructions v2 from a local checkout "
+                "(--set data.path=...), one client per training task (~1,613), its official "
+                "unseen test tasks, 80 clients a round, the paper's rank types; a GPU job"
+            ),
+            strategies=ALL_STRATEGIES,
+            distributions=ALL_DISTRIBUTIONS,
+            seeds=3,
+            values={
+                "data": {
+                    "source": "natural-instructions",
+                    "unseen": "official",
+                    "max_test_per_client": 100,
+                },
+                "federation": {"rounds": 20, "clients_per_round": 80},
+                "train": {"local_steps": 0, "local_epochs": 1.0, "cutoff_len": 512, "lr": 3e-4},
+                "eval": {"every": 5, "max_examples_per_client": 0, "max_new_tokens": 64},
+                "model": {"dtype": "bfloat16"},
+            },
+            requires=("data.path",),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> BenchPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown bench preset {name!r}; choose one of: {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,225 @@
+"""``flexlora bench``: Student-t intervals, the summary's arithmetic, config layering, and the
+grid end to end on tiny-llama (files, shared round 0, skipping finished runs, resuming)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flexlora.bench.cli import parse_seeds
+from flexlora.bench.presets import PRESETS, get_preset
+from flexlora.bench.results import COLUMNS, BenchContext, summarize
+from flexlora.bench.runner import MARKER, RunKey, base_config, run_bench
+from flexlora.bench.stats import mean_ci, paired_diff, t_quantile
+from flexlora.config import load_config
+from flexlora.errors import UsageError
+from flexlora.training.model import build_tiny_llama
+from tests.sim_helpers import make_dataset, tiny_config
+
+# ------------------------------------------------------------------ statistics
+# Two-sided 95 % (p = 0.975) and 99 % (p = 0.995) critical values of Student's t, from tables.
+T_TABLE = {
+    (0.975, 1): 12.7062,
+    (0.975, 2): 4.3027,
+    (0.975, 4): 2.7764,
+    (0.975, 9): 2.2622,
+    (0.975, 30): 2.0423,
+    (0.975, 1000): 1.9623,
+    (0.995, 2): 9.9248,
+    (0.995, 5): 4.0321,
+}
+
+
+@pytest.mark.parametrize(("p", "df"), list(T_TABLE))
+def test_t_quantile_matches_tables(p: float, df: int) -> None:
+    assert t_quantile(p, df) == pytest.approx(T_TABLE[p, df], abs=1e-4)
+
+
+def test_t_quantile_matches_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 6, 17, 64):
+        for p in (0.6, 0.9, 0.975, 0.999):
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9)
+
+
+def test_mean_ci_and_paired_difference_by_hand() -> None:
+    est = mean_ci([1.0, 2.0, 3.0])  # mean 2, sd 1
+    assert (est.mean, est.std, est.n) == (2.0, 1.0, 3)
+    assert est.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    one = mean_ci([0.5])
+    assert one.n == 1 and math.isnan(one.half_width) and one.format() == "0.5000"
+    assert mean_ci([]).format() == "—"
+    # differences 0.02, 0.03, 0.01 on the shared seeds; seed 9 has no partner
+    diff, wins = paired_diff({0: 0.12, 1: 0.23, 2: 0.31, 9: 1.0}, {0: 0.1, 1: 0.2, 2: 0.3})
+    assert diff.n == 3 and wins == 3
+    assert diff.mean == pytest.approx(0.02)
+    assert diff.half_width == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+
+
+def _row(strategy: str, seed: int, round_: int, score: float) -> dict[str, Any]:
+    return {
+        "strategy": strategy,
+        "distribution": "uniform",
+        "seed": seed,
+        "round": round_,
+        "rouge_l_unseen": score,
+        "seconds_train": 1.0,
+        "bytes_up": 2**20,
+    }
+
+
+def test_summary_reports_last_round_paired_gain_and_seed_values() -> None:
+    rows = []
+    for seed, (ref, flex) in enumerate([(0.1, 0.12), (0.2, 0.23), (0.3, 0.31)]):
+        for strategy, final in (("fedit-min", ref), ("flexlora", flex)):
+            rows += [
+                _row(strategy, seed, 0, 0.05),
+                _row(strategy, seed, 1, 0.9),  # not the last round: must not count
+                _row(strategy, seed, 2, final),
+            ]
+    ctx = BenchContext(["flexlora", "fedit-min"], ["uniform"], [0, 1, 2], load_config())
+    text = summarize(rows, ctx)
+    assert "after round 2" in text
+    assert "| fedit-min | 0.2000 ± 0.2484 |" in text  # mean 0.2, sd 0.1
+    assert "| flexlora | +0.0200 ± 0.0248 (3/3) |" in text
+    assert "| fedit-min | 0.1000 / 0.2000 / 0.3000 |" in text
+    assert "| base model (round 0) | 0.0500 ± 0.0000 |" in text
+    assert "| flexlora | 2 | " in text  # two rounds of 1 s training per run
+
+
+# ------------------------------------------------------------------ configuration
+def test_seeds_and_presets_parse() -> None:
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("4,7") == [4, 7]
+    assert parse_seeds("7,") == [7]
+    for bad in ("0", "x", "1,1", ","):
+        with pytest.raises(UsageError):
+            parse_seeds(bad)
+    with pytest.raises(UsageError, match="2core"):
+        get_preset("nope")
+    two = PRESETS["2core"]
+    assert {"flexlora", "fedit-min", "hetlora"} <= set(two.strategies)
+    assert {"heavy-tail-light", "heavy-tail-strong"} <= set(two.distributions)
+    assert two.seeds == 3
+
+
+def test_settings_layer_preset_then_file_then_set(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 0.005\nlocal_steps = 3\n", encoding="utf-8")
+    cfg = base_config(path, get_preset("2core"), ["train.local_steps=4"])
+    assert cfg.train.lr == 0.005  # the file beats the preset
+    assert cfg.train.local_steps == 4  # --set beats the file
+    assert cfg.eval.every == PRESETS["2core"].values["eval"]["every"]  # the preset beats defaults
+    with pytest.raises(UsageError, match=r"data\.path"):
+        base_config(None, get_preset("paper"))
+    with pytest.raises(UsageError, match="nope"):
+        base_config(None, None, ["train.nope=1"])
+
+
+# ------------------------------------------------------------------ end to end
+def _tiny_base(out: Path) -> Any:
+    cfg = tiny_config(
+        str(out / "unused"),
+        federation={
+            "rounds": 1,
+            "distribution": "heavy-tail-light",
+            # the paper's type names (the distributions use them) at tiny ranks
+            "rank_types": {"8": [2, 2], "30": [4, 4], "30-200": [4, 8], "200": [8, 8]},
+        },
+    )
+    return cfg
+
+
+def _model(cfg: Any) -> Any:
+    return build_tiny_llama(seed=0)
+
+
+def _bench(out: Path, lines: list[str], **kw: Any) -> Any:
+    return run_bench(
+        ["flexlora", "fedit-min"],
+        ["heavy-tail-light"],
+        [0],
+        out,
+        base=kw.pop("base", None) or _tiny_base(out),
+        dataset=make_dataset(),
+        model_factory=_model,
+        echo=lines.append,
+        **kw,
+    )
+
+
+def test_bench_writes_tables_and_plots_and_skips_finished_runs(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    lines: list[str] = []
+    first = _bench(out, lines)
+    keys = [RunKey(0, "heavy-tail-light", s) for s in ("flexlora", "fedit-min")]
+    assert first.status == dict.fromkeys(keys, "ran")
+    assert any(x.startswith("[base] seed 0") for x in lines)
+    assert sum(x.startswith("[1/2]") or x.startswith("[2/2]") for x in lines) == 2
+
+    with (out / "results.csv").open(encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    assert sorted((r["strategy"], r["round"]) for r in rows) == [
+        ("fedit-min", "0"),
+        ("fedit-min", "1"),
+        ("flexlora", "0"),
+        ("flexlora", "1"),
+    ]
+    assert {(r["distribution"], r["seed"]) for r in rows} == {("heavy-tail-light", "0")}
+    # round 0 is the base model, evaluated once and shared by both strategies
+    round0 = [r for r in rows if r["round"] == "0"]
+    assert round0[0]["rouge_l_unseen"] == round0[1]["rouge_l_unseen"] != ""
+    base = json.loads((out / "baseline" / "seed-0.json").read_text())
+    assert float(round0[0]["rouge_l_unseen"]) == base["row"]["rouge_l_unseen"]
+    # round 1 comes from each run's own metrics.jsonl
+    for r in (r for r in rows if r["round"] == "1"):
+        folder = out / "runs" / "heavy-tail-light" / r["strategy"] / "seed-0"
+        (m,) = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert m["round"] == 1, "the runs must not evaluate round 0 themselves"
+        assert float(r["train_loss"]) == pytest.approx(m["train_loss"])
+        assert int(r["bytes_up"]) == m["bytes_up"] > 0
+        assert float(r["rouge_l_unseen"]) == pytest.approx(m["rouge_l_unseen"])
+    # fedit-min holds every client to the smallest rank: it uploads less than flexlora
+    up = {r["strategy"]: int(r["bytes_up"]) for r in rows if r["round"] == "1"}
+    assert up["fedit-min"] < up["flexlora"]
+
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert summary == first.summary and lines[-1] == summary
+    assert "Gain over fedit-min, paired by seed" in summary
+    assert "| flexlora |" in summary and "| base model (round 0) |" in summary
+    for name in ("rouge_by_round.png", "final_rouge.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    markers = {k: k.folder(out) / MARKER for k in keys}
+    stamps = {k: p.stat().st_mtime_ns for k, p in markers.items()}
+    base_stamp = (out / "baseline" / "seed-0.json").stat().st_mtime_ns
+
+    # repeated: nothing runs again, the same tables come out
+    lines.clear()
+    again = _bench(out, lines)
+    assert again.status == dict.fromkeys(keys, "skipped")
+    assert "2 already done, 0 to run, 0 base-model evaluations" in lines[0]
+    assert {k: p.stat().st_mtime_ns for k, p in markers.items()} == stamps
+    assert (out / "baseline" / "seed-0.json").stat().st_mtime_ns == base_stamp
+    assert again.rows == first.rows
+
+    # an unfinished run (no marker, valid checkpoint) resumes; the other is still skipped
+    markers[keys[0]].unlink()
+    lines.clear()
+    third = _bench(out, lines)
+    assert third.status == {keys[0]: "ran", keys[1]: "skipped"}
+    assert any("(resumed)" in x for x in lines)
+    assert markers[keys[0]].is_file()
+
+    # other settings in the same folder are refused before anything runs
+    changed = _tiny_base(out)
+    changed.train.lr = 0.5
+    with pytest.raises(UsageError, match=r"train\.lr: 0\.01 -> 0\.5"):
+        _bench(out, [], base=changed)
