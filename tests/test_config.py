@@ -1,0 +1,79 @@
+"""Config: defaults, TOML files, dotted overrides; unknown keys and wrong types are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flexlora.config import RunConfig, load_config
+from flexlora.config_io import load_toml
+from flexlora.errors import UsageError
+
+
+def test_defaults_are_the_embedded_job() -> None:
+    cfg = load_config()
+    assert cfg.model.name == "smollm2-135m-instruct"
+    assert cfg.federation.strategy == "flexlora"
+    assert cfg.federation.distribution == "heavy-tail-light"
+    assert cfg.federation.rank_types == {
+        "8": [8, 8],
+        "30": [30, 30],
+        "30-200": [30, 200],
+        "200": [200, 200],
+    }
+
+
+def test_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[federation]\nrounds = 7\nstrategy = "hetlora"\n[train]\nlr = 0.001\n')
+    cfg = load_config(
+        path, ["federation.rounds=2", "lora.target_modules=['q_proj']", "train.optimizer=sgd"]
+    )
+    assert cfg.federation.rounds == 2
+    assert cfg.federation.strategy == "hetlora"
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.lora.target_modules == ["q_proj"]
+    assert cfg.train.optimizer == "sgd"
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["federation.seed=3", "eval.seen=true"])
+    path = tmp_path / "config.toml"
+    cfg.save(path)
+    again = load_config(path)
+    assert again == cfg
+    assert isinstance(again, RunConfig)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("federation.roundz=3", "unknown config key federation.roundz"),
+        ("nosection.x=1", "unknown config key nosection"),
+        ("federation.rounds='three'", "federation.rounds: expected an integer"),
+        ("federation.rounds=2.5", "federation.rounds: expected an integer"),
+        ("train.train_on_inputs=1", "expected true or false"),
+        ("lora.target_modules='q_proj'", "expected a list"),
+        ("train.optimizer=lion", "adamw or sgd"),
+        ("train.precision=fp8", "fp32 or bf16"),
+        ("federation.rank_types={a=[1]}", "attention rank, FFN rank"),
+        ("lora.dropout=1.5", "dropout"),
+        ("federation.clients_per_round=0", "clients_per_round"),
+        ("model.dtype=int8", "model.dtype"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+        load_config(overrides=[override])
+
+
+def test_bad_toml_file_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nrounds = ")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+    with pytest.raises(UsageError, match=r"dotted\.key=value"):
+        load_config(overrides=["rounds"])
