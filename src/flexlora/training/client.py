@@ -166,14 +166,22 @@ def train_local(
     cursor = 0
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        batches = []
         for _ in range(cfg.grad_accum):
-            batch = collate([examples[i] for i in order[cursor : cursor + micro]], pad_id)
+            batches.append(collate([examples[i] for i in order[cursor : cursor + micro]], pad_id))
             cursor += micro
+        # every predicted token weighs the same across the micro-batches of one step, so
+        # accumulation equals one large batch (HF's loss is a mean within a micro-batch)
+        counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        total = max(1, sum(counts))
+        step_loss = 0.0
+        for batch, count in zip(batches, counts, strict=True):
             tokens += int(batch["attention_mask"].sum())
+            if count == 0:
+                continue
             with autocast:
                 out = model(**batch)
-            loss = out.loss / cfg.grad_accum
+            loss = out.loss * (count / total)
             loss.backward()
             step_loss += float(loss.detach())
         if cfg.max_grad_norm > 0:
