@@ -319,6 +319,33 @@ def test_a_killed_server_app_resumes_from_its_checkpoint_like_an_uninterrupted_r
     assert_same_outputs(tmp_path / "killed", tmp_path / "whole")
 
 
+@pytest.mark.parametrize("strategy", ["flora", "fedit-min", "hetlora", "ffa"])
+def test_every_strategy_trains_on_flower_as_in_the_simulator(
+    job, tmp_path: Path, strategy: str
+) -> None:
+    """FLoRA (its nodes merge the global ΔW), FedIT held to one rank, HetLoRA, FFA-LoRA."""
+    cfg, _values, runtime = job
+    small = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 2, "strategy": strategy},
+        "output": {"save_adapters": False},
+    }
+    sim_cfg = toy_config(tmp_path / "sim", Path(cfg.data.path), **small)
+    FederatedRun(sim_cfg).run()
+    flower_cfg = toy_config(tmp_path / "flower", Path(cfg.data.path), **small)
+    nodes = {100 + i: {"partition-id": i} for i in range(len(runtime.data.seen))}
+    node_values = to_run_config(flower_cfg)  # the nodes need the strategy (FLoRA's base)
+    FlowerRun(flower_cfg, LocalGrid(make_client_app(node_values), nodes)).run()
+    sim_rows = strip_timings(read_rows(tmp_path / "sim"))
+    assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
+    assert all(r["aggregated"] for r in sim_rows)
+    got = load_checkpoint(tmp_path / "flower" / "checkpoint").global_update
+    want = load_checkpoint(tmp_path / "sim" / "checkpoint").global_update
+    assert got is not None and want is not None
+    for name in want.names():
+        torch.testing.assert_close(got[name].dense(), want[name].dense(), rtol=1e-5, atol=1e-7)
+
+
 # -------------------------------------------------------------------------------- nodes
 def test_a_node_is_its_partition_or_client_id_with_its_declared_rank_type(job) -> None:
     cfg, _values, runtime = job

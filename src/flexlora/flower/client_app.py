@@ -99,8 +99,9 @@ class NodeRuntime:
     # ---------------------------------------------------------------- work
     def check_start(self, start: Mapping[str, LoRAFactors], ranks: Mapping[str, int]) -> None:
         """The server's factors must adapt this model's modules at exactly ``ranks``."""
-        for name in self.shapes.keys() - start.keys():
-            raise InvalidUpdateError("server", name, "missing_module", "no starting factors")
+        missing = sorted(self.shapes.keys() - start.keys())
+        if missing:
+            raise InvalidUpdateError("server", missing[0], "missing_module", "no starting factors")
         for name, f in start.items():
             if name not in self.shapes:
                 raise InvalidUpdateError("server", name, "extra_module", "not adapted here")
