@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import MaxNLocator
+
 from flexlora.bench.stats import mean_ci
 
 __all__ = ["plot_final", "plot_rounds"]
@@ -28,6 +30,14 @@ def _colors(strategies: Sequence[str]) -> dict[str, Any]:
     plt = _pyplot()
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {s: cycle[i % len(cycle)] for i, s in enumerate(strategies)}
+
+
+def _legend_below(fig: Any, ax: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
+    rows = math.ceil(len(labels) / 4) if handles else 0
+    fig.tight_layout(rect=(0, 0.07 * rows, 1, 1))
 
 
 def plot_rounds(
@@ -66,12 +76,10 @@ def plot_rounds(
             )
         ax.set_title(dist)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(LABELS.get(metric, metric))
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    _legend_below(fig, axes[0][0])
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -115,8 +123,7 @@ def plot_final(
     ax.set_xticks(range(len(distributions)), list(distributions))
     ax.set_ylabel(f"final {LABELS.get(metric, metric)}")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
+    _legend_below(fig, ax)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

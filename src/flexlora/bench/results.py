@@ -235,12 +235,13 @@ def summarize(
     )
 
     local = f"{tr.local_steps} local steps" if tr.local_steps else f"{tr.local_epochs} epochs"
+    every = f"every {base.eval.every} round(s)" if base.eval.every else "after the last round"
     lines += [
         "",
         f"Settings: model {base.model.name}, data {ctx.data_label or base.data.source}, "
         f"{fed.rounds} rounds x {fed.clients_per_round} clients x {local} "
-        f"(batch {tr.batch_size}, lr {tr.lr:g}), eval every {base.eval.every or 'last'} "
-        f"round(s), {base.eval.max_examples_per_client or 'all'} test examples per client.",
+        f"(batch {tr.batch_size}, lr {tr.lr:g}); evaluated {every}, on "
+        f"{base.eval.max_examples_per_client or 'all'} test examples per client.",
     ]
     if ctx.missing:
         lines += ["", f"Not in the tables ({len(ctx.missing)}): " + "; ".join(ctx.missing)]
