@@ -15,6 +15,7 @@ several single-threaded processes are much more robust than one multi-threaded o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -22,6 +23,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -245,9 +247,16 @@ def _execute(task: _Task) -> dict[str, Any]:
 
 
 def _init_worker() -> None:
-    """A worker process: one OpenMP thread (before torch starts), warnings only."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["MKL_NUM_THREADS"] = "1"
+    """A worker process: one torch thread (each run also sets ``model.threads=1``); it prints
+    only warnings and errors, no loading bars, so the parent's progress lines stay readable."""
+    import torch
+
+    torch.set_num_threads(1)
+    with contextlib.suppress(RuntimeError):  # refused once parallel work has run
+        torch.set_num_interop_threads(1)
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
