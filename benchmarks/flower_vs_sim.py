@@ -8,12 +8,15 @@ top-rank factors to every sampled client (what Flower's FedAvg would send).
 
 Jobs (evaluation off: both drivers evaluate with the same server-side code):
 
-- ``tiny``: tiny-llama (seeded, 2 layers), 2 rounds x 4 clients x 2 local steps, the paper's
+- ``tiny``: tiny-llama (seeded, 2 layers), 3 rounds x 4 clients x 2 local steps, the paper's
   four resource types scaled to the tiny model's widths;
 - ``default``: the embedded default model (SmolLM2-135M-Instruct, offline) and ranks, reduced
   to 1 round x 2 clients x 2 local steps.
 
-    python benchmarks/flower_vs_sim.py [--jobs tiny default] [--out DIR]
+Each driver's "overhead" is its round time minus the clients' own training and the
+aggregation (messages, serialization, scheduling): the machine's load disturbs it far less.
+
+    python benchmarks/flower_vs_sim.py [--jobs tiny default] [--repeat N] [--threads T]
 """
 
 from __future__ import annotations
@@ -24,12 +27,11 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported:
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from flexlora.config import RunConfig, load_config
 from flexlora.data import load_federated_dataset
@@ -45,7 +47,7 @@ JOBS: dict[str, dict[str, Any]] = {
         "model": {"name": "tiny-llama"},
         "train": {"local_steps": 2},
         "federation": {
-            "rounds": 2,
+            "rounds": 3,
             "clients_per_round": 4,
             "rank_types": {"8": [2, 2], "30": [4, 4], "30-200": [4, 16], "200": [16, 16]},
         },
@@ -101,9 +103,10 @@ def _reset() -> None:
         values.clear()
 
 
-def job_config(name: str, out: Path) -> RunConfig:
+def job_config(name: str, out: Path, threads: int = 0) -> RunConfig:
     values: dict[str, Any] = {}
-    for section in (JOBS[name], NO_EVAL, {"output": {"dir": str(out)}}):
+    extra = {"output": {"dir": str(out)}, "model": {"threads": threads}}
+    for section in (JOBS[name], NO_EVAL, extra):
         for key, table in section.items():
             values.setdefault(key, {}).update(table)
     return load_config(values=values)
@@ -151,43 +154,84 @@ def max_difference(a: Path, b: Path) -> float:
     return max(float((x[m].dense() - y[m].dense()).abs().max()) for m in x.names())
 
 
+def overheads(out: Path, round_s: list[float]) -> list[float]:
+    """Round time minus the clients' own training and the aggregation: the driver's cost
+    (messages, serialization, scheduling), which the machine's load disturbs far less."""
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [r for r in map(json.loads, lines) if r["round"] >= 1]
+    return [
+        t - r["seconds_train"] - r["seconds_aggregate"] for t, r in zip(round_s, rows, strict=True)
+    ]
+
+
+def measure(name: str, root: Path, repeat: int, threads: int) -> dict[str, Any]:
+    """``repeat`` runs of each driver, alternating which goes first."""
+    runs: dict[str, list[dict[str, Any]]] = {"simulator": [], "flower": []}
+    seen = len(load_federated_dataset(job_config(name, root).data).seen)
+    for k in range(repeat):
+        order = ("simulator", "flower") if k % 2 == 0 else ("flower", "simulator")
+        for driver in order:
+            out = root / name / f"{driver}-{k}"
+            cfg = job_config(name, out, threads)
+            run = run_simulator(cfg) if driver == "simulator" else run_flower(cfg, seen)
+            run["overhead_s"] = overheads(out, run["round_s"])
+            run["load_average"] = os.getloadavg()[0]
+            runs[driver].append(run)
+    diff = max_difference(root / name / "simulator-0", root / name / "flower-0")
+    return {"model": job_config(name, root).model.name, "nodes": seen, **runs, "max_diff": diff}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(name: str, result: dict[str, Any]) -> None:
+    sim, flower = result["simulator"], result["flower"]
+    n_rounds = len(sim[0]["round_s"])
+    head = f"{result['model']}, {result['nodes']} nodes, {n_rounds} round(s)"
+    print(f"\n== {name}: {head}, ", end="")
+    print(f"median of {len(sim)} run(s) each")
+    print("round  simulator_s  flower_s  ratio  | driver overhead: simulator_s  flower_s")
+    for i in range(n_rounds):
+        s = _median([r["round_s"][i] for r in sim])
+        f = _median([r["round_s"][i] for r in flower])
+        so = _median([r["overhead_s"][i] for r in sim])
+        fo = _median([r["overhead_s"][i] for r in flower])
+        print(f"{i + 1:>5}  {s:>11.2f}  {f:>8.2f}  {f / s:>5.2f}  | {so:>28.2f}  {fo:>8.2f}")
+    s_total = _median([r["total_s"] for r in sim])
+    f_total = _median([r["total_s"] for r in flower])
+    print(f"end to end (loading, rounds, outputs): simulator {s_total:.1f}s, flower {f_total:.1f}s")
+    for i, b in enumerate(flower[0]["bytes_down"], 1):
+        print(
+            f"round {i} download: per-node messages {b['per_node']:,} B "
+            f"({b['per_node_wire']:,} B serialized) vs one top-rank broadcast "
+            f"{b['broadcast']:,} B ({b['broadcast'] / b['per_node']:.2f}x)"
+        )
+    loads = [r["load_average"] for r in sim + flower]
+    print(f"max |dW_flower - dW_sim|: {result['max_diff']:.3g}; ", end="")
+    print(f"1-min load average after the runs: {min(loads):.1f}-{max(loads):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", choices=sorted(JOBS), default=["tiny", "default"])
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each driver (median)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in both drivers (model.threads; 0: torch's default). With 2 "
+        "threads on a 2-core machine that other processes share, every parallel op waits for "
+        "a descheduled thread and timings swing by orders of magnitude",
+    )
     parser.add_argument("--out", type=Path, default=None, help="keep the runs' outputs here")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="flower-vs-sim-"))
-    results: dict[str, Any] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "threads": args.threads}
     for name in args.jobs:
-        sim_cfg = job_config(name, root / name / "sim")
-        sim = run_simulator(sim_cfg)
-        seen = len(load_federated_dataset(sim_cfg.data).seen)
-        flower = run_flower(job_config(name, root / name / "flower"), seen)
-        rounds = list(zip(sim["round_s"], flower["round_s"], strict=True))
-        results[name] = {
-            "simulator": sim,
-            "flower": flower,
-            "ratio_per_round": [f / s for s, f in rounds],
-            "max_abs_diff_global_update": max_difference(
-                root / name / "sim", root / name / "flower"
-            ),
-        }
-        print(f"\n== {name}: {sim_cfg.model.name}, {seen} nodes, {len(rounds)} round(s)")
-        print("round  simulator_s  flower_s  ratio")
-        for i, (s, f) in enumerate(rounds, 1):
-            print(f"{i:>5}  {s:>11.2f}  {f:>8.2f}  {f / s:>5.2f}")
-        print(f"end to end (load, rounds, outputs): simulator {sim['total_s']:.1f}s, ", end="")
-        print(f"flower {flower['total_s']:.1f}s")
-        for i, b in enumerate(flower["bytes_down"], 1):
-            print(
-                f"round {i} download: per-node messages {b['per_node']:,} B "
-                f"({b['per_node_wire']:,} B serialized) vs one top-rank broadcast "
-                f"{b['broadcast']:,} B ({b['broadcast'] / b['per_node']:.2f}x)"
-            )
-        print(f"max |dW_flower - dW_sim|: {results[name]['max_abs_diff_global_update']:.3g}")
-    results["load_average"] = os.getloadavg()
-    print(f"\nload average at the end: {results['load_average']}")
+        results[name] = measure(name, root, args.repeat, args.threads)
+        report(name, results[name])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
 
