@@ -366,6 +366,23 @@ def test_a_node_is_its_partition_or_client_id_with_its_declared_rank_type(job) -
         runtime.rank_type_of(seen[0], {"rank-type": "3"})
 
 
+def test_a_node_refuses_starting_factors_that_do_not_fit_its_slot(job) -> None:
+    *_, runtime = job
+    ranks = runtime.slot_ranks["2-8"]
+    start = {
+        name: random_factors(m, n, ranks[name], seed=i, dtype=torch.float32)
+        for i, (name, (m, n)) in enumerate(runtime.shapes.items())
+    }
+    runtime.check_start(start, ranks)  # fits
+    name = next(iter(start))
+    for bad in (
+        {**start, name: random_factors(*runtime.shapes[name], ranks[name] + 1, seed=9)},
+        {k: v for k, v in start.items() if k != name},
+    ):
+        with pytest.raises(InvalidUpdateError, match=f"client server, module {name}"):
+            runtime.check_start(bad, ranks)
+
+
 def test_discovery_refuses_two_nodes_that_train_one_client(job) -> None:
     _cfg, values, runtime = job
     seen = runtime.data.seen

@@ -26,6 +26,7 @@ from flexlora.flower.records import factors_to_record, record_to_factors, record
 from flexlora.flower.settings import load_run_config
 from flexlora.schedule import module_ranks
 from flexlora.server import plan_strategy, resolve_client_types
+from flexlora.training.worker import ClientWorker
 from flexlora.types import LoRAFactors
 
 log = logging.getLogger(__name__)
@@ -34,34 +35,61 @@ __all__ = ["NodeRuntime", "app", "make_client_app"]
 
 
 class NodeRuntime:
-    """What a process keeps between messages: data, base model and worker for one config."""
+    """What a process keeps between messages: data, base model and worker for one config.
+
+    The model is loaded at the first training message: asking a node who it is needs only
+    the data (in a deployment every message runs in a fresh ``flwr-clientapp`` process).
+    """
 
     def __init__(self, cfg: RunConfig) -> None:
         from flexlora.data import load_federated_dataset
-        from flexlora.training.model import load_base_model, target_linear_modules
-        from flexlora.training.worker import ClientWorker
 
         self.cfg = cfg
         if cfg.model.threads > 0:
             torch.set_num_threads(cfg.model.threads)
         self.data = load_federated_dataset(cfg.data)
-        model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype)
-        self.shapes = target_linear_modules(model, cfg.lora.target_modules)
-        fed = cfg.federation
-        # Every configured type gets a slot: the server says which one a round uses.
-        self.slot_ranks = {
-            t: module_ranks(list(self.shapes), ranks, cfg.lora.ffn_modules)
-            for t, ranks in fed.rank_types.items()
-        }
-        self.worker = ClientWorker(
-            model,
-            tokenizer,
-            cfg.lora,
-            self.slot_ranks,
-            cfg.train,
-            template=getattr(self.data, "template", None) or cfg.data.template,
-        )
+        self._worker: ClientWorker | None = None
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._slot_ranks: dict[str, dict[str, int]] = {}
         self._drawn: dict[str, str] | None = None
+
+    def _load(self) -> ClientWorker:
+        from flexlora.training.model import load_base_model, target_linear_modules
+
+        if self._worker is None:
+            cfg = self.cfg
+            model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype)
+            self._shapes = target_linear_modules(model, cfg.lora.target_modules)
+            # Every configured type gets a slot: the server says which one a round uses.
+            self._slot_ranks = {
+                t: module_ranks(list(self._shapes), ranks, cfg.lora.ffn_modules)
+                for t, ranks in cfg.federation.rank_types.items()
+            }
+            self._worker = ClientWorker(
+                model,
+                tokenizer,
+                cfg.lora,
+                self._slot_ranks,
+                cfg.train,
+                template=getattr(self.data, "template", None) or cfg.data.template,
+            )
+        return self._worker
+
+    @property
+    def worker(self) -> ClientWorker:
+        return self._load()
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Adapted module -> (m, n) of this node's base model."""
+        self._load()
+        return self._shapes
+
+    @property
+    def slot_ranks(self) -> dict[str, dict[str, int]]:
+        """Rank type -> module -> rank, for every configured type."""
+        self._load()
+        return self._slot_ranks
 
     # ---------------------------------------------------------------- identity
     def client_of(self, node_config: Mapping[str, Any]) -> str:
