@@ -10,6 +10,9 @@ MODEL_STAMP := $(VENV)/.model-installed
 
 .PHONY: run test lint bench install clean
 
+# Sleeping (not spinning) OpenMP waiters: torch stays fast when other processes share the cores.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
