@@ -43,11 +43,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+# As the flexlora package does on import: sleeping OpenMP waiters, set before torch loads its
+# runtime (spinning ones make both paths tens of times slower when another job shares a core).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from flexlora.aggregation import FlexLoRA
-from flexlora.types import ClientUpdate, LoRAFactors
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from flexlora.aggregation import FlexLoRA  # noqa: E402
+from flexlora.types import ClientUpdate, LoRAFactors  # noqa: E402
 
 PATHS = ("factored", "dense")
 GOAL_SPEEDUP = 20.0
@@ -229,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# FlexLoRA server step, {setup.name}: {setup.clients} clients, float32")
     print(f"# client ranks {ranks} (R = {sum(ranks)}), examples {examples}, alpha {setup.alpha:g}")
     print(
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
         f"time = fastest of {repeat}; "
         f"errors at r = {r} (largest client rank)"
