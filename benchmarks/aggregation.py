@@ -47,11 +47,11 @@ from pathlib import Path
 # runtime (spinning ones make both paths tens of times slower when another job shares a core).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import torch
+from safetensors.torch import load_file, save_file
 
-from flexlora.aggregation import FlexLoRA  # noqa: E402
-from flexlora.types import ClientUpdate, LoRAFactors  # noqa: E402
+from flexlora.aggregation import FlexLoRA
+from flexlora.types import ClientUpdate, LoRAFactors
 
 PATHS = ("factored", "dense")
 GOAL_SPEEDUP = 20.0
