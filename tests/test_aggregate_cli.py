@@ -385,3 +385,28 @@ def test_every_strategy_runs_from_the_cli(strategy: str, tmp_path, capsys) -> No
     argv = ["aggregate", *[a for f in folders for a in ("--client", str(f))], "--rank", "3"]
     assert main([*argv, "--strategy", strategy, "--out", str(out)]) == 0, capsys.readouterr().err
     assert (out / "rank-3" / ADAPTER_WEIGHTS).is_file()
+
+
+def test_hetlora_client_weights_multiply_its_norm_weights(good, tmp_path) -> None:
+    """HetLoRA weighs by ||s*B*A||_F; a --client weight scales that client's share."""
+    from flexlora.lora.peft_io import load_adapter
+
+    def run(weight: str, out: Path) -> torch.Tensor:
+        argv = [
+            "aggregate",
+            "--strategy",
+            "hetlora",
+            "--client",
+            f"{good[0]}:{weight}",
+            "--client",
+            str(good[1]),
+            "--rank",
+            "4",
+            "--out",
+            str(out),
+        ]
+        assert main(argv) == 0
+        return load_adapter(out / "rank-4").factors[Q].delta()
+
+    plain, heavy = run("1", tmp_path / "w1"), run("9", tmp_path / "w9")
+    assert not torch.allclose(plain, heavy)

@@ -107,7 +107,12 @@ def run_aggregate(
     bases = {str(a.meta.raw.get("base_model_name_or_path")) for a in adapters}
     if len(bases) > 1:
         raise UsageError(f"the adapters were trained on different base models: {sorted(bases)}")
-    options = {"svd": svd} if strategy == "flexlora" else {}
+    options: dict[str, object] = {}
+    if strategy == "flexlora":
+        options["svd"] = svd
+    elif strategy == "hetlora":
+        # HetLoRA weighs clients by ||s*B*A||_F; the --client weights multiply those
+        options["weight_by_examples"] = True
     aggregator = get_aggregator(strategy, dtype=dtype, **options)
     updates = [
         ClientUpdate(client_id=a.source, num_examples=1, factors=a.factors) for a in adapters
