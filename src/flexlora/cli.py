@@ -93,6 +93,7 @@ def _run_overrides(args: argparse.Namespace) -> list[str]:
         "federation.rounds": args.rounds,
         "federation.clients_per_round": args.clients_per_round,
         "federation.seed": args.seed,
+        "data.seed": args.seed,
     }
     out = [
         f"{k}={v}" if not isinstance(v, str) else f"{k}={v!r}"
@@ -125,7 +126,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--clients-per-round", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of everything random: sampling, rank draw, init, data split",
+    )
     p.add_argument(
         "--set",
         action="append",
