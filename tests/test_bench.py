@@ -194,7 +194,8 @@ def test_bench_writes_tables_and_plots_and_skips_finished_runs(tmp_path: Path) -
     assert summary == first.summary and lines[-1] == summary
     assert "Gain over fedit-min, paired by seed" in summary
     assert "| flexlora |" in summary and "| base model (round 0) |" in summary
-    for name in ("rouge_by_round.png", "final_rouge.png"):
+    assert ": 2 runs and 1 base-model evaluations (0 runs already done) in " in summary
+    for name in ("rouge_by_round.png", "final_rouge.png", "gain_over_fedit-min.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     markers = {k: k.folder(out) / MARKER for k in keys}
@@ -209,6 +210,11 @@ def test_bench_writes_tables_and_plots_and_skips_finished_runs(tmp_path: Path) -
     assert {k: p.stat().st_mtime_ns for k, p in markers.items()} == stamps
     assert (out / "baseline" / "seed-0.json").stat().st_mtime_ns == base_stamp
     assert again.rows == first.rows
+    # the summary keeps the wall time of the call that did the work, and adds this one
+    calls = [json.loads(x) for x in (out / "invocations.jsonl").read_text().splitlines()]
+    assert [(c["ran"], c["skipped"], c["base_evals"]) for c in calls] == [(2, 0, 1), (0, 2, 0)]
+    assert ": 2 runs and 1 base-model evaluations (0 runs already done) in " in again.summary
+    assert ": 0 runs and 0 base-model evaluations (2 runs already done) in " in again.summary
 
     # an unfinished run (no marker, valid checkpoint) resumes; the other is still skipped
     markers[keys[0]].unlink()

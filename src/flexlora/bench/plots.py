@@ -1,5 +1,6 @@
-"""The bench's two figures: Rouge-L by round (one panel per distribution) and the final
-Rouge-L as grouped bars, both with 95 % Student-t intervals over seeds."""
+"""The bench's figures: Rouge-L by round (one panel per distribution), the final Rouge-L as
+grouped bars, and the paired gain over the reference strategy; each with 95 % Student-t
+intervals over seeds and, on the bars, every seed's own value as a dot."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 
 from flexlora.bench.stats import mean_ci
 
-__all__ = ["plot_final", "plot_rounds"]
+__all__ = ["plot_final", "plot_gain", "plot_rounds"]
 
 LABELS = {"rouge_l_unseen": "Rouge-L, unseen tasks (zero-shot)", "rouge_l_seen": "Rouge-L, seen"}
 
@@ -85,23 +86,17 @@ def plot_rounds(
     return path
 
 
-def plot_final(
-    finals: Mapping[tuple[str, str], Mapping[int, float]],
+def _grouped_bars(
+    ax: Any,
+    values: Mapping[tuple[str, str], Mapping[int, float]],
     strategies: Sequence[str],
     distributions: Sequence[str],
-    metric: str,
-    path: Path,
-    base: Mapping[int, float] | None = None,
-) -> Path:
-    """Grouped bars: x = distribution, one bar per strategy, 95 % CI error bars over seeds."""
-    plt = _pyplot()
-    colors = _colors(strategies)
-    fig, ax = plt.subplots(
-        figsize=(max(5.0, 1.2 + 0.45 * len(strategies) * len(distributions)), 3.8)
-    )
+    colors: Mapping[str, Any],
+) -> None:
+    """Bars of the mean over seeds with CI error bars, and each seed's value as a dot."""
     width = 0.8 / len(strategies)
     for i, s in enumerate(strategies):
-        est = [mean_ci(list(finals.get((s, d), {}).values())) for d in distributions]
+        est = [mean_ci(list(values.get((s, d), {}).values())) for d in distributions]
         xs = [j - 0.4 + width * (i + 0.5) for j in range(len(distributions))]
         ax.bar(
             xs,
@@ -112,6 +107,30 @@ def plot_final(
             color=colors[s],
             label=s,
         )
+        for j, (x, d) in enumerate(zip(xs, distributions, strict=True)):
+            seeds = list(values.get((s, d), {}).values())
+            label = "one seed" if i == 0 and j == 0 else None
+            ax.scatter([x] * len(seeds), seeds, s=12, color="black", zorder=3, label=label)
+    ax.set_xticks(range(len(distributions)), list(distributions))
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _bar_figure(n_bars: int) -> tuple[Any, Any]:
+    return _pyplot().subplots(figsize=(max(6.5, 1.2 + 0.45 * n_bars), 3.8))
+
+
+def plot_final(
+    finals: Mapping[tuple[str, str], Mapping[int, float]],
+    strategies: Sequence[str],
+    distributions: Sequence[str],
+    metric: str,
+    path: Path,
+    base: Mapping[int, float] | None = None,
+) -> Path:
+    """Grouped bars: x = distribution, one bar per strategy, 95 % CI error bars over seeds."""
+    plt = _pyplot()
+    fig, ax = _bar_figure(len(strategies) * len(distributions))
+    _grouped_bars(ax, finals, strategies, distributions, _colors(strategies))
     if base:
         ax.axhline(
             mean_ci(list(base.values())).mean,
@@ -120,9 +139,33 @@ def plot_final(
             linewidth=1,
             label="base model (round 0)",
         )
-    ax.set_xticks(range(len(distributions)), list(distributions))
     ax.set_ylabel(f"final {LABELS.get(metric, metric)}")
-    ax.grid(axis="y", alpha=0.3)
+    _legend_below(fig, ax)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_gain(
+    finals: Mapping[tuple[str, str], Mapping[int, float]],
+    strategies: Sequence[str],
+    distributions: Sequence[str],
+    reference: str,
+    path: Path,
+) -> Path:
+    """Per strategy and distribution, the per-seed difference to ``reference`` (paired by
+    seed): its mean with a 95 % CI, and every seed's difference as a dot."""
+    plt = _pyplot()
+    others = [s for s in strategies if s != reference]
+    gains: dict[tuple[str, str], dict[int, float]] = {}
+    for s in others:
+        for d in distributions:
+            ref, own = finals.get((reference, d), {}), finals.get((s, d), {})
+            gains[s, d] = {x: own[x] - ref[x] for x in own if x in ref}
+    fig, ax = _bar_figure(len(others) * len(distributions))
+    _grouped_bars(ax, gains, others, distributions, _colors(strategies))
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_ylabel(f"final Rouge-L minus {reference}'s")
     _legend_below(fig, ax)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,8 +9,6 @@ interval removes the seed-to-seed spread that both runs share.
 from __future__ import annotations
 
 import csv
-import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +147,8 @@ class BenchContext:
     base: RunConfig
     reference: str = "fedit-min"
     missing: Sequence[str] = ()
-    seconds: float | None = None  # wall time of this invocation
-    load_average: Sequence[float] = ()  # 1-min load averages sampled during it
-    jobs: int = 1
+    #: one record per call of the command on this folder, the current one last (see runner)
+    invocations: Sequence[Mapping[str, Any]] = ()
     data_label: str | None = None  # shown instead of data.source (a dataset object)
 
 
@@ -245,19 +242,29 @@ def summarize(
     ]
     if ctx.missing:
         lines += ["", f"Not in the tables ({len(ctx.missing)}): " + "; ".join(ctx.missing)]
-    if ctx.seconds is not None:
-        loads = [x for x in ctx.load_average if math.isfinite(x)]
-        load = (
-            f"; 1-min load average {sum(loads) / len(loads):.1f} mean, {min(loads):.1f}-"
-            f"{max(loads):.1f} (sampled per run) on {os.cpu_count()} CPUs"
-            if loads
-            else ""
-        )
-        lines += [
-            "",
-            f"This invocation: {format_duration(ctx.seconds)} wall with {ctx.jobs} job(s){load}.",
-        ]
+    if ctx.invocations:
+        lines += ["", "Wall time of the calls that ran something on this folder:", ""]
+        shown = [x for x in ctx.invocations if x.get("ran") or x.get("base_evals")]
+        lines += [f"- {_invocation(x)}" for x in shown]
+        if ctx.invocations[-1] not in shown:
+            lines.append(f"- {_invocation(ctx.invocations[-1])}")
     return "\n".join(lines) + "\n"
+
+
+def _invocation(x: Mapping[str, Any]) -> str:
+    """One call of the command: what it ran, its wall time, jobs and the machine's load."""
+    load = ""
+    if x.get("load_mean") is not None:
+        load = (
+            f"; 1-min load average {x['load_mean']:.1f} mean ({x['load_min']:.1f}-"
+            f"{x['load_max']:.1f}, sampled after each task) on {x.get('cpus')} CPUs"
+        )
+    failed = f", {x['failed']} failed" if x.get("failed") else ""
+    return (
+        f"{x.get('started', '?')}: {x.get('ran', 0)} runs and {x.get('base_evals', 0)} base-model "
+        f"evaluations ({x.get('skipped', 0)} runs already done{failed}) in "
+        f"{format_duration(float(x.get('seconds', 0.0)))} with {x.get('jobs', 1)} job(s){load}"
+    )
 
 
 def format_duration(s: float) -> str:
@@ -274,7 +281,7 @@ def write_outputs(
     ctx: BenchContext,
 ) -> tuple[list[dict[str, Any]], str, list[Path]]:
     """Write results.csv, summary.md and the plots; return the rows, the summary, the files."""
-    from flexlora.bench.plots import plot_final, plot_rounds
+    from flexlora.bench.plots import plot_final, plot_gain, plot_rounds
     from flexlora.bench.runner import MARKER, read_json
 
     rows = read_rows(out, finished, baselines)
@@ -291,9 +298,10 @@ def write_outputs(
     files.append(
         plot_rounds(rows, ctx.strategies, ctx.distributions, metric, out / "rouge_by_round.png")
     )
+    finals = final_scores(rows, metric)
     files.append(
         plot_final(
-            final_scores(rows, metric),
+            finals,
             ctx.strategies,
             ctx.distributions,
             metric,
@@ -301,4 +309,7 @@ def write_outputs(
             base=round0_scores(rows, metric),
         )
     )
+    if ctx.reference in ctx.strategies and len(ctx.strategies) > 1:
+        path = out / f"gain_over_{ctx.reference}.png"
+        files.append(plot_gain(finals, ctx.strategies, ctx.distributions, ctx.reference, path))
     return rows, summary, files

@@ -363,6 +363,7 @@ def run_bench(
     )
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M")
     loads: list[float] = [_load1()]
     done = 0
 
@@ -432,6 +433,23 @@ def run_bench(
     seconds = time.perf_counter() - t0
     finished = [k for k in keys if status.get(k) in ("ran", "skipped")]
     missing = [f"{k.label()} ({status.get(k, 'not run')})" for k in keys if k not in finished]
+    loads = [x for x in loads if math.isfinite(x)]
+    invocations = _log_invocation(
+        out,
+        {
+            "started": started,
+            "seconds": round(seconds, 1),
+            "ran": sum(s == "ran" for s in status.values()),
+            "failed": len([s for s in status.values() if s.startswith("failed")]),
+            "skipped": sum(s == "skipped" for s in status.values()),
+            "base_evals": sum(t.kind == "baseline" for t in tasks),
+            "jobs": jobs,
+            "cpus": os.cpu_count(),
+            "load_mean": round(sum(loads) / len(loads), 2) if loads else None,
+            "load_min": min(loads, default=None),
+            "load_max": max(loads, default=None),
+        },
+    )
     ctx = BenchContext(
         strategies=list(strategies),
         distributions=list(distributions),
@@ -439,9 +457,7 @@ def run_bench(
         base=base,
         reference=reference,
         missing=missing,
-        seconds=seconds,
-        load_average=[x for x in loads if math.isfinite(x)],
-        jobs=jobs,
+        invocations=invocations,
         data_label=f"{getattr(dataset, 'name', 'given')} (dataset object)" if dataset else None,
     )
     rows, summary, files = write_outputs(
@@ -449,3 +465,19 @@ def run_bench(
     )
     echo(summary)
     return BenchResult(out, status, rows, summary, files, seconds, loads)
+
+
+def _log_invocation(out: Path, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Append this call to ``DIR/invocations.jsonl``; return every call recorded there."""
+    path = out / "invocations.jsonl"
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    history = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash: the others still count
+        if isinstance(item, dict):
+            history.append(item)
+    return history
