@@ -253,3 +253,29 @@ def test_target_linear_modules_errors() -> None:
         target_linear_modules(model, ["input_layernorm"])
     with pytest.raises(UsageError, match="list"):
         target_linear_modules(model, "q_proj")  # type: ignore[arg-type]
+
+
+def test_device_auto_is_cpu_without_a_gpu_and_named_devices_must_exist(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_mod.resolve_device("auto") == torch.device("cpu")
+    assert model_mod.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="no CUDA device"):
+        model_mod.resolve_device("cuda")
+    with pytest.raises(UsageError, match="no CUDA device"):
+        load_base_model("tiny-llama", device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert model_mod.resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(UsageError, match="sees 1 CUDA device"):
+        model_mod.resolve_device("cuda:3")
+
+
+def test_model_device_key_is_checked() -> None:
+    from flexlora.config import load_config
+
+    assert load_config().model.device == "auto"
+    assert load_config(overrides=["model.device=cuda:1"]).model.device == "cuda:1"
+    with pytest.raises(UsageError, match="model.device"):
+        load_config(overrides=["model.device=gpu"])

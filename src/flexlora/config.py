@@ -8,6 +8,7 @@ A TOML file sets any subset of keys; ``--set dotted.key=value`` overrides on top
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,17 @@ class ModelConfig:
     )
     dtype: str = _help("weights dtype: float32, bfloat16, float16 or auto", default="float32")
     threads: int = _help("torch CPU threads (0 = torch's default)", default=0)
+    device: str = _help(
+        "where clients train and evaluate: auto (cuda when available, else cpu), cpu, cuda, "
+        "cuda:N or mps; the server step always runs on the CPU",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise UsageError(f"model.dtype: {self.dtype!r} is not float32/bfloat16/float16/auto")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UsageError(f"model.device: {self.device!r} is not auto, cpu, cuda, cuda:N or mps")
 
 
 @dataclass

@@ -50,7 +50,7 @@ __all__ = [
 
 MARKER = "DONE.json"
 #: config keys that may differ between a finished run and a repeated command
-IGNORED_CHANGES = ("output.dir", "output.progress", "model.threads")
+IGNORED_CHANGES = ("output.dir", "output.progress", "model.threads", "model.device")
 
 ModelFactory = Callable[[RunConfig], tuple[Any, Any]]
 
@@ -162,7 +162,7 @@ def _baseline_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """What the base model's evaluation depends on: model, data, eval settings and the seed."""
     d = _jsonable(cfg)
     return {
-        "model": {k: v for k, v in d["model"].items() if k != "threads"},
+        "model": {k: v for k, v in d["model"].items() if k not in ("threads", "device")},
         "data": d["data"],
         "eval": {k: v for k, v in d["eval"].items() if k not in ("every", "at_start", "patience")},
         "cutoff_len": d["train"]["cutoff_len"],

@@ -58,7 +58,9 @@ class NodeRuntime:
 
         if self._worker is None:
             cfg = self.cfg
-            model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype)
+            model, tokenizer = load_base_model(
+                cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
+            )
             self._shapes = target_linear_modules(model, cfg.lora.target_modules)
             # Every configured type gets a slot: the server says which one a round uses.
             self._slot_ranks = {

@@ -81,7 +81,9 @@ class FederatedRun:
             from flexlora.training.model import load_base_model
 
             t0 = time.perf_counter()
-            model_and_tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype)
+            model_and_tokenizer = load_base_model(
+                cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
+            )
             log.info("model %s loaded (%.1fs)", cfg.model.name, time.perf_counter() - t0)
         model, tokenizer = model_and_tokenizer
 

@@ -157,13 +157,13 @@ class AdapterHost:
                 b.copy_(f.B.to(b.dtype))
 
     def read(self, slot: str) -> dict[str, LoRAFactors]:
-        """The factors currently in ``slot`` (float32 copies)."""
+        """The factors currently in ``slot`` (float32 copies on the CPU, where the server works)."""
         out = {}
         with torch.no_grad():
             for name, layer in self.layers.items():
                 out[name] = LoRAFactors(
-                    A=layer.lora_A[slot].weight.detach().to(torch.float32).clone(),  # (r, n)
-                    B=layer.lora_B[slot].weight.detach().to(torch.float32).clone(),  # (m, r)
+                    A=layer.lora_A[slot].weight.detach().to("cpu", torch.float32).clone(),  # (r, n)
+                    B=layer.lora_B[slot].weight.detach().to("cpu", torch.float32).clone(),  # (m, r)
                     alpha=self.alpha,
                     use_rslora=self.use_rslora,
                 )
@@ -183,7 +183,7 @@ class AdapterHost:
                 if update is None or name not in update.modules:
                     weight.copy_(original)
                     continue
-                delta = update[name].dense(torch.float32)  # (m, n)
+                delta = update[name].dense(torch.float32).to(weight.device)  # (m, n)
                 if getattr(layer, "fan_in_fan_out", False):
                     delta = delta.T
                 weight.copy_((original.to(torch.float32) + delta).to(weight.dtype))

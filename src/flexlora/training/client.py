@@ -160,7 +160,8 @@ def train_local(
     torch.manual_seed(seed)  # LoRA dropout
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    device = next(iter(params)).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     losses: list[float] = []
     tokens = 0
     cursor = 0
@@ -180,7 +181,7 @@ def train_local(
             if count == 0:
                 continue
             with autocast:
-                out = model(**batch)
+                out = model(**{k: v.to(device) for k, v in batch.items()})
             loss = out.loss * (count / total)
             loss.backward()
             step_loss += float(loss.detach())

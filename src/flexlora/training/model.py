@@ -127,7 +127,23 @@ def load_base_model(
     _ensure_pad_token(model, tokenizer, name_or_path)
     model.requires_grad_(False)
     model.eval()
-    return model.to(device), tokenizer
+    return model.to(resolve_device(device)), tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when torch sees a GPU, else the CPU; a named device must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"model.device is {device!r} but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"model.device is {device!r} but torch sees {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"model.device is {device!r} but the MPS backend is not available")
+    return dev
 
 
 def _parse_dtype(dtype: str) -> torch.dtype | str:
