@@ -14,7 +14,7 @@ import pytest
 from flexlora.bench.cli import parse_seeds
 from flexlora.bench.presets import PRESETS, get_preset
 from flexlora.bench.results import COLUMNS, BenchContext, summarize
-from flexlora.bench.runner import MARKER, RunKey, base_config, run_bench
+from flexlora.bench.runner import MARKER, RunKey, base_config, run_bench, run_configs
 from flexlora.bench.stats import mean_ci, paired_diff, t_quantile
 from flexlora.config import load_config
 from flexlora.errors import UsageError
@@ -229,3 +229,47 @@ def test_bench_writes_tables_and_plots_and_skips_finished_runs(tmp_path: Path) -
     changed.train.lr = 0.5
     with pytest.raises(UsageError, match=r"train\.lr: 0\.01 -> 0\.5"):
         _bench(out, [], base=changed)
+
+
+def test_seeds_share_the_data_split_and_the_base_evaluation_unless_vary_data(
+    tmp_path: Path,
+) -> None:
+    base = _tiny_base(tmp_path)
+    base.data.seed = 7
+    keys = [RunKey(s, "heavy-tail-light", "flexlora") for s in (0, 1)]
+    fixed = run_configs(base, keys, tmp_path / "a")
+    assert [(c.federation.seed, c.data.seed) for c in fixed.values()] == [(0, 7), (1, 7)]
+    varied = run_configs(base, keys, tmp_path / "b", vary_data=True)
+    assert [(c.federation.seed, c.data.seed) for c in varied.values()] == [(0, 0), (1, 1)]
+
+    lines: list[str] = []
+    out = tmp_path / "two-seeds"
+    result = run_bench(
+        ["flexlora"],
+        ["heavy-tail-light"],
+        [0, 1],
+        out,
+        base=_tiny_base(out),
+        dataset=make_dataset(),
+        model_factory=_model,
+        echo=lines.append,
+    )
+    # greedy generation on the same data: one base-model evaluation serves both seeds
+    assert "1 base-model evaluations" in lines[0]
+    assert sorted(p.name for p in (out / "baseline").iterdir()) == ["seed-0.json"]
+    round0 = {r["seed"]: r["rouge_l_unseen"] for r in result.rows if r["round"] == 0}
+    assert set(round0) == {0, 1} and round0[0] == round0[1]
+    assert "data.seed 0 in every seed (the same unseen tasks)" in result.summary
+    # a repeated call reuses the saved evaluation for both seeds
+    lines.clear()
+    run_bench(
+        ["flexlora"],
+        ["heavy-tail-light"],
+        [0, 1],
+        out,
+        base=_tiny_base(out),
+        dataset=make_dataset(),
+        model_factory=_model,
+        echo=lines.append,
+    )
+    assert "0 base-model evaluations" in lines[0]

@@ -17,8 +17,9 @@ DESCRIPTION = (
     "simulated federated run), then write DIR/results.csv, DIR/summary.md (final zero-shot "
     "Rouge-L, mean ± 95 % CI over seeds, and the paired gain over fedit-min) and plots. "
     "Settings: the defaults, then the preset, then CONFIG.toml, then --set. Seed s sets "
-    "federation.seed and data.seed, so every strategy of a seed sees the same clients, ranks "
-    "and data. Finished runs are skipped when the command is repeated."
+    "federation.seed (sampling, rank draw, initialisation), so every strategy of a seed sees "
+    "the same clients, ranks and data; the data split (the unseen tasks) is the same in every "
+    "seed unless --vary-data. Finished runs are skipped when the command is repeated."
 )
 
 
@@ -87,6 +88,12 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         help="strategy the gains are measured against (default fedit-min)",
     )
     p.add_argument(
+        "--vary-data",
+        action="store_true",
+        help="seed s also sets data.seed: each seed splits the data and holds out other "
+        "unseen tasks (default: the config's data.seed in every seed)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -111,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         base=base_config(args.config, preset, args.set),
         jobs=args.jobs,
         reference=args.reference,
+        vary_data=args.vary_data,
     )
     print(f"outputs in {result.out}: " + ", ".join(f.name for f in result.files))
     if result.failed:

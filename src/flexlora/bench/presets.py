@@ -47,8 +47,8 @@ PRESETS: dict[str, BenchPreset] = {
             values={
                 "federation": {"rounds": 3, "clients_per_round": 4},
                 "train": {"local_steps": 6, "lr": 1e-3},
-                # round 0 (shared by every run of a seed) and the last round only
-                "eval": {"every": 0},
+                # round 0 (shared by every run) and the last round only
+                "eval": {"every": 0, "max_examples_per_client": 16},
             },
         ),
         BenchPreset(

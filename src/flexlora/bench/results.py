@@ -146,6 +146,7 @@ class BenchContext:
     seeds: Sequence[int]
     base: RunConfig
     reference: str = "fedit-min"
+    vary_data: bool = False  # data.seed = the seed (else the config's, for every seed)
     missing: Sequence[str] = ()
     #: one record per call of the command on this folder, the current one last (see runner)
     invocations: Sequence[Mapping[str, Any]] = ()
@@ -238,7 +239,12 @@ def summarize(
         f"Settings: model {base.model.name}, data {ctx.data_label or base.data.source}, "
         f"{fed.rounds} rounds x {fed.clients_per_round} clients x {local} "
         f"(batch {tr.batch_size}, lr {tr.lr:g}); evaluated {every}, on "
-        f"{base.eval.max_examples_per_client or 'all'} test examples per client.",
+        f"{base.eval.max_examples_per_client or 'all'} test examples per client; "
+        + (
+            "data.seed = the seed (each seed holds out other unseen tasks)."
+            if ctx.vary_data
+            else f"data.seed {base.data.seed} in every seed (the same unseen tasks)."
+        ),
     ]
     if ctx.missing:
         lines += ["", f"Not in the tables ({len(ctx.missing)}): " + "; ".join(ctx.missing)]

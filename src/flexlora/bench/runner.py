@@ -1,14 +1,19 @@
 """``flexlora bench``: every strategy x distribution x seed as its own simulated run.
 
 Each run is a :class:`~flexlora.simulation.runner.FederatedRun` in
-``DIR/runs/<distribution>/<strategy>/seed-<s>/``; seed ``s`` sets ``federation.seed`` and
-``data.seed``, so within a seed every strategy sees the same clients, rank draw and data. A run
+``DIR/runs/<distribution>/<strategy>/seed-<s>/``; seed ``s`` sets ``federation.seed`` (client
+sampling, rank draw, initialisation, example order), so within a seed every strategy sees the
+same clients, ranks and data. The data split, and so the held-out unseen tasks, stays the
+config's ``data.seed`` for every seed: the seed-to-seed spread is then the federation's own
+randomness, not which few tasks happen to be held out (``vary_data`` sets ``data.seed`` to the
+seed as well). A run
 that finished gets ``DONE.json`` (written last, atomically) and is skipped when the command is
 repeated; an unfinished one resumes from its checkpoint, or starts afresh when that is missing
 or unusable.
 
-The round-0 evaluation (the base model) depends on the seed only, so it runs once per seed
-(``DIR/baseline/seed-<s>.json``) and every run of that seed reuses it. With ``jobs`` > 1 the
+The round-0 evaluation (the base model) depends on the data and eval settings only, so it runs
+once for all seeds that share them (``DIR/baseline/seed-<s>.json``, the first such seed) and
+every run reuses it. With ``jobs`` > 1 the
 runs go to that many worker processes with one torch thread each: on a few shared cores,
 several single-threaded processes are much more robust than one multi-threaded one.
 """
@@ -119,6 +124,7 @@ def run_configs(
     keys: Sequence[RunKey],
     out: Path,
     jobs: int = 1,
+    vary_data: bool = False,
 ) -> dict[RunKey, RunConfig]:
     """Each run's config: the base with its strategy, distribution, seeds and folder."""
     configs = {}
@@ -127,7 +133,8 @@ def run_configs(
         cfg.federation.strategy = key.strategy
         cfg.federation.distribution = key.distribution
         cfg.federation.seed = key.seed
-        cfg.data.seed = key.seed
+        if vary_data:
+            cfg.data.seed = key.seed
         cfg.eval.at_start = False  # round 0 is evaluated once per seed (the baseline)
         cfg.output.dir = str(key.folder(out))
         cfg.output.progress = False
@@ -159,14 +166,18 @@ def _config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> lis
 
 
 def _baseline_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """What the base model's evaluation depends on: model, data, eval settings and the seed."""
+    """What the base model's evaluation depends on: model, data and eval settings.
+
+    Generation is greedy, so the federation's seed matters only where it samples the
+    evaluation clients (``eval.max_clients``).
+    """
     d = _jsonable(cfg)
     return {
         "model": {k: v for k, v in d["model"].items() if k not in ("threads", "device")},
         "data": d["data"],
         "eval": {k: v for k, v in d["eval"].items() if k not in ("every", "at_start", "patience")},
         "cutoff_len": d["train"]["cutoff_len"],
-        "seed": d["federation"]["seed"],
+        "seed": d["federation"]["seed"] if cfg.eval.max_clients else None,
     }
 
 
@@ -263,8 +274,10 @@ def _init_worker() -> None:
 # ---------------------------------------------------------------------- the grid
 def _plan(
     configs: Mapping[RunKey, RunConfig], out: Path, want_round0: bool
-) -> tuple[list[_Task], dict[RunKey, str], dict[int, dict[str, Any]]]:
-    """Tasks still to do, runs already done, and baselines already evaluated.
+) -> tuple[list[_Task], dict[RunKey, str], dict[int, dict[str, Any]], dict[int, int]]:
+    """Tasks still to do, runs already done, baselines already evaluated, and seeds whose
+    base-model evaluation is another seed's (the same fingerprint: greedy generation on the
+    same data).
 
     A finished run whose recorded config differs from this command's is refused: its numbers
     would be mixed with others made under other settings.
@@ -272,6 +285,7 @@ def _plan(
     tasks: list[_Task] = []
     status: dict[RunKey, str] = {}
     baselines: dict[int, dict[str, Any]] = {}
+    aliases: dict[int, int] = {}
     refused = []
     for key, cfg in sorted(configs.items()):
         marker = read_json(key.folder(out) / MARKER)
@@ -291,18 +305,28 @@ def _plan(
         first_of_seed: dict[int, RunConfig] = {}
         for key, cfg in sorted(configs.items()):
             first_of_seed.setdefault(key.seed, cfg)
+        scheduled: dict[str, int] = {}  # fingerprint -> the seed whose evaluation serves it
         for seed, cfg in first_of_seed.items():
             path = out / "baseline" / f"seed-{seed}.json"
             saved = read_json(path)
-            if saved is not None and saved.get("fingerprint") == _baseline_fingerprint(cfg):
+            fp = _baseline_fingerprint(cfg)
+            key = json.dumps(fp, sort_keys=True)
+            if saved is not None and saved.get("fingerprint") == fp:
                 baselines[seed] = saved
+                scheduled.setdefault(key, seed)
+            elif key in scheduled:
+                if scheduled[key] in baselines:
+                    baselines[seed] = baselines[scheduled[key]]
+                else:
+                    aliases[seed] = scheduled[key]
             else:
+                scheduled[key] = seed
                 bcfg = copy.deepcopy(cfg)
                 bcfg.output.dir = str(path.parent)
                 tasks.append(_Task("baseline", None, seed, bcfg, path))
     # baselines first, then seed by seed: after each seed the summary has every cell
     tasks.sort(key=lambda t: (t.kind != "baseline", t.seed, t.key or RunKey(t.seed, "", "")))
-    return tasks, status, baselines
+    return tasks, status, baselines, aliases
 
 
 def _load1() -> float:
@@ -321,6 +345,7 @@ def run_bench(
     base: RunConfig | None = None,
     jobs: int = 1,
     reference: str = "fedit-min",
+    vary_data: bool = False,
     dataset: Any | None = None,
     model_factory: ModelFactory | None = None,
     echo: Callable[[str], None] = print,
@@ -345,13 +370,13 @@ def run_bench(
     out = Path(out)
     base = base if base is not None else load_config()
     keys = [RunKey(s, d, st) for s in seeds for d in distributions for st in strategies]
-    configs = run_configs(base, keys, out, jobs)
+    configs = run_configs(base, keys, out, jobs, vary_data)
     for key in keys[: len(distributions) * len(strategies)]:
         # a typo in a name fails now, not after an hour of other runs
         build_aggregator(configs[key])
         resolve_client_types(configs[key], ["probe"])
 
-    tasks, status, baselines = _plan(configs, out, base.eval.at_start)
+    tasks, status, baselines, aliases = _plan(configs, out, base.eval.at_start)
     for t in tasks:
         t.dataset, t.model_factory = dataset, model_factory
     n_runs = sum(t.kind == "run" for t in tasks)
@@ -456,10 +481,14 @@ def run_bench(
         seeds=list(seeds),
         base=base,
         reference=reference,
+        vary_data=vary_data,
         missing=missing,
         invocations=invocations,
         data_label=f"{getattr(dataset, 'name', 'given')} (dataset object)" if dataset else None,
     )
+    for seed, source in aliases.items():
+        if source in baselines:
+            baselines[seed] = baselines[source]
     rows, summary, files = write_outputs(
         out, finished, {s: b["row"] for s, b in baselines.items()}, ctx
     )

@@ -11,6 +11,7 @@ update; evaluation of any strategy's global model does the same) and restore the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -67,7 +68,11 @@ class AdapterHost:
                 task_type="CAUSAL_LM",
             )
             if self.peft is None:
-                self.peft = get_peft_model(model, config, adapter_name=name)
+                with warnings.catch_warnings():
+                    # PEFT probes transformers' deprecated `is_gradient_checkpointing`; the
+                    # FutureWarning it raises is not the user's to act on
+                    warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+                    self.peft = get_peft_model(model, config, adapter_name=name)
             else:
                 self.peft.add_adapter(name, config)
         assert self.peft is not None
