@@ -244,16 +244,21 @@ def test_seeds_share_the_data_split_and_the_base_evaluation_unless_vary_data(
 
     lines: list[str] = []
     out = tmp_path / "two-seeds"
-    result = run_bench(
-        ["flexlora"],
-        ["heavy-tail-light"],
-        [0, 1],
-        out,
-        base=_tiny_base(out),
-        dataset=make_dataset(),
-        model_factory=_model,
-        echo=lines.append,
-    )
+
+    def bench() -> Any:
+        lines.clear()
+        return run_bench(
+            ["flexlora"],
+            ["heavy-tail-light"],
+            [0, 1],
+            out,
+            base=_tiny_base(out),
+            dataset=make_dataset(),
+            model_factory=_model,
+            echo=lines.append,
+        )
+
+    result = bench()
     # greedy generation on the same data: one base-model evaluation serves both seeds
     assert "1 base-model evaluations" in lines[0]
     assert sorted(p.name for p in (out / "baseline").iterdir()) == ["seed-0.json"]
@@ -261,15 +266,5 @@ def test_seeds_share_the_data_split_and_the_base_evaluation_unless_vary_data(
     assert set(round0) == {0, 1} and round0[0] == round0[1]
     assert "data.seed 0 in every seed (the same unseen tasks)" in result.summary
     # a repeated call reuses the saved evaluation for both seeds
-    lines.clear()
-    run_bench(
-        ["flexlora"],
-        ["heavy-tail-light"],
-        [0, 1],
-        out,
-        base=_tiny_base(out),
-        dataset=make_dataset(),
-        model_factory=_model,
-        echo=lines.append,
-    )
+    bench()
     assert "0 base-model evaluations" in lines[0]

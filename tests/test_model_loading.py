@@ -277,5 +277,5 @@ def test_model_device_key_is_checked() -> None:
 
     assert load_config().model.device == "auto"
     assert load_config(overrides=["model.device=cuda:1"]).model.device == "cuda:1"
-    with pytest.raises(UsageError, match="model.device"):
+    with pytest.raises(UsageError, match=r"model\.device"):
         load_config(overrides=["model.device=gpu"])
