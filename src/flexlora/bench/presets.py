@@ -39,7 +39,7 @@ PRESETS: dict[str, BenchPreset] = {
             description=(
                 "flexlora, fedit-min and hetlora under heavy-tail-light and heavy-tail-strong, "
                 "3 seeds, on the offline default (SmolLM2-135M, 61 Natural Instructions "
-                "tasks): 18 runs sized for ~90 minutes on 2 quiet CPU cores with --jobs 2"
+                "tasks): 18 runs, 55 minutes measured on 2 quiet CPU cores with --jobs 2"
             ),
             strategies=("flexlora", "fedit-min", "hetlora"),
             distributions=("heavy-tail-light", "heavy-tail-strong"),
@@ -72,8 +72,8 @@ PRESETS: dict[str, BenchPreset] = {
                 "the paper's scale: Natural Instructions v2 from a local checkout "
                 "(--set data.path=...), one client per task (the paper's 1,613 clients) with "
                 "the official unseen test tasks, 80 clients a round, the paper's rank types; "
-                "a template for a many-core machine (the simulator runs on CPU; --set "
-                "model.name=... for a larger base model)"
+                "a template for a large machine (clients train on the GPU when torch sees "
+                "one; --set model.name=... for a larger base model)"
             ),
             strategies=ALL_STRATEGIES,
             distributions=ALL_DISTRIBUTIONS,
