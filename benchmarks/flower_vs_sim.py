@@ -11,7 +11,8 @@ Jobs (evaluation off: both drivers evaluate with the same server-side code):
 - ``tiny``: tiny-llama (seeded, 2 layers), 3 rounds x 4 clients x 2 local steps, the paper's
   four resource types scaled to the tiny model's widths;
 - ``default``: the embedded default model (SmolLM2-135M-Instruct, offline) and ranks, reduced
-  to 1 round x 2 clients x 2 local steps.
+  to 1 round x 2 clients x 2 local steps;
+- ``default-full``: the embedded default unreduced (3 rounds x 4 clients x 8 local steps).
 
 Each driver's "overhead" is its round time minus the clients' own training and the
 aggregation (messages, serialization, scheduling): the machine's load disturbs it far less.
@@ -56,6 +57,8 @@ JOBS: dict[str, dict[str, Any]] = {
         "train": {"local_steps": 2},
         "federation": {"rounds": 1, "clients_per_round": 2},
     },
+    # the embedded default as `make run` runs it: 3 rounds x 4 clients x 8 local steps
+    "default-full": {},
 }
 NO_EVAL = {"eval": {"at_start": False, "unseen": False}, "output": {"progress": False}}
 
