@@ -268,3 +268,61 @@ def test_seeds_share_the_data_split_and_the_base_evaluation_unless_vary_data(
     # a repeated call reuses the saved evaluation for both seeds
     bench()
     assert "0 base-model evaluations" in lines[0]
+
+
+def test_runs_identical_to_another_are_copied_not_run(tmp_path: Path) -> None:
+    """fedit-min holds everyone to the smallest type: the same run under both distributions."""
+    out = tmp_path / "dedupe"
+    lines: list[str] = []
+
+    def bench() -> Any:
+        lines.clear()
+        return run_bench(
+            ["fedit-min", "flexlora"],
+            ["heavy-tail-light", "heavy-tail-strong"],
+            [0],
+            out,
+            base=_tiny_base(out),
+            dataset=make_dataset(n_seen=20),
+            model_factory=_model,
+            echo=lines.append,
+        )
+
+    first = bench()
+    light, strong = (RunKey(0, d, "fedit-min") for d in ("heavy-tail-light", "heavy-tail-strong"))
+    assert first.status[light] == "ran" and first.status[strong] == "copied"
+    assert all(
+        first.status[RunKey(0, d, "flexlora")] == "ran"
+        for d in (light.distribution, strong.distribution)
+    )
+    assert "1 identical to another run (copied, not run)" in lines[0]
+    assert any(x.startswith("[same] heavy-tail-strong fedit-min seed 0") for x in lines)
+    # the copy is the run: same metrics and adapters, its own config, marked as a copy
+    a, b = light.folder(out), strong.folder(out)
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    for f in (a / "adapters").rglob("*.safetensors"):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+    marker = json.loads((b / MARKER).read_text())
+    assert marker["same_as"] == light.label()
+    assert marker["config"]["federation"]["distribution"] == "heavy-tail-strong"
+    assert 'distribution = "heavy-tail-strong"' in (b / "config.toml").read_text()
+    rows = {(r["distribution"], r["round"]): r for r in first.rows if r["strategy"] == "fedit-min"}
+    assert (
+        rows["heavy-tail-light", 1]["rouge_l_unseen"]
+        == rows["heavy-tail-strong", 1]["rouge_l_unseen"]
+    )
+    # flexlora gives each client its own type: never merged
+    fl = [
+        RunKey(0, d, "flexlora").folder(out) / "metrics.jsonl"
+        for d in ("heavy-tail-light", "heavy-tail-strong")
+    ]
+    assert fl[0].read_text() != fl[1].read_text()
+
+    # repeated: everything is done, nothing runs or copies again
+    again = bench()
+    assert set(again.status.values()) == {"skipped"}
+    assert again.rows == first.rows
+    # a copy whose marker is gone is copied again from the finished run
+    (b / MARKER).unlink()
+    third = bench()
+    assert third.status[strong] == "copied" and third.status[light] == "skipped"

@@ -250,7 +250,9 @@ def summarize(
         lines += ["", f"Not in the tables ({len(ctx.missing)}): " + "; ".join(ctx.missing)]
     if ctx.invocations:
         lines += ["", "Wall time of the calls that ran something on this folder:", ""]
-        shown = [x for x in ctx.invocations if x.get("ran") or x.get("base_evals")]
+        shown = [
+            x for x in ctx.invocations if x.get("ran") or x.get("base_evals") or x.get("copied")
+        ]
         lines += [f"- {_invocation(x)}" for x in shown]
         if ctx.invocations[-1] not in shown:
             lines.append(f"- {_invocation(ctx.invocations[-1])}")
@@ -266,6 +268,8 @@ def _invocation(x: Mapping[str, Any]) -> str:
             f"{x['load_max']:.1f}, sampled after each task) on {x.get('cpus')} CPUs"
         )
     failed = f", {x['failed']} failed" if x.get("failed") else ""
+    if x.get("copied"):
+        failed += f", {x['copied']} copied from an identical run"
     return (
         f"{x.get('started', '?')}: {x.get('ran', 0)} runs and {x.get('base_evals', 0)} base-model "
         f"evaluations ({x.get('skipped', 0)} runs already done{failed}) in "

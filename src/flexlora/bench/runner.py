@@ -329,6 +329,64 @@ def _plan(
     return tasks, status, baselines, aliases
 
 
+def _identical_runs(
+    configs: Mapping[RunKey, RunConfig], dataset: Any | None
+) -> dict[RunKey, RunKey]:
+    """Runs that would repeat another one exactly: alias -> the run whose results it takes.
+
+    A run is determined by its config and its clients' resource types; the distribution only
+    matters through those types. Strategies that hold every client to one type (``fedit-min``,
+    ``fedit-max``) therefore give the same run under every distribution in which that type is
+    the smallest (largest) present. Other strategies are never merged.
+    """
+    from flexlora.server import plan_strategy, resolve_client_types
+
+    held = [k for k, c in configs.items() if plan_strategy(c.federation.strategy).hold_to]
+    if len({k.distribution for k in held}) < 2:
+        return {}
+    seen: dict[str, list[str]] = {}  # data config -> its seen clients
+    groups: dict[str, RunKey] = {}
+    aliases: dict[RunKey, RunKey] = {}
+    for key in sorted(held):
+        cfg = configs[key]
+        data_key = json.dumps(_jsonable(cfg)["data"], sort_keys=True)
+        if data_key not in seen:
+            from flexlora.data import load_federated_dataset
+
+            data = dataset if dataset is not None else load_federated_dataset(cfg.data)
+            seen[data_key] = list(data.seen)
+        types = resolve_client_types(cfg, seen[data_key])
+        d = _jsonable(cfg)
+        for k in ("distribution", "client_types"):
+            d["federation"].pop(k, None)
+        d["output"].pop("dir", None)
+        signature = json.dumps([d, sorted(types.items())], sort_keys=True)
+        if signature in groups:
+            aliases[key] = groups[signature]
+        else:
+            groups[signature] = key
+    return aliases
+
+
+def _copy_run(source: Path, target: Path, cfg: RunConfig, same_as: RunKey) -> None:
+    """Give ``target`` the finished run in ``source`` (same metrics and adapters), marked so."""
+    marker = read_json(source / MARKER) or {}
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(MARKER, "checkpoint"))
+    (target / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    _write_json(
+        target / MARKER,
+        {
+            "config": _jsonable(cfg),
+            "seconds": marker.get("seconds", 0.0),
+            "resumed": False,
+            "same_as": same_as.label(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
+
+
 def _load1() -> float:
     try:
         return os.getloadavg()[0]
@@ -377,6 +435,9 @@ def run_bench(
         resolve_client_types(configs[key], ["probe"])
 
     tasks, status, baselines, aliases = _plan(configs, out, base.eval.at_start)
+    # a run that would repeat another exactly is not run: it gets a copy of the other's folder
+    same_as = {a: p for a, p in _identical_runs(configs, dataset).items() if a not in status}
+    tasks = [t for t in tasks if t.key not in same_as]
     for t in tasks:
         t.dataset, t.model_factory = dataset, model_factory
     n_runs = sum(t.kind == "run" for t in tasks)
@@ -384,13 +445,23 @@ def run_bench(
         f"bench: {len(keys)} runs ({len(strategies)} strategies x {len(distributions)} "
         f"distributions x {len(seeds)} seeds) in {out}; {len(status)} already done, "
         f"{n_runs} to run, {sum(t.kind == 'baseline' for t in tasks)} base-model evaluations; "
-        f"{jobs} job(s)"
+        f"{len(same_as)} identical to another run (copied, not run); {jobs} job(s)"
     )
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M")
     loads: list[float] = [_load1()]
     done = 0
+
+    def copy_identical(primary: RunKey) -> None:
+        """The runs identical to ``primary`` (just finished or done before) get its results."""
+        for alias in (a for a, p in same_as.items() if p == primary):
+            _copy_run(primary.folder(out), alias.folder(out), configs[alias], primary)
+            status[alias] = "copied"
+            echo(f"[same] {alias.label()}: identical to {primary.label()}, copied")
+
+    for primary in {p for p in same_as.values() if status.get(p) == "skipped"}:
+        copy_identical(primary)
 
     def report(task: _Task, result: dict[str, Any] | None, error: str | None) -> None:
         nonlocal done
@@ -415,6 +486,8 @@ def run_bench(
         head = f"[{done:>{len(str(n_runs))}}/{n_runs}] {task.key.label()}"
         if result is None:
             status[task.key] = f"failed: {error}"
+            for alias in (a for a, p in same_as.items() if p == task.key):
+                status[alias] = f"failed: identical to {task.key.label()}, which failed"
             echo(f"{head}: FAILED: {error}")
             return
         status[task.key] = "ran"
@@ -427,6 +500,7 @@ def run_bench(
             f"{' (resumed)' if result['resumed'] else ''} (elapsed {elapsed}, "
             f"load {loads[-1]:.1f})"
         )
+        copy_identical(task.key)
 
     if jobs == 1:
         for task in tasks:
@@ -456,7 +530,7 @@ def run_bench(
                 raise
 
     seconds = time.perf_counter() - t0
-    finished = [k for k in keys if status.get(k) in ("ran", "skipped")]
+    finished = [k for k in keys if status.get(k) in ("ran", "skipped", "copied")]
     missing = [f"{k.label()} ({status.get(k, 'not run')})" for k in keys if k not in finished]
     loads = [x for x in loads if math.isfinite(x)]
     invocations = _log_invocation(
@@ -467,6 +541,7 @@ def run_bench(
             "ran": sum(s == "ran" for s in status.values()),
             "failed": len([s for s in status.values() if s.startswith("failed")]),
             "skipped": sum(s == "skipped" for s in status.values()),
+            "copied": sum(s == "copied" for s in status.values()),
             "base_evals": sum(t.kind == "baseline" for t in tasks),
             "jobs": jobs,
             "cpus": os.cpu_count(),
