@@ -39,7 +39,8 @@ PRESETS: dict[str, BenchPreset] = {
             description=(
                 "flexlora, fedit-min and hetlora under heavy-tail-light and heavy-tail-strong, "
                 "3 seeds, on the offline default (SmolLM2-135M, 61 Natural Instructions "
-                "tasks): 18 runs, 55 minutes measured on 2 quiet CPU cores with --jobs 2"
+                "tasks): 18 runs (15 run, 3 copied: fedit-min is the same under both), 55 minutes "
+                "on 2 quiet CPU cores with --jobs 2 when all 18 ran"
             ),
             strategies=("flexlora", "fedit-min", "hetlora"),
             distributions=("heavy-tail-light", "heavy-tail-strong"),
@@ -55,7 +56,8 @@ PRESETS: dict[str, BenchPreset] = {
             name="full",
             description=(
                 "every strategy under every distribution, 3 seeds, on the offline default: "
-                "72 runs of 432 training steps (6x the 2core runs) with Rouge-L every 2 rounds"
+                "72 runs (54 run, 18 fedit copies) of 432 training steps (6x the 2core runs) with "
+                "Rouge-L every 2 rounds"
             ),
             strategies=ALL_STRATEGIES,
             distributions=ALL_DISTRIBUTIONS,
