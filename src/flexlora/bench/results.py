@@ -268,11 +268,10 @@ def _invocation(x: Mapping[str, Any]) -> str:
             f"{x['load_max']:.1f}, sampled after each task) on {x.get('cpus')} CPUs"
         )
     failed = f", {x['failed']} failed" if x.get("failed") else ""
-    if x.get("copied"):
-        failed += f", {x['copied']} copied from an identical run"
+    copied = f", {x['copied']} copied from an identical run" if x.get("copied") else ""
     return (
         f"{x.get('started', '?')}: {x.get('ran', 0)} runs and {x.get('base_evals', 0)} base-model "
-        f"evaluations ({x.get('skipped', 0)} runs already done{failed}) in "
+        f"evaluations ({x.get('skipped', 0)} runs already done{failed}{copied}) in "
         f"{format_duration(float(x.get('seconds', 0.0)))} with {x.get('jobs', 1)} job(s){load}"
     )
 

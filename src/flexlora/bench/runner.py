@@ -275,9 +275,9 @@ def _init_worker() -> None:
 def _plan(
     configs: Mapping[RunKey, RunConfig], out: Path, want_round0: bool
 ) -> tuple[list[_Task], dict[RunKey, str], dict[int, dict[str, Any]], dict[int, int]]:
-    """Tasks still to do, runs already done, baselines already evaluated, and seeds whose
-    base-model evaluation is another seed's (the same fingerprint: greedy generation on the
-    same data).
+    """Tasks still to do, runs already done, baselines already evaluated (by the seed that
+    evaluates them), and for each seed the seed whose base-model evaluation serves it: the
+    first with the same fingerprint (greedy generation on the same data gives the same row).
 
     A finished run whose recorded config differs from this command's is refused: its numbers
     would be mixed with others made under other settings.
@@ -285,7 +285,7 @@ def _plan(
     tasks: list[_Task] = []
     status: dict[RunKey, str] = {}
     baselines: dict[int, dict[str, Any]] = {}
-    aliases: dict[int, int] = {}
+    served_by: dict[int, int] = {}
     refused = []
     for key, cfg in sorted(configs.items()):
         marker = read_json(key.folder(out) / MARKER)
@@ -305,28 +305,24 @@ def _plan(
         first_of_seed: dict[int, RunConfig] = {}
         for key, cfg in sorted(configs.items()):
             first_of_seed.setdefault(key.seed, cfg)
-        scheduled: dict[str, int] = {}  # fingerprint -> the seed whose evaluation serves it
+        first_of_fp: dict[str, int] = {}  # fingerprint -> the first seed that has it
         for seed, cfg in first_of_seed.items():
+            fp = _baseline_fingerprint(cfg)
+            source = first_of_fp.setdefault(json.dumps(fp, sort_keys=True), seed)
+            served_by[seed] = source
+            if source != seed:
+                continue
             path = out / "baseline" / f"seed-{seed}.json"
             saved = read_json(path)
-            fp = _baseline_fingerprint(cfg)
-            key = json.dumps(fp, sort_keys=True)
             if saved is not None and saved.get("fingerprint") == fp:
                 baselines[seed] = saved
-                scheduled.setdefault(key, seed)
-            elif key in scheduled:
-                if scheduled[key] in baselines:
-                    baselines[seed] = baselines[scheduled[key]]
-                else:
-                    aliases[seed] = scheduled[key]
             else:
-                scheduled[key] = seed
                 bcfg = copy.deepcopy(cfg)
                 bcfg.output.dir = str(path.parent)
                 tasks.append(_Task("baseline", None, seed, bcfg, path))
     # baselines first, then seed by seed: after each seed the summary has every cell
     tasks.sort(key=lambda t: (t.kind != "baseline", t.seed, t.key or RunKey(t.seed, "", "")))
-    return tasks, status, baselines, aliases
+    return tasks, status, baselines, served_by
 
 
 def _identical_runs(
@@ -349,14 +345,14 @@ def _identical_runs(
     aliases: dict[RunKey, RunKey] = {}
     for key in sorted(held):
         cfg = configs[key]
-        data_key = json.dumps(_jsonable(cfg)["data"], sort_keys=True)
+        d = _jsonable(cfg)
+        data_key = json.dumps(d["data"], sort_keys=True)
         if data_key not in seen:
             from flexlora.data import load_federated_dataset
 
             data = dataset if dataset is not None else load_federated_dataset(cfg.data)
             seen[data_key] = list(data.seen)
         types = resolve_client_types(cfg, seen[data_key])
-        d = _jsonable(cfg)
         for k in ("distribution", "client_types"):
             d["federation"].pop(k, None)
         d["output"].pop("dir", None)
@@ -434,9 +430,12 @@ def run_bench(
         build_aggregator(configs[key])
         resolve_client_types(configs[key], ["probe"])
 
-    tasks, status, baselines, aliases = _plan(configs, out, base.eval.at_start)
+    tasks, status, baselines, served_by = _plan(configs, out, base.eval.at_start)
     # a run that would repeat another exactly is not run: it gets a copy of the other's folder
     same_as = {a: p for a, p in _identical_runs(configs, dataset).items() if a not in status}
+    copies: dict[RunKey, list[RunKey]] = {}  # a run -> the runs identical to it
+    for alias, primary in same_as.items():
+        copies.setdefault(primary, []).append(alias)
     tasks = [t for t in tasks if t.key not in same_as]
     for t in tasks:
         t.dataset, t.model_factory = dataset, model_factory
@@ -455,13 +454,14 @@ def run_bench(
 
     def copy_identical(primary: RunKey) -> None:
         """The runs identical to ``primary`` (just finished or done before) get its results."""
-        for alias in (a for a, p in same_as.items() if p == primary):
+        for alias in copies.get(primary, []):
             _copy_run(primary.folder(out), alias.folder(out), configs[alias], primary)
             status[alias] = "copied"
             echo(f"[same] {alias.label()}: identical to {primary.label()}, copied")
 
-    for primary in {p for p in same_as.values() if status.get(p) == "skipped"}:
-        copy_identical(primary)
+    for primary in copies:
+        if status.get(primary) == "skipped":
+            copy_identical(primary)
 
     def report(task: _Task, result: dict[str, Any] | None, error: str | None) -> None:
         nonlocal done
@@ -486,7 +486,7 @@ def run_bench(
         head = f"[{done:>{len(str(n_runs))}}/{n_runs}] {task.key.label()}"
         if result is None:
             status[task.key] = f"failed: {error}"
-            for alias in (a for a, p in same_as.items() if p == task.key):
+            for alias in copies.get(task.key, []):
                 status[alias] = f"failed: identical to {task.key.label()}, which failed"
             echo(f"{head}: FAILED: {error}")
             return
@@ -561,12 +561,8 @@ def run_bench(
         invocations=invocations,
         data_label=f"{getattr(dataset, 'name', 'given')} (dataset object)" if dataset else None,
     )
-    for seed, source in aliases.items():
-        if source in baselines:
-            baselines[seed] = baselines[source]
-    rows, summary, files = write_outputs(
-        out, finished, {s: b["row"] for s, b in baselines.items()}, ctx
-    )
+    round0 = {s: baselines[src]["row"] for s, src in served_by.items() if src in baselines}
+    rows, summary, files = write_outputs(out, finished, round0, ctx)
     echo(summary)
     return BenchResult(out, status, rows, summary, files, seconds, loads)
 
