@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flexlora.bench.stats import Estimate, mean_ci, paired_diff
 from flexlora.config import RunConfig
+from flexlora.simulation.report import markdown_table
 
 if TYPE_CHECKING:
     from flexlora.bench.runner import RunKey
@@ -121,12 +122,6 @@ def round0_scores(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[int, f
     }
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return lines
-
-
 def _per_run(rows: Sequence[Mapping[str, Any]], strategy: str, column: str) -> Estimate:
     """Mean over the strategy's runs of the column's sum over rounds."""
     totals: dict[tuple[str, int], float] = {}
@@ -182,7 +177,7 @@ def summarize(
     if round0:
         est = mean_ci(list(round0.values())).format()
         body.append(["base model (round 0)", *([est] * len(distributions))])
-    lines += _table(["strategy", *distributions], body)
+    lines += markdown_table(["strategy", *distributions], body)
 
     if reference in strategies:
         lines += [
@@ -201,7 +196,7 @@ def summarize(
                 est, wins = paired_diff(finals.get((s, d), {}), ref)
                 cells.append(f"{est.format(signed=True)} ({wins}/{est.n})" if est.n else "—")
             body.append([s, *cells])
-        lines += _table(["strategy", *distributions], body)
+        lines += markdown_table(["strategy", *distributions], body)
 
     lines += ["", f"Per-seed values (seeds {', '.join(map(str, seeds))}):", ""]
     body = []
@@ -211,7 +206,7 @@ def summarize(
             vals = finals.get((s, d), {})
             cells.append(" / ".join(f"{vals[x]:.4f}" if x in vals else "—" for x in seeds))
         body.append([s, *cells])
-    lines += _table(["strategy", *distributions], body)
+    lines += markdown_table(["strategy", *distributions], body)
 
     lines += ["", "Cost per run (mean over distributions and seeds):", ""]
     body = []
@@ -228,7 +223,7 @@ def summarize(
                 f"{sum(w) / len(w):.0f}" if w else "—",
             ]
         )
-    lines += _table(
+    lines += markdown_table(
         ["strategy", "train s", "aggregate s", "upload MiB", "download MiB", "run wall s"], body
     )
 

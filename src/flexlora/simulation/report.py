@@ -1,14 +1,15 @@
-"""``report.png`` from ``metrics.jsonl``: Rouge-L and training loss by round."""
+"""``report.png`` from ``metrics.jsonl`` (Rouge-L and loss by round), and Markdown tables."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flexlora.errors import UsageError
 
-__all__ = ["format_table", "read_metrics", "write_report"]
+__all__ = ["format_table", "markdown_table", "read_metrics", "write_report"]
 
 TABLE_COLUMNS = (
     ("round", "round", "{}"),
@@ -24,13 +25,20 @@ TABLE_COLUMNS = (
 )
 
 
+def markdown_table(
+    header: Sequence[str], body: Sequence[Sequence[str]], rule: str = " --- "
+) -> list[str]:
+    """The lines of a Markdown table; ``rule`` is each column's separator cell (``---:``
+    aligns right)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return lines
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the per-round metrics (the columns any row has)."""
     cols = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    lines = [
-        "| " + " | ".join(title for _, title, _ in cols) + " |",
-        "|" + "|".join("---:" for _ in cols) + "|",
-    ]
+    body = []
     for r in rows:
         cells = []
         for key, _, fmt in cols:
@@ -40,8 +48,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             if key.startswith("bytes_") and value is not None:
                 value = value / 2**20
             cells.append("" if value is None else fmt.format(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return "\n".join(markdown_table([title for _, title, _ in cols], body, rule="---:"))
 
 
 def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
