@@ -13,9 +13,10 @@ import pytest
 
 from flexlora.bench.cli import parse_seeds
 from flexlora.bench.presets import PRESETS, get_preset
-from flexlora.bench.results import COLUMNS, BenchContext, summarize
+from flexlora.bench.results import COLUMNS
 from flexlora.bench.runner import MARKER, RunKey, base_config, run_bench, run_configs
 from flexlora.bench.stats import mean_ci, paired_diff, t_quantile
+from flexlora.bench.summary import BenchContext, summarize
 from flexlora.config import load_config
 from flexlora.errors import UsageError
 from flexlora.training.model import build_tiny_llama
