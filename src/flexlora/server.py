@@ -20,7 +20,7 @@ import torch
 from flexlora.aggregation import Aggregator, get_aggregator
 from flexlora.aggregation.validation import UpdateValidator, payload_bytes
 from flexlora.config import RunConfig
-from flexlora.errors import FlexLoRAError, UsageError
+from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
 from flexlora.privacy import DP_STRATEGIES, ClientDP
 from flexlora.schedule import assign_rank_types, derive_seed, module_ranks, sample_clients
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
@@ -228,6 +228,7 @@ class Coordinator:
         failures = dict(failures or {})
         expected = {cid: self.ranks_of(cid) for cid in clients if cid not in failures}
         valid, rejected = self.validator.split(updates, expected)
+        valid = self._strategy_check(state, valid, rejected)
         for cid, reason in rejected.items():
             log.warning("round %d: update of client %s rejected: %s", round_, cid, reason)
         t0 = time.perf_counter()
@@ -251,7 +252,8 @@ class Coordinator:
                 self.aggregator.dtype,
             )
         else:
-            previous = state if self.merges_into_base and round_ > 1 else None
+            reads = self.aggregator.reads_previous or (self.merges_into_base and round_ > 1)
+            previous = state if reads else None
             try:
                 new_state = self.aggregator.aggregate(valid, previous=previous)
             except FlexLoRAError as exc:
@@ -289,6 +291,20 @@ class Coordinator:
                 dp_clipped=dp_clipped,
             )
         return new_state, row
+
+    def _strategy_check(
+        self, state: GlobalUpdate, valid: list[ClientUpdate], rejected: dict[str, str]
+    ) -> list[ClientUpdate]:
+        """The valid updates the strategy can use; the others land in ``rejected`` by name."""
+        usable = []
+        for u in valid:
+            try:
+                self.aggregator.check(u, state)
+            except InvalidUpdateError as exc:
+                rejected[u.client_id] = str(exc)
+                continue
+            usable.append(u)
+        return usable
 
     # ------------------------------------------------------------------ outputs
     def export_factors(self, state: GlobalUpdate) -> dict[str, dict[str, LoRAFactors]]:

@@ -7,7 +7,13 @@ the drivers (simulator, Flower) read instead of special-casing names:
 - ``freeze_lora_A``: clients train only B (FFA-LoRA);
 - ``merges_into_base``: clients add the global ΔW to their frozen weights and start a fresh
   adapter each round (FLoRA), instead of starting from the global factors;
-- ``needs_uniform_rank``: every client must use one rank per module (FedIT).
+- ``needs_uniform_rank``: every client must use one rank per module (FedIT);
+- ``reads_previous``: :meth:`Aggregator.aggregate` needs the previous global state (FFA-LoRA's
+  frozen A lives there).
+
+Before aggregating, the drivers call :meth:`Aggregator.check` on each valid update: a strategy
+that cannot use one client's reply rejects that client (by name and reason) and the round goes
+on with the others, as validation failures do.
 """
 
 from __future__ import annotations
@@ -151,9 +157,18 @@ class Aggregator(ABC):
     freeze_lora_A: ClassVar[bool] = False
     merges_into_base: ClassVar[bool] = False
     needs_uniform_rank: ClassVar[bool] = False
+    reads_previous: ClassVar[bool] = False
 
     def __init__(self, dtype: torch.dtype | str = torch.float32) -> None:
         self.dtype = _as_dtype(dtype)
+
+    def check(self, update: ClientUpdate, state: GlobalUpdate | None) -> None:
+        """Raise :class:`InvalidUpdateError` if this strategy cannot use ``update``.
+
+        ``state`` is the global state the client started from. Called per client before
+        aggregation, so one unusable reply drops that client only. Default: accept.
+        """
+        return None
 
     def aggregate(
         self,

@@ -22,6 +22,20 @@ class FedIT(Aggregator):
     name = "fedit"
     needs_uniform_rank = True
 
+    def check(self, update: ClientUpdate, state: GlobalUpdate | None) -> None:
+        """Reject a client whose rank is not the state's (one common rank per module)."""
+        if state is None:
+            return
+        for module, f in update.factors.items():
+            if module in state.modules and f.rank != state[module].rank:
+                raise InvalidUpdateError(
+                    update.client_id,
+                    module,
+                    "rank",
+                    f"fedit needs one rank for all clients: rank {f.rank} here, the global "
+                    f"state's is {state[module].rank}",
+                )
+
     def aggregate_module(
         self,
         module: str,
