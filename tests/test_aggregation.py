@@ -100,7 +100,11 @@ def ref_client_delta(
         B = sum(pi * f.B.double().numpy() for pi, f in zip(p, fs, strict=True))
         return fs[0].scaling * product(B, A, r)
     if strategy == "hetlora":
-        norms = [float(np.linalg.norm(dense(f))) for f in fs]
+        # one weight per client: the norm of its whole update, every module together
+        norms = [
+            math.sqrt(sum(float(np.linalg.norm(dense(f))) ** 2 for f in u.factors.values()))
+            for u in updates
+        ]
         q = [x / sum(norms) for x in norms] if sum(norms) > 0 else list(p)
         B, A = ref_padded_average(updates, module, q)
         return product(B, A, r)

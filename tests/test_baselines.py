@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from flexlora.aggregation import get_aggregator
 from flexlora.config import load_config
 from flexlora.server import Coordinator
 from flexlora.simulation.runner import FederatedRun
@@ -111,3 +112,52 @@ def test_ffa_run_heavy_tail_light_aggregates_every_sampled_client(tmp_path: Path
     for row in rows:
         assert row["aggregated"] == row["clients"] and not row["rejected"], row
     assert {t for r in rows for t in r["client_types"].values()} != {"8"}
+
+
+def test_hetlora_weighs_each_client_by_its_whole_update_and_every_rank_gets_its_prefix() -> None:
+    up = "model.layers.0.mlp.up_proj"
+    g = torch.Generator().manual_seed(0)
+    shapes = {Q: (5, 6), up: (7, 6)}
+    ranks = [1, 4]
+    updates = []
+    for i, (r, big) in enumerate(zip(ranks, (Q, up), strict=True)):
+        factors = {}
+        for name, (m, n) in shapes.items():
+            A = torch.randn(r, n, generator=g, dtype=torch.float64)
+            B = torch.randn(m, r, generator=g, dtype=torch.float64) * (5.0 if name == big else 1)
+            factors[name] = LoRAFactors(A, B, 8.0)
+        updates.append(ClientUpdate(f"c{i}", 1, factors))
+    norms = [
+        sum(float(torch.linalg.norm(f.delta())) ** 2 for f in u.factors.values()) ** 0.5
+        for u in updates
+    ]
+    q = [x / sum(norms) for x in norms]
+    state = get_aggregator("hetlora", dtype=torch.float64).aggregate(updates)
+    per_module = get_aggregator("hetlora", weighting="module", dtype=torch.float64)
+    for name, (m, n) in shapes.items():
+        B = torch.zeros(m, 4, dtype=torch.float64)
+        A = torch.zeros(4, n, dtype=torch.float64)
+        for qi, u in zip(q, updates, strict=True):
+            f = u.factors[name]
+            B[:, : f.rank] += qi * f.scaling * f.B
+            A[: f.rank] += qi * f.A
+        for r in (1, 2, 4):  # the received s_r·B·A is the rank-r prefix of B̄·Ā at every rank
+            got = state[name].factors(r, 8.0)
+            assert torch.allclose(got.delta(), B[:, :r] @ A[:r], atol=1e-12)
+            assert got.scaling == 8.0 / r
+        assert not torch.allclose(per_module.aggregate(updates)[name].dense(), B @ A)
+
+
+def test_flora_download_counts_the_cumulative_state_a_new_client_receives() -> None:
+    server = coordinator("flora", ["2", "4"], {"2": [2, 2], "4": [4, 4]})
+    state = server.initial_state()
+    fresh = server.start_factors(state, "c0", 1)
+    assert server.download_bytes(fresh, state, 1) == sum(f.num_bytes() for f in fresh.values())
+    updates = [trained(server, state, c, i, train_A=True) for i, c in enumerate(["c0", "c1"])]
+    state1, _ = server.aggregate(state, 1, ["c0", "c1"], updates)
+    updates = [trained(server, state, c, i + 5, train_A=True) for i, c in enumerate(["c0", "c1"])]
+    state2, _ = server.aggregate(state1, 2, ["c0", "c1"], updates)
+    start = server.start_factors(state2, "c1", 3)
+    own = sum(f.num_bytes() for f in start.values())
+    assert server.download_bytes(start, state2, 3) == own + state2.num_bytes()
+    assert state2[Q].rank == 6  # two rounds of ranks 2 + 4 = 12 stacked, SVD-capped at min(m, n)

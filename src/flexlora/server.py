@@ -143,7 +143,6 @@ class Coordinator:
             use_rslora=cfg.lora.use_rslora,
         )
         self.dp = _client_dp(cfg, len(self.client_type))
-        self.last_stack_rank: dict[str, int] = {}
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -198,16 +197,19 @@ class Coordinator:
             dtype=torch.float32,
         )
 
-    def download_bytes(self, start: Mapping[str, LoRAFactors]) -> int:
-        """Bytes a client downloads at the start of a round."""
-        if self.merges_into_base:
-            # FLoRA sends last round's stacked factors (rank = sum of its clients' ranks);
-            # the client merges them into its weights and starts a fresh adapter.
-            return sum(
-                r * (self.shapes[m][0] + self.shapes[m][1]) * 4
-                for m, r in self.last_stack_rank.items()
-            )
-        return sum(f.num_bytes() for f in start.values())
+    def download_bytes(
+        self, start: Mapping[str, LoRAFactors], state: GlobalUpdate | None = None, round_: int = 0
+    ) -> int:
+        """Bytes a client downloads at the start of ``round_``: what a node really receives.
+
+        FLoRA: a node that has not merged the earlier rounds (a new client, as every sampled
+        client may be) receives the cumulative global state to merge into its frozen weights
+        (what the Flower app sends from round 2 on), plus its fresh adapter.
+        """
+        own = sum(f.num_bytes() for f in start.values())
+        if self.merges_into_base and state is not None and round_ > 1:
+            return own + state.num_bytes()
+        return own
 
     # ------------------------------------------------------------------ aggregation
     def aggregate(
@@ -259,11 +261,6 @@ class Coordinator:
             except FlexLoRAError as exc:
                 log.warning("round %d: aggregation failed, state unchanged: %s", round_, exc)
                 kept_previous = True
-            else:
-                if self.merges_into_base:
-                    self.last_stack_rank = {
-                        m: sum(u.factors[m].rank for u in valid) for m in self.shapes
-                    }
         seconds_aggregate = time.perf_counter() - t0
         weights = [(u.metrics.get("train_loss"), u.num_examples) for u in valid]
         weights = [(x, w) for x, w in weights if x is not None]
@@ -341,7 +338,8 @@ class Coordinator:
         }
 
     def state_extra(self) -> dict[str, Any]:
-        return {"last_stack_rank": dict(self.last_stack_rank)}
+        """Server state besides the global update that a checkpoint keeps (none today)."""
+        return {}
 
     def restore_extra(self, extra: Mapping[str, Any]) -> None:
-        self.last_stack_rank = {str(k): int(v) for k, v in extra.get("last_stack_rank", {}).items()}
+        """Inverse of :meth:`state_extra`; older checkpoints' keys are ignored."""

@@ -184,9 +184,13 @@ class Aggregator(ABC):
         """
         updates = list(updates)
         shapes = check_updates(updates)
-        p = normalize_weights(updates, weights)
+        p = self.client_weights(updates, normalize_weights(updates, weights))
         modules = {name: self.aggregate_module(name, updates, p, previous) for name in shapes}
         return GlobalUpdate(modules=modules, strategy=self.name)
+
+    def client_weights(self, updates: Sequence[ClientUpdate], p: list[float]) -> list[float]:
+        """The per-client weights the modules are aggregated with (default: ``p`` itself)."""
+        return p
 
     @abstractmethod
     def aggregate_module(

@@ -137,7 +137,7 @@ class FlexLoRAStrategy(Strategy):
             node = self.node_of[cid]
             plan.node_client[node] = cid
             plan.messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-            plan.bytes_down[cid] = server.download_bytes(start)
+            plan.bytes_down[cid] = server.download_bytes(start, state, round_)
             plan.wire_bytes_down[cid] = record_bytes(arrays) + (record_bytes(base) if base else 0)
         return plan
 

@@ -161,7 +161,7 @@ class FederatedRun:
         tokens = 0
         for cid in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not bar):
             start = server.start_factors(state, cid, round_)
-            bytes_down[cid] = server.download_bytes(start)
+            bytes_down[cid] = server.download_bytes(start, state, round_)
             try:
                 if cid in failing:
                     raise RuntimeError("injected client failure (federation.fail_rate)")
