@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from flexlora.config import RunConfig, load_config
+from flexlora.config_io import to_dict
 from flexlora.data.types import ClientSplit, Example, FederatedDataset
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
@@ -57,3 +60,42 @@ def tiny_config(out: str, **sections: Any) -> RunConfig:
     for key, value in sections.items():
         values.setdefault(key, {}).update(value)
     return load_config(values=values)
+
+
+def write_jsonl_job(folder: Path) -> Path:
+    """A JSONL dataset (8 tasks) and a 4-round tiny-llama config that reads it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "tasks.jsonl"
+    with data.open("w", encoding="utf-8") as fh:
+        for t in range(8):
+            for i in range(10):
+                word = WORDS[(t + i) % len(WORDS)]
+                record = {
+                    "instruction": f"Repeat the word ({t % 3})",
+                    "input": word,
+                    "output": word,
+                    "category": f"cat{t % 3}",
+                    "task": f"task{t}",
+                }
+                fh.write(json.dumps(record) + "\n")
+    values = {
+        "model": {"name": "tiny-llama", "threads": 1},
+        "data": {
+            "source": "jsonl",
+            "path": str(data),
+            "task_field": "task",
+            "unseen_fraction": 0.25,
+            "max_test_per_client": 2,
+        },
+        "train": {"local_steps": 60},
+        "federation": {"rounds": 4, "clients_per_round": 3},
+        "eval": {"at_start": False, "every": 0},
+        "output": {"dir": str(folder / "unused")},
+    }
+    base = tiny_config("unused")
+    merged = {**to_dict(base)}
+    for section, value in values.items():
+        merged[section] = {**merged.get(section, {}), **value}
+    config = folder / "config.toml"
+    load_config(values=merged).save(config)
+    return config

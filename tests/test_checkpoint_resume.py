@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flexlora.config import load_config
 from flexlora.config_io import to_dict
 from flexlora.simulation import checkpoint as ck
 from flexlora.simulation.checkpoint import (
@@ -31,7 +30,7 @@ from flexlora.simulation.runner import FederatedRun
 from flexlora.training.model import build_tiny_llama
 from flexlora.types import GlobalUpdate, ModuleDelta
 from tests.reliability_helpers import one_torch_thread  # noqa: F401 (fixture)
-from tests.sim_helpers import WORDS, make_dataset, tiny_config
+from tests.sim_helpers import make_dataset, tiny_config, write_jsonl_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -250,45 +249,6 @@ def test_resume_in_process_equals_an_uninterrupted_run(
 
 
 # ---------------------------------------------------------------- SIGKILL, then flexlora resume
-def write_jsonl_job(folder: Path) -> Path:
-    """A JSONL dataset (8 tasks) and a 4-round tiny-llama config that reads it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "tasks.jsonl"
-    with data.open("w", encoding="utf-8") as fh:
-        for t in range(8):
-            for i in range(10):
-                word = WORDS[(t + i) % len(WORDS)]
-                record = {
-                    "instruction": f"Repeat the word ({t % 3})",
-                    "input": word,
-                    "output": word,
-                    "category": f"cat{t % 3}",
-                    "task": f"task{t}",
-                }
-                fh.write(json.dumps(record) + "\n")
-    values = {
-        "model": {"name": "tiny-llama", "threads": 1},
-        "data": {
-            "source": "jsonl",
-            "path": str(data),
-            "task_field": "task",
-            "unseen_fraction": 0.25,
-            "max_test_per_client": 2,
-        },
-        "train": {"local_steps": 60},
-        "federation": {"rounds": 4, "clients_per_round": 3},
-        "eval": {"at_start": False, "every": 0},
-        "output": {"dir": str(folder / "unused")},
-    }
-    base = tiny_config("unused")
-    merged = {**to_dict(base)}
-    for section, value in values.items():
-        merged[section] = {**merged.get(section, {}), **value}
-    config = folder / "config.toml"
-    load_config(values=merged).save(config)
-    return config
-
-
 def flexlora(*args: str | Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     return subprocess.Popen(

@@ -142,8 +142,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as TOML and exit"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run of another config in the output folder (its config.toml, "
+        "metrics, checkpoint and adapters are removed); without it such a folder is refused, "
+        "and a run of the same config is resumed",
+    )
 
     def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
         from flexlora.config import load_config
 
         cfg = load_config(args.config, _run_overrides(args))
@@ -151,9 +160,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
             print(cfg.to_toml(), end="")
             return 0
         from flexlora.simulation.report import format_table
+        from flexlora.simulation.rundir import RunLock, prepare_run_folder
         from flexlora.simulation.runner import FederatedRun
 
-        metrics = FederatedRun(cfg).run()
+        folder = Path(cfg.output.dir)
+        with RunLock(folder):  # held from the check to the end of the run
+            resume = prepare_run_folder(folder, cfg, overwrite=args.overwrite)
+            metrics = FederatedRun(cfg).run(resume=resume)
         print(format_table(metrics))
         print(f"outputs in {cfg.output.dir}")
         return 0

@@ -105,21 +105,25 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from flexlora.bench.runner import base_config, run_bench
+    from flexlora.simulation.rundir import RunLock
 
     preset = get_preset(args.preset) if args.preset else None
     strategies = parse_list(args.strategies, "strategies") if args.strategies else None
     distributions = parse_list(args.distributions, "distributions") if args.distributions else None
     seeds = parse_seeds(args.seeds) if args.seeds else None
-    result = run_bench(
-        strategies or (preset.strategies if preset else ALL_STRATEGIES),
-        distributions or (preset.distributions if preset else ALL_DISTRIBUTIONS),
-        seeds or list(range(preset.seeds if preset else 3)),
-        args.out or f"runs/bench-{preset.name if preset else 'default'}",
-        base=base_config(args.config, preset, args.set),
-        jobs=args.jobs,
-        reference=args.reference,
-        vary_data=args.vary_data,
-    )
+    out = args.out or f"runs/bench-{preset.name if preset else 'default'}"
+    base = base_config(args.config, preset, args.set)
+    with RunLock(out):  # one bench writes a bench folder at a time
+        result = run_bench(
+            strategies or (preset.strategies if preset else ALL_STRATEGIES),
+            distributions or (preset.distributions if preset else ALL_DISTRIBUTIONS),
+            seeds or list(range(preset.seeds if preset else 3)),
+            out,
+            base=base,
+            jobs=args.jobs,
+            reference=args.reference,
+            vary_data=args.vary_data,
+        )
     print(f"outputs in {result.out}: " + ", ".join(f.name for f in result.files))
     if result.failed:
         print(f"{len(result.failed)} run(s) failed; repeat the command to retry them")

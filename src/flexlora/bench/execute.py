@@ -23,6 +23,7 @@ from flexlora.bench.plan import Task
 from flexlora.bench.settings import baseline_fingerprint, config_json
 from flexlora.config import RunConfig
 from flexlora.errors import FlexLoRAError
+from flexlora.simulation.rundir import LOCK
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def copy_run(source: Path, target: Path, cfg: RunConfig, same_as: RunKey) -> Non
     marker = read_json(source / MARKER) or {}
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(MARKER, "checkpoint"))
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(MARKER, LOCK, "checkpoint"))
     (target / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
     write_json(
         target / MARKER,

@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write_bytes",
     "check_resumable",
+    "config_differences",
     "load_checkpoint",
     "save_checkpoint",
 ]
@@ -257,24 +258,32 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resumable(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
-    """Refuse to resume when the configuration changed in a way that changes the result.
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``section.key: old -> new`` for each key a resume may not change (sorted by key).
 
-    ``saved`` and ``current`` are configs as plain JSON values (``config_io.to_dict``). Only
-    :data:`RESUMABLE_CHANGES` may differ: anything else (seed, rounds, strategy, data, ...)
-    would give a run that equals no uninterrupted one.
+    ``saved`` and ``current`` are configs as plain JSON values (``config_io.to_dict``); keys in
+    :data:`RESUMABLE_CHANGES` are ignored.
     """
-    if saved is None:
-        raise CheckpointError("the checkpoint does not record its configuration")
     before = _flatten(_jsonable(saved))
     after = _flatten(_jsonable(current))
-    changed = [
-        k
+    return [
+        f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
         for k in sorted(set(before) | set(after))
         if k not in RESUMABLE_CHANGES and before.get(k) != after.get(k)
     ]
+
+
+def check_resumable(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
+    """Refuse to resume when the configuration changed in a way that changes the result.
+
+    Only :data:`RESUMABLE_CHANGES` may differ: anything else (seed, rounds, strategy, data,
+    ...) would give a run that equals no uninterrupted one.
+    """
+    if saved is None:
+        raise CheckpointError("the checkpoint does not record its configuration")
+    changed = config_differences(saved, current)
     if changed:
-        shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:5])
+        shown = "; ".join(changed[:5])
         raise CheckpointError(
             f"the configuration changed since the checkpoint ({shown}); a resumed run would "
             f"not equal an uninterrupted one. Restore config.toml or start a new run."

@@ -31,6 +31,7 @@ from flexlora.simulation.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from flexlora.simulation.rundir import locked_run_folder
 from flexlora.training.model import target_linear_modules
 from flexlora.training.worker import ClientWorker
 from flexlora.types import ClientUpdate, GlobalUpdate
@@ -203,6 +204,7 @@ class FederatedRun:
         return new_state, row
 
     # ---------------------------------------------------------------- the loop
+    @locked_run_folder  # a second process writing this folder refuses (simulation.rundir)
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         cfg = self.cfg
         fed = cfg.federation
