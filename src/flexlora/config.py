@@ -112,8 +112,19 @@ class TrainConfig:
     momentum: float = _help("SGD momentum", default=0.0)
     max_grad_norm: float = _help("clip the gradient norm (0: off)", default=1.0)
     precision: str = _help("fp32 or bf16 (autocast)", default="fp32")
+    parallel_clients: int | str = _help(
+        "clients trained together in one batched pass over the base model (1: one at a "
+        "time; 'auto': as many as fit in memory, at most federation.clients_per_round); "
+        "each client's result is the same as alone",
+        default=1,
+    )
 
     def __post_init__(self) -> None:
+        pc = self.parallel_clients
+        if pc != "auto" and (isinstance(pc, bool) or not isinstance(pc, int) or pc < 1):
+            raise UsageError(
+                f"train.parallel_clients must be an integer >= 1 or 'auto', got {pc!r}"
+            )
         if self.optimizer not in ("adamw", "sgd"):
             raise UsageError(f"train.optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):

@@ -32,8 +32,9 @@ from flexlora.simulation.checkpoint import (
     save_checkpoint,
 )
 from flexlora.simulation.rundir import locked_run_folder
+from flexlora.training.capacity import auto_parallel_clients
 from flexlora.training.model import target_linear_modules
-from flexlora.training.worker import ClientWorker
+from flexlora.training.worker import ClientJob, ClientWorker
 from flexlora.types import ClientUpdate, GlobalUpdate
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,14 @@ class FederatedRun:
             cfg.train,
             template=getattr(self.data, "template", None) or cfg.data.template,
         )
+        pc = cfg.train.parallel_clients
+        self.parallel_clients = (
+            auto_parallel_clients(
+                model, self.server.shapes, self.server.slot_ranks, cfg.train, fed.clients_per_round
+            )
+            if pc == "auto"
+            else int(pc)
+        )
         self._eval_sets = self._choose_eval_sets()
         log.info(
             "strategy %s, %d clients of types %s",
@@ -160,35 +169,37 @@ class FederatedRun:
         bytes_down: dict[str, int] = {}
         seconds_train = 0.0
         tokens = 0
-        for cid in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not bar):
-            start = server.start_factors(state, cid, round_)
-            bytes_down[cid] = server.download_bytes(start, state, round_)
-            try:
-                if cid in failing:
-                    raise RuntimeError("injected client failure (federation.fail_rate)")
-                t0 = time.perf_counter()
-                update, result = self.worker.train(
+        size = self.parallel_clients
+        groups = [clients[i : i + size] for i in range(0, len(clients), size)]
+        progress = tqdm(
+            total=len(clients), desc=f"round {round_} clients", leave=False, disable=not bar
+        )
+        for group in groups:
+            jobs = []
+            for cid in group:
+                start = server.start_factors(state, cid, round_)
+                bytes_down[cid] = server.download_bytes(start, state, round_)
+                job = ClientJob(
                     cid,
                     server.client_type[cid],
                     start,
                     self.data.train(cid),
-                    seed=server.client_seed(round_, cid),
-                    train_A=server.trains_A,
+                    server.client_seed(round_, cid),
                 )
-                took = time.perf_counter() - t0
-                if fed.client_timeout and took > fed.client_timeout:
-                    # A straggler: a real server has stopped waiting, so its reply is ignored.
-                    raise RuntimeError(
-                        f"straggler: replied after {took:.2f}s > federation.client_timeout="
-                        f"{fed.client_timeout:g}s"
-                    )
-            except (RuntimeError, FlexLoRAError) as exc:
-                failures[cid] = str(exc)
-                log.warning("round %d: client %s dropped: %s", round_, cid, exc)
-                continue
-            seconds_train += result.seconds
-            tokens += result.tokens
-            updates.append(update)
+                try:
+                    if cid in failing:
+                        raise RuntimeError("injected client failure (federation.fail_rate)")
+                    self.worker.check(job)
+                    jobs.append(job)
+                except (RuntimeError, FlexLoRAError) as exc:
+                    failures[cid] = str(exc)
+                    log.warning("round %d: client %s dropped: %s", round_, cid, exc)
+            group_seconds, group_tokens, done = self._train_group(jobs, round_, failures)
+            seconds_train += group_seconds
+            tokens += group_tokens
+            updates.extend(done)
+            progress.update(len(group))
+        progress.close()
         new_state, row = server.aggregate(state, round_, clients, updates, failures)
         if server.merges_into_base and new_state is not state:
             self.worker.set_base_delta(new_state)
@@ -202,6 +213,48 @@ class FederatedRun:
             }
         )
         return new_state, row
+
+    def _train_group(
+        self, jobs: list[ClientJob], round_: int, failures: dict[str, str]
+    ) -> tuple[float, int, list[ClientUpdate]]:
+        """Train clients together (``train.parallel_clients``); drop stragglers and failures.
+
+        Returns the group's training seconds (its last accepted client's: they trained at the
+        same time), their tokens and their updates.
+        """
+        if not jobs:
+            return 0.0, 0, []
+        timeout = self.cfg.federation.client_timeout
+        try:
+            t0 = time.perf_counter()
+            trained = self.worker.train_many(jobs, train_A=self.server.trains_A)
+            took = time.perf_counter() - t0
+        except (RuntimeError, FlexLoRAError) as exc:
+            for job in jobs:
+                failures[job.client] = str(exc)
+                log.warning("round %d: client %s dropped: %s", round_, job.client, exc)
+            return 0.0, 0, []
+        updates, kept = [], []
+        for update, result in trained:
+            # alone: the call's time; batched: the time until the client left the batch
+            replied = took if len(jobs) == 1 else result.seconds
+            if timeout and replied > timeout:
+                # A straggler: a real server has stopped waiting, so its reply is ignored.
+                failures[update.client_id] = (
+                    f"straggler: replied after {replied:.2f}s > "
+                    f"federation.client_timeout={timeout:g}s"
+                )
+                log.warning(
+                    "round %d: client %s dropped: %s",
+                    round_,
+                    update.client_id,
+                    failures[update.client_id],
+                )
+                continue
+            updates.append(update)
+            kept.append(result)
+        seconds = max((r.seconds for r in kept), default=0.0)
+        return seconds, sum(r.tokens for r in kept), updates
 
     # ---------------------------------------------------------------- the loop
     @locked_run_folder  # a second process writing this folder refuses (simulation.rundir)

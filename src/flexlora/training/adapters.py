@@ -54,6 +54,7 @@ class AdapterHost:
             raise UsageError("an adapter host needs at least one slot")
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
+        self.dropout = float(dropout)
         self.slot_ranks = {name: dict(ranks) for name, ranks in slots.items()}
         self.peft: PeftModel | None = None
         for name, ranks in self.slot_ranks.items():
@@ -128,36 +129,50 @@ class AdapterHost:
         self.active = slot
         return params
 
-    def load(self, slot: str, factors: Mapping[str, LoRAFactors], client: str = "?") -> None:
-        """Copy a client's starting factors into ``slot``."""
+    def check(self, slot: str, factors: Mapping[str, LoRAFactors], client: str = "?") -> None:
+        """Raise :class:`InvalidUpdateError` unless ``factors`` fit ``slot`` (shapes, scaling)."""
+        if slot not in self.slot_ranks:
+            raise UsageError(f"unknown adapter slot {slot!r}")
         ranks = self.slot_ranks[slot]
         missing = set(self.layers) - set(factors)
         if missing:
             raise InvalidUpdateError(client, sorted(missing)[0], "missing_module", "no factors")
+        for name, layer in self.layers.items():
+            f = factors[name]
+            a = layer.lora_A[slot].weight  # (r, n)
+            b = layer.lora_B[slot].weight  # (m, r)
+            if (
+                f.rank != ranks[name]
+                or tuple(f.A.shape) != tuple(a.shape)
+                or tuple(f.B.shape) != tuple(b.shape)
+            ):
+                raise InvalidUpdateError(
+                    client,
+                    name,
+                    "shape",
+                    f"factors A{tuple(f.A.shape)} B{tuple(f.B.shape)} do not fit the "
+                    f"slot's A{tuple(a.shape)} B{tuple(b.shape)}",
+                )
+            if abs(f.scaling - self.scaling(slot, name)) > 1e-9 * max(1.0, f.scaling):
+                raise InvalidUpdateError(
+                    client,
+                    name,
+                    "alpha",
+                    f"factors have scaling {f.scaling}, the slot {layer.scaling[slot]}",
+                )
+
+    def scaling(self, slot: str, module: str) -> float:
+        """PEFT's LoRA scaling of ``module`` in ``slot`` (alpha / r, or alpha / sqrt r)."""
+        return float(self.layers[module].scaling[slot])
+
+    def load(self, slot: str, factors: Mapping[str, LoRAFactors], client: str = "?") -> None:
+        """Copy a client's starting factors into ``slot``."""
+        self.check(slot, factors, client)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 f = factors[name]
                 a = layer.lora_A[slot].weight  # (r, n)
                 b = layer.lora_B[slot].weight  # (m, r)
-                if (
-                    f.rank != ranks[name]
-                    or tuple(f.A.shape) != tuple(a.shape)
-                    or tuple(f.B.shape) != tuple(b.shape)
-                ):
-                    raise InvalidUpdateError(
-                        client,
-                        name,
-                        "shape",
-                        f"factors A{tuple(f.A.shape)} B{tuple(f.B.shape)} do not fit the "
-                        f"slot's A{tuple(a.shape)} B{tuple(b.shape)}",
-                    )
-                if abs(f.scaling - float(layer.scaling[slot])) > 1e-9 * max(1.0, f.scaling):
-                    raise InvalidUpdateError(
-                        client,
-                        name,
-                        "alpha",
-                        f"factors have scaling {f.scaling}, the slot {layer.scaling[slot]}",
-                    )
                 a.copy_(f.A.to(a.dtype))
                 b.copy_(f.B.to(b.dtype))
 

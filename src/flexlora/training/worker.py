@@ -8,16 +8,18 @@ its starting factors and a seed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from flexlora.config import EvalConfig, LoRASettings, TrainConfig
 from flexlora.data.templates import render_prompt
 from flexlora.data.types import Example
 from flexlora.training.adapters import AdapterHost
+from flexlora.training.batched import ClientJob, train_many
 from flexlora.training.client import LocalResult, TokenizedExample, tokenize, train_local
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
 
-__all__ = ["ClientWorker", "LazyTokenized"]
+__all__ = ["ClientJob", "ClientWorker", "LazyTokenized"]
 
 
 class LazyTokenized(Sequence[TokenizedExample]):
@@ -103,6 +105,41 @@ class ClientWorker:
             metrics={"train_loss": result.train_loss, "tokens": float(result.tokens)},
         )
         return update, result
+
+    def check(self, job: ClientJob) -> None:
+        """Raise if ``job`` cannot train: no examples, or start factors that miss its slot."""
+        if not job.examples:
+            raise RuntimeError("client has no training examples")
+        self.host.check(job.slot, job.start, client=job.client)
+
+    def train_many(
+        self, jobs: Sequence[ClientJob], train_A: bool = True
+    ) -> list[tuple[ClientUpdate, LocalResult]]:
+        """Train several clients together in one batched pass (``train.parallel_clients``).
+
+        Each client's result is what :meth:`train` gives it alone (same order, loss weighting,
+        clipping, schedule and optimizer state, per client); see :mod:`flexlora.training.batched`.
+        """
+        if len(jobs) == 1:
+            j = jobs[0]
+            return [self.train(j.client, j.slot, j.start, j.examples, j.seed, train_A=train_A)]
+        tokenized = [
+            replace(j, start=dict(j.start), examples=LazyTokenized(j.examples, self.encode))
+            for j in jobs
+        ]
+        results = train_many(self.host, tokenized, self.train_cfg, self.pad_id, train_A=train_A)
+        return [
+            (
+                ClientUpdate(
+                    client_id=j.client,
+                    num_examples=len(j.examples),
+                    factors=r.factors,
+                    metrics={"train_loss": r.train_loss, "tokens": float(r.tokens)},
+                ),
+                r,
+            )
+            for j, r in zip(jobs, results, strict=True)
+        ]
 
     def set_base_delta(self, state: GlobalUpdate | None) -> None:
         self.host.set_base_delta(state)
