@@ -43,6 +43,10 @@ def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
+DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
+
+
 @dataclass
 class ModelConfig:
     name: str = _help(
@@ -58,11 +62,63 @@ class ModelConfig:
         default="auto",
     )
 
+    quantization: str = _help(
+        "quantize the frozen base on load with bitsandbytes: none, 4bit (QLoRA) or 8bit; the "
+        "LoRA weights stay float32 (`pip install 'flexlora[quant]'`)",
+        default="none",
+    )
+    bnb_4bit_quant_type: str = _help("4-bit data type: nf4 (QLoRA) or fp4", default="nf4")
+    bnb_4bit_use_double_quant: bool = _help(
+        "4-bit: quantize the quantization constants too (~0.4 bit a weight less)", default=True
+    )
+    bnb_4bit_compute_dtype: str = _help(
+        "4-bit: dtype of the matmuls: auto (model.dtype, bfloat16 when that is auto), "
+        "bfloat16, float16 or float32",
+        default="auto",
+    )
+    device_map: str = _help(
+        "transformers device map: empty puts the whole model on model.device as it loads; "
+        "auto, balanced, balanced_low_0 or sequential spread it over the visible GPUs",
+        default="",
+    )
+    attn_implementation: str = _help(
+        "attention kernel passed to from_pretrained (eager, sdpa, flash_attention_2, ...); "
+        "empty: transformers' default",
+        default="",
+    )
+
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+        if self.dtype not in DTYPE_NAMES:
             raise UsageError(f"model.dtype: {self.dtype!r} is not float32/bfloat16/float16/auto")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UsageError(f"model.device: {self.device!r} is not auto, cpu, cuda, cuda:N or mps")
+        if self.quantization not in ("none", "4bit", "8bit"):
+            raise UsageError(f"model.quantization: {self.quantization!r} is not none, 4bit or 8bit")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise UsageError(
+                f"model.bnb_4bit_quant_type: {self.bnb_4bit_quant_type!r} is not nf4 or fp4"
+            )
+        if self.bnb_4bit_compute_dtype not in DTYPE_NAMES:
+            raise UsageError(
+                f"model.bnb_4bit_compute_dtype: {self.bnb_4bit_compute_dtype!r} is not "
+                "auto/bfloat16/float16/float32"
+            )
+        if self.device_map not in DEVICE_MAPS:
+            raise UsageError(
+                f"model.device_map: {self.device_map!r} is not one of "
+                f"{', '.join(repr(m) for m in DEVICE_MAPS)}"
+            )
+        if self.device_map and self.device not in ("auto", "cuda"):
+            raise UsageError(
+                f"model.device_map = {self.device_map!r} spreads the model over the GPUs; it "
+                f"cannot be combined with model.device = {self.device!r} (leave one of them out)"
+            )
+        if self.attn_implementation and not re.fullmatch(
+            r"[A-Za-z0-9_\-/.]+", self.attn_implementation
+        ):
+            raise UsageError(
+                f"model.attn_implementation: {self.attn_implementation!r} is not a kernel name"
+            )
 
 
 @dataclass
@@ -72,8 +128,18 @@ class LoRASettings:
         default_factory=lambda: ["q_proj", "v_proj", "up_proj", "down_proj"],
     )
     ffn_modules: list[str] = _help(
-        "which of the target modules are feed-forward (they take the rank type's FFN rank)",
-        default_factory=lambda: ["gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc"],
+        "which of the target modules are feed-forward (they take the rank type's FFN rank); a "
+        "name matches a module's leaf name or a dotted suffix of its path (GPT-2's mlp.c_proj)",
+        default_factory=lambda: [
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "gate_up_proj",
+            "fc1",
+            "fc2",
+            "c_fc",
+            "mlp.c_proj",
+        ],
     )
     alpha: float = _help(
         "lora_alpha (scaling is alpha/r, or alpha/sqrt(r) with rsLoRA)", default=16.0
@@ -117,6 +183,11 @@ class TrainConfig:
         "time; 'auto': as many as fit in memory, at most federation.clients_per_round); "
         "each client's result is the same as alone",
         default=1,
+    )
+    gradient_checkpointing: bool = _help(
+        "recompute each decoder layer's activations in the backward pass instead of keeping "
+        "them (less memory, ~30 % more compute; use_reentrant=False)",
+        default=False,
     )
 
     def __post_init__(self) -> None:

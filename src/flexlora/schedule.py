@@ -112,7 +112,14 @@ def module_ranks(
     rank_type: Sequence[int],
     ffn_modules: Sequence[str],
 ) -> dict[str, int]:
-    """Per-module rank for one resource type: FFN modules take the second rank."""
+    """Per-module rank for one resource type: FFN modules take the second rank.
+
+    A module is feed-forward when its path is, or ends with ``"." +``, one of ``ffn_modules``
+    (``up_proj`` matches ``model.layers.0.mlp.up_proj``; ``mlp.c_proj`` GPT-2's MLP output
+    but not its attention's ``attn.c_proj``).
+    """
     attention_rank, ffn_rank = int(rank_type[0]), int(rank_type[1])
-    ffn = set(ffn_modules)
-    return {m: ffn_rank if m.rsplit(".", 1)[-1] in ffn else attention_rank for m in modules}
+    suffixes = tuple("." + f for f in ffn_modules)
+    return {
+        m: ffn_rank if m in ffn_modules or m.endswith(suffixes) else attention_rank for m in modules
+    }

@@ -54,13 +54,11 @@ class NodeRuntime:
         self._drawn: dict[str, str] | None = None
 
     def _load(self) -> ClientWorker:
-        from flexlora.training.model import load_base_model, target_linear_modules
+        from flexlora.models import load_model, target_linear_modules
 
         if self._worker is None:
             cfg = self.cfg
-            model, tokenizer = load_base_model(
-                cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
-            )
+            model, tokenizer = load_model(cfg.model)
             self._shapes = target_linear_modules(model, cfg.lora.target_modules)
             # Every configured type gets a slot: the server says which one a round uses.
             self._slot_ranks = {

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import FlexLoRAError, UsageError
+from flexlora.models import target_linear_modules
 from flexlora.schedule import sample_clients
 from flexlora.server import Coordinator, resolve_client_types
 from flexlora.simulation.checkpoint import (
@@ -33,7 +34,6 @@ from flexlora.simulation.checkpoint import (
 )
 from flexlora.simulation.rundir import locked_run_folder
 from flexlora.training.capacity import auto_parallel_clients
-from flexlora.training.model import target_linear_modules
 from flexlora.training.worker import ClientJob, ClientWorker
 from flexlora.types import ClientUpdate, GlobalUpdate
 
@@ -80,12 +80,10 @@ class FederatedRun:
         if not self.data.seen:
             raise UsageError("the dataset has no seen (training) clients")
         if model_and_tokenizer is None:
-            from flexlora.training.model import load_base_model
+            from flexlora.models import load_model
 
             t0 = time.perf_counter()
-            model_and_tokenizer = load_base_model(
-                cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
-            )
+            model_and_tokenizer = load_model(cfg.model)
             log.info("model %s loaded (%.1fs)", cfg.model.name, time.perf_counter() - t0)
         model, tokenizer = model_and_tokenizer
 

@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.models.targets import layer_shape
 from flexlora.types import GlobalUpdate, LoRAFactors
 
 __all__ = ["AdapterHost"]
@@ -108,8 +109,7 @@ class AdapterHost:
         """(m, n) = (out_features, in_features) of every adapted module."""
         out = {}
         for name, layer in self.layers.items():
-            base = layer.get_base_layer()
-            out[name] = (int(base.out_features), int(base.in_features))
+            out[name] = layer_shape(layer.get_base_layer())
         return out
 
     def activate(self, slot: str, train_A: bool = True) -> list[nn.Parameter]:

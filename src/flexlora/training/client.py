@@ -186,7 +186,7 @@ def train_local(
             if count == 0:
                 continue
             with autocast:
-                out = model(**{k: v.to(device) for k, v in batch.items()})
+                out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
             loss = out.loss * (count / total)
             loss.backward()
             step_loss += float(loss.detach())

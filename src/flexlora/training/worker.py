@@ -14,6 +14,7 @@ from typing import Any
 from flexlora.config import EvalConfig, LoRASettings, TrainConfig
 from flexlora.data.templates import render_prompt
 from flexlora.data.types import Example
+from flexlora.models.prepare import prepare_for_training
 from flexlora.training.adapters import AdapterHost
 from flexlora.training.batched import ClientJob, train_many
 from flexlora.training.client import LocalResult, TokenizedExample, tokenize, train_local
@@ -54,6 +55,7 @@ class ClientWorker:
         self.tokenizer = tokenizer
         self.train_cfg = train
         self.template = template
+        prepare_for_training(model, train)  # k-bit preparation, checkpointing: before PEFT
         self.host = AdapterHost(
             model,
             list(lora.target_modules),

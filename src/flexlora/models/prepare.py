@@ -1,0 +1,59 @@
+"""Getting a loaded base model ready for LoRA training: k-bit preparation, checkpointing.
+
+Called once, where the base model is handed to the client worker, before PEFT wraps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from torch import nn
+
+from flexlora.config import TrainConfig
+from flexlora.errors import UsageError
+from flexlora.models.loading import is_quantized
+
+__all__ = ["prepare_for_training"]
+
+logger = logging.getLogger(__name__)
+
+#: Non-reentrant checkpointing (PyTorch's recommendation): gradients reach the LoRA weights
+#: inside a checkpointed block without the input embeddings having to require grad.
+CHECKPOINT_KWARGS = {"use_reentrant": False}
+
+
+def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Freeze the base; on a quantized base run PEFT's k-bit preparation; checkpoint if asked.
+
+    On a bitsandbytes base, PEFT's ``prepare_model_for_kbit_training`` casts every parameter
+    that is not quantized (embeddings, norms, the output head) to float32, as QLoRA does, so
+    the float32 LoRA weights and the loss see float32 activations; the quantized weights are
+    never touched. ``train.gradient_checkpointing`` recomputes each decoder layer's
+    activations in the backward pass instead of keeping them (``use_reentrant=False``).
+    Idempotent; returns ``model``.
+    """
+    model.requires_grad_(False)
+    if is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS),
+        )
+    elif cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UsageError(
+                f"train.gradient_checkpointing: {type(model).__name__} does not support "
+                "gradient checkpointing"
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*use_cache=True.*", UserWarning)
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS)
+            )
+    if cfg.gradient_checkpointing:
+        logger.info("gradient checkpointing on (%s)", type(model).__name__)
+    model.eval()
+    return model

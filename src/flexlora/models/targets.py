@@ -1,0 +1,88 @@
+"""Which layers of a causal LM can carry a LoRA adapter, and their ``(m, n)`` shapes.
+
+Any model transformers loads keeps its own module names (``q_proj``, Phi-3's fused
+``qkv_proj``, GPT-2's ``c_attn``): targets are matched on those names as PEFT matches them.
+Adaptable kinds are ``torch.nn.Linear`` (bitsandbytes' ``Linear4bit`` and ``Linear8bitLt``
+are subclasses: their packed weights are never read, only their declared features) and
+transformers' GPT-2-style ``Conv1D``, whose weight is stored transposed as ``(in, out)``;
+PEFT adapts it with ``fan_in_fan_out``. Shapes are always reported as ``(out, in)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from peft import PeftModel
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from flexlora.errors import UsageError
+
+__all__ = ["ADAPTABLE_KINDS", "is_adaptable", "layer_kind", "layer_shape", "target_linear_modules"]
+
+ADAPTABLE_KINDS = (
+    "torch.nn.Linear (and bitsandbytes Linear4bit / Linear8bitLt), transformers Conv1D (GPT-2)"
+)
+
+
+def is_adaptable(layer: nn.Module) -> bool:
+    """A linear layer (any ``nn.Linear`` subclass, quantized ones included) or a ``Conv1D``."""
+    return isinstance(layer, (nn.Linear, Conv1D))
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """The layer's class, with its module for anything outside torch.nn (for error messages)."""
+    cls = type(layer)
+    return (
+        cls.__name__
+        if cls.__module__.startswith("torch.nn")
+        else f"{cls.__module__}.{cls.__name__}"
+    )
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(m, n)`` = (out_features, in_features) of an adaptable layer."""
+    if isinstance(layer, Conv1D):
+        n, m = layer.weight.shape  # (in, out): Conv1D computes x @ W + b
+        return int(m), int(n)
+    if isinstance(layer, nn.Linear):
+        return int(layer.out_features), int(layer.in_features)
+    raise UsageError(f"a {layer_kind(layer)} cannot be adapted; adaptable: {ADAPTABLE_KINDS}")
+
+
+def target_linear_modules(
+    model: nn.Module, target_modules: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """Module name -> ``(m, n)`` = (out_features, in_features) of each targeted layer.
+
+    Targets match as in PEFT: a module named ``key`` matches ``t`` when ``key == t`` or ``key``
+    ends with ``"." + t`` (so ``q_proj`` matches ``model.layers.0.self_attn.q_proj``). Names are
+    the base model's own paths; a PEFT-wrapped model is accepted (its prefix is stripped and a
+    LoRA layer reports its ``base_layer``'s shape). Works on a model on the meta device.
+    """
+    if isinstance(target_modules, str):
+        raise UsageError("target_modules must be a list of module names, not one string")
+    targets = list(target_modules)
+    if not targets:
+        raise UsageError("target_modules is empty")
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    shapes: dict[str, tuple[int, int]] = {}
+    leaves: set[str] = set()
+    for name, module in root.named_modules():
+        layer = getattr(module, "base_layer", module)
+        if is_adaptable(layer):
+            leaves.add(name.rsplit(".", 1)[-1])
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if not is_adaptable(layer):
+            raise UsageError(
+                f"target module {name} is a {layer_kind(layer)}, which cannot be adapted; "
+                f"adaptable layer kinds: {ADAPTABLE_KINDS}"
+            )
+        shapes[name] = layer_shape(layer)
+    if not shapes:
+        raise UsageError(
+            f"no adaptable layer matches target_modules {targets}; this model's linear layers "
+            f"are named {sorted(leaves - {'base_layer', 'default'})}"
+        )
+    return shapes
