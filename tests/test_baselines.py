@@ -8,15 +8,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from flexlora.aggregation import get_aggregator
 from flexlora.config import load_config
 from flexlora.server import Coordinator
 from flexlora.simulation.runner import FederatedRun
-from flexlora.training.model import build_tiny_llama
-from flexlora.types import ClientUpdate, LoRAFactors
+from flexlora.training.model import build_tiny_llama, target_linear_modules
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
 from tests.sim_helpers import make_dataset, tiny_config
+from tests.test_aggregation import (
+    UP,
+    client_ranks,
+    dense,
+    make_round,
+    probabilities,
+    product,
+    ref_padded_average,
+    ref_sum,
+    rel_err,
+    rounds,
+)
 
 Q = "model.layers.0.self_attn.q_proj"
 SHAPES = {Q: (6, 8)}
@@ -161,3 +177,104 @@ def test_flora_download_counts_the_cumulative_state_a_new_client_receives() -> N
     own = sum(f.num_bytes() for f in start.values())
     assert server.download_bytes(start, state2, 3) == own + state2.num_bytes()
     assert state2[Q].rank == 6  # two rounds of ranks 2 + 4 = 12 stacked, SVD-capped at min(m, n)
+
+
+# --- FedEx-LoRA -----------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    first=rounds(),
+    seed=st.integers(0, 2**31 - 1),
+    ranks=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 8)), min_size=1, max_size=4),
+)
+def test_fedex_global_model_is_w0_plus_the_average_update_exactly(first, seed, ranks) -> None:
+    """Σ p_i s_i B_i A_i (dense, float64, one client at a time) = frozen + s·B̄·Ā, ≤ 1e-5."""
+    agg = get_aggregator("fedex", dtype=torch.float64)
+    state = agg.aggregate(first.updates, first.weights)
+    p = probabilities(first.updates, first.weights)
+    for module in (Q, UP):
+        ref = ref_sum(first.updates, module, p)
+        assert rel_err(state.delta(module).numpy(), ref) <= 1e-5
+        B, A = ref_padded_average(first.updates, module, p)  # the adapter is FedAvg, padded
+        assert np.allclose(state[module].U.numpy(), B) and np.allclose(state[module].Vh.numpy(), A)
+        for r in client_ranks(first.updates, module):  # each rank gets its exact prefix
+            got = state[module].factors(r, 8.0)
+            assert rel_err(dense(got), product(B, A, r)) <= 1e-9
+    # a second round on the same modules: the residual of round 1 stays, the new one adds
+    shapes = {m: first.updates[0].factors[m].shape for m in (Q, UP)}
+    second = make_round(
+        seed,
+        shapes,
+        [{Q: a, UP: b} for a, b in ranks],
+        [1 + i for i in range(len(ranks))],
+        [8.0] * len(ranks),
+    )
+    nxt = agg.aggregate(second, previous=state)
+    p2 = probabilities(second, None)
+    for module in (Q, UP):
+        want = state.frozen[module].dense().numpy() + ref_sum(second, module, p2)
+        assert rel_err(nxt.delta(module).numpy(), want) <= 1e-5
+
+
+def test_fedex_two_rounds_by_hand_and_the_state_round_trips() -> None:
+    updates = make_round(3, {Q: (5, 7)}, [{Q: 1}, {Q: 3}], [1, 3], [8.0, 8.0])
+    agg = get_aggregator("fedex", dtype=torch.float64)
+    state = agg.aggregate(updates)
+    want = 0.25 * updates[0].factors[Q].delta() + 0.75 * updates[1].factors[Q].delta()
+    assert torch.allclose(state.delta(Q), want, atol=1e-12)
+    assert state.frozen[Q].rank <= 5  # exact thin SVD of a rank ≤ 1 + 3 + 3 residual
+    residual = want - state[Q].dense()
+    assert torch.allclose(state.frozen[Q].dense(), residual, atol=1e-12)
+    tensors, meta = state.to_tensors()
+    back = GlobalUpdate.from_tensors(tensors, meta)
+    assert torch.equal(back.frozen[Q].U, state.frozen[Q].U) and back.names() == [Q]
+    assert torch.allclose(back.delta(Q), want, atol=1e-12)
+    assert back.frozen_part() is not None and back.frozen_part().names() == [Q]
+
+
+def test_fedex_runs_with_mixed_ranks_and_exports_its_residual(tmp_path: Path) -> None:
+    """(Resume: tests/test_checkpoint_resume.py; Flower: tests/test_flower.py.)"""
+    cfg = tiny_config(
+        str(tmp_path / "fedex"), federation={"strategy": "fedex"}, eval={"at_start": False}
+    )
+    sim = FederatedRun(cfg, dataset=make_dataset(), model_and_tokenizer=build_tiny_llama(seed=0))
+    rows = sim.run()
+    assert all(r["aggregated"] == r["clients"] for r in rows)
+    assert len({t for r in rows for t in r["client_types"].values()}) > 1
+    assert rows[1]["bytes_down"] > rows[0]["bytes_down"]  # round 2 carries the residual
+    frozen = load_file(tmp_path / "fedex" / "adapters" / "frozen_delta.safetensors")
+    assert {k.split(".")[-1] for k in frozen} == {"U", "S", "Vh"}
+
+
+def test_a_separate_float32_delta_gives_the_merged_model_and_leaves_the_weights() -> None:
+    from flexlora.training.adapters import AdapterHost
+
+    model, _ = build_tiny_llama(seed=0)
+    shapes = target_linear_modules(model, ["q_proj", "v_proj"])
+    host = AdapterHost(model, ["q_proj", "v_proj"], {"4": dict.fromkeys(shapes, 4)}, 8.0)
+    updates = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        factors = {
+            name: LoRAFactors(torch.randn(3, n, generator=g), torch.randn(m, 3, generator=g), 8.0)
+            for name, (m, n) in shapes.items()
+        }
+        updates.append(ClientUpdate(f"c{i}", 1 + i, factors))
+    state = get_aggregator("fedex").aggregate(updates)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    before = {n: x.get_base_layer().weight.clone() for n, x in host.layers.items()}
+    with host.adapters_disabled():
+        host.set_base_delta(state)
+        merged = model(input_ids=ids).logits
+        host.set_base_delta(None)
+        host.set_base_delta(state, separate=True)
+        for name, layer in host.layers.items():
+            assert torch.equal(layer.get_base_layer().weight, before[name])  # untouched
+        side = model(input_ids=ids).logits
+        host.set_base_delta(None, separate=True)
+        bare = model(input_ids=ids).logits
+        host.set_base_delta(None)
+        assert torch.equal(model(input_ids=ids).logits, bare)
+    torch.testing.assert_close(side, merged, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(bare, merged, atol=1e-4)

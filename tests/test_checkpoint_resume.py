@@ -216,11 +216,11 @@ def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
 
 
-@pytest.mark.parametrize("strategy", ["flexlora", "flora"])
+@pytest.mark.parametrize("strategy", ["flexlora", "flora", "fedex"])
 def test_resume_in_process_equals_an_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
-    """FLoRA also carries state outside the global update (the merged ΔW, stacked ranks)."""
+    """FLoRA and FedEx-LoRA also carry state in the frozen weights (merged ΔW, residual)."""
     sections = {
         "federation": {"strategy": strategy, "rounds": 3},
         "eval": {"at_start": False, "every": 2, "patience": 1},

@@ -319,11 +319,12 @@ def test_a_killed_server_app_resumes_from_its_checkpoint_like_an_uninterrupted_r
     assert_same_outputs(tmp_path / "killed", tmp_path / "whole")
 
 
-@pytest.mark.parametrize("strategy", ["flora", "fedit-min", "hetlora", "ffa"])
+@pytest.mark.parametrize("strategy", ["flora", "fedit-min", "hetlora", "ffa", "fedex"])
 def test_every_strategy_trains_on_flower_as_in_the_simulator(
     job, tmp_path: Path, strategy: str
 ) -> None:
-    """FLoRA (its nodes merge the global ΔW), FedIT held to one rank, HetLoRA, FFA-LoRA."""
+    """FLoRA (its nodes merge the global ΔW), FedIT held to one rank, HetLoRA, FFA-LoRA,
+    FedEx-LoRA (its nodes hold the residual in their frozen weights)."""
     cfg, _values, runtime = job
     small = {
         "eval": {"at_start": False, "unseen": False},
@@ -343,7 +344,7 @@ def test_every_strategy_trains_on_flower_as_in_the_simulator(
     want = load_checkpoint(tmp_path / "sim" / "checkpoint").global_update
     assert got is not None and want is not None
     for name in want.names():
-        torch.testing.assert_close(got[name].dense(), want[name].dense(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got.delta(name), want.delta(name), rtol=1e-5, atol=1e-7)
 
 
 # -------------------------------------------------------------------------------- nodes

@@ -117,7 +117,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategy",
         default=None,
-        help="flexlora, fedit-min, fedit-max, fedit, hetlora, flora, ffa",
+        help="flexlora, fedit-min, fedit-max, fedit, hetlora, flora, ffa, fedex, fedsa",
     )
     p.add_argument(
         "--distribution",

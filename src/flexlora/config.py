@@ -216,8 +216,8 @@ class TrainConfig:
 @dataclass
 class FederationConfig:
     strategy: str = _help(
-        "aggregation: flexlora, fedit, hetlora, flora, ffa; fedit-min / fedit-max hold every "
-        "client to the smallest / largest rank type",
+        "aggregation: flexlora, fedit, hetlora, flora, ffa, fedex, fedsa; fedit-min / "
+        "fedit-max hold every client to the smallest / largest rank type",
         default="flexlora",
     )
     rounds: int = _help("communication rounds", default=3)

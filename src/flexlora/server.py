@@ -202,14 +202,23 @@ class Coordinator:
     ) -> int:
         """Bytes a client downloads at the start of ``round_``: what a node really receives.
 
-        FLoRA: a node that has not merged the earlier rounds (a new client, as every sampled
-        client may be) receives the cumulative global state to merge into its frozen weights
-        (what the Flower app sends from round 2 on), plus its fresh adapter.
+        FLoRA and FedEx-LoRA: a node that has not merged the earlier rounds (a new client, as
+        every sampled client may be) receives the cumulative :meth:`frozen_part` too (what the
+        Flower app sends), besides its adapter.
         """
         own = sum(f.num_bytes() for f in start.values())
-        if self.merges_into_base and state is not None and round_ > 1:
-            return own + state.num_bytes()
-        return own
+        frozen = self.frozen_part(state, initial=round_ <= 1) if state is not None else None
+        return own + (frozen.num_bytes() if frozen is not None else 0)
+
+    def frozen_part(self, state: GlobalUpdate, *, initial: bool = False) -> GlobalUpdate | None:
+        """What every client holds in (or next to) its frozen weights, outside its adapter.
+
+        FLoRA: the whole state (nothing while ``state`` is still the initial one); FedEx-LoRA:
+        the residual; other strategies: nothing.
+        """
+        if self.merges_into_base:
+            return None if initial else state
+        return state.frozen_part()
 
     # ------------------------------------------------------------------ aggregation
     def aggregate(

@@ -246,15 +246,38 @@ class ModuleDelta:
         return LoRAFactors(A=A.contiguous(), B=B.contiguous(), alpha=alpha, use_rslora=use_rslora)
 
 
+#: Key prefix of the frozen part's tensors in :meth:`GlobalUpdate.to_tensors` and records.
+FROZEN_PREFIX = "frozen:"
+
+
 @dataclass(frozen=True)
 class GlobalUpdate:
-    """The server's global update: one :class:`ModuleDelta` per adapted module."""
+    """The server's global update: one :class:`ModuleDelta` per adapted module.
+
+    ``frozen`` (FedEx-LoRA's residual) is a part of the global ΔW that no adapter carries: the
+    clients hold it outside their adapters (in, or next to, their frozen weights). The global
+    model is ``W0 + frozen + modules`` (:meth:`delta`).
+    """
 
     modules: Mapping[str, ModuleDelta]
     strategy: str = ""
+    frozen: Mapping[str, ModuleDelta] = field(default_factory=dict)
 
     def __getitem__(self, module: str) -> ModuleDelta:
         return self.modules[module]
+
+    def delta(self, module: str, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The whole global ΔW of ``module`` (m, n): its adapter part plus its frozen part."""
+        out = self.modules[module].dense(dtype)  # (m, n)
+        if module in self.frozen:
+            out = out + self.frozen[module].dense(dtype)
+        return out
+
+    def frozen_part(self) -> GlobalUpdate | None:
+        """The frozen part alone, as an update (``None`` when there is none)."""
+        if not self.frozen:
+            return None
+        return GlobalUpdate(modules=dict(self.frozen), strategy=self.strategy)
 
     def names(self) -> list[str]:
         return list(self.modules)
@@ -284,7 +307,10 @@ class GlobalUpdate:
 
     def num_bytes(self) -> int:
         return sum(
-            t.numel() * t.element_size() for d in self.modules.values() for t in (d.U, d.S, d.Vh)
+            t.numel() * t.element_size()
+            for part in (self.modules, self.frozen)
+            for d in part.values()
+            for t in (d.U, d.S, d.Vh)
         )
 
     def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -304,6 +330,12 @@ class GlobalUpdate:
             tensors[f"{name}.S"] = d.S.contiguous()
             tensors[f"{name}.Vh"] = d.Vh.contiguous()
             meta[f"truncation:{name}"] = d.truncation
+        if self.frozen:
+            meta["frozen_modules"] = json.dumps(list(self.frozen))
+        for name, d in self.frozen.items():
+            tensors[f"{FROZEN_PREFIX}{name}.U"] = d.U.contiguous()
+            tensors[f"{FROZEN_PREFIX}{name}.S"] = d.S.contiguous()
+            tensors[f"{FROZEN_PREFIX}{name}.Vh"] = d.Vh.contiguous()
         return tensors, meta
 
     @classmethod
@@ -331,4 +363,12 @@ class GlobalUpdate:
             )
             for name in order
         }
-        return cls(modules=modules, strategy=meta.get("strategy", ""))
+        frozen = {
+            name: ModuleDelta(
+                U=tensors[f"{FROZEN_PREFIX}{name}.U"],
+                S=tensors[f"{FROZEN_PREFIX}{name}.S"],
+                Vh=tensors[f"{FROZEN_PREFIX}{name}.Vh"],
+            )
+            for name in json.loads(meta.get("frozen_modules", "[]"))
+        }
+        return cls(modules=modules, strategy=meta.get("strategy", ""), frozen=frozen)

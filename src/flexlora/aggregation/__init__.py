@@ -8,6 +8,7 @@ from flexlora.aggregation.base import (
     normalize_weights,
     register,
 )
+from flexlora.aggregation.fedex import FedExLoRA
 from flexlora.aggregation.fedit import FedIT
 from flexlora.aggregation.ffa import FFALoRA
 from flexlora.aggregation.flexlora import FlexLoRA
@@ -19,6 +20,7 @@ __all__ = [
     "Aggregator",
     "FFALoRA",
     "FLoRA",
+    "FedExLoRA",
     "FedIT",
     "FlexLoRA",
     "HetLoRA",

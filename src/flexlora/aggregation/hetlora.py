@@ -56,6 +56,20 @@ def sparsity_weights(norms: Sequence[float], p: Sequence[float], by_examples: bo
     return [w / total for w in raw] if total > 0 else list(p)
 
 
+def padded_average(
+    factors: Sequence[LoRAFactors], q: Sequence[float], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ q_i s_i pad(B_i), Σ q_i pad(A_i)) at the largest rank: B in update units."""
+    r_max = max(f.rank for f in factors)
+    m, n = factors[0].shape
+    B = torch.zeros(m, r_max, dtype=dtype)  # (m, r_max)
+    A = torch.zeros(r_max, n, dtype=dtype)  # (r_max, n)
+    for qi, f in zip(q, factors, strict=True):
+        B += qi * f.scaling * pad_columns(f.B.to(dtype), r_max)
+        A += qi * pad_rows(f.A.to(dtype), r_max)
+    return B, A
+
+
 @register
 class HetLoRA(Aggregator):
     """Zero-padding with sparsity-weighted aggregation.
@@ -101,11 +115,7 @@ class HetLoRA(Aggregator):
             q = sparsity_weights([frobenius_norm(f) for f in factors], p, self.weight_by_examples)
         else:
             q = list(p)  # already the clients' sparsity weights (client_weights)
-        r_max = max(f.rank for f in factors)
-        m, n = factors[0].shape
-        B = torch.zeros(m, r_max, dtype=self.dtype)  # (m, r_max)
-        A = torch.zeros(r_max, n, dtype=self.dtype)  # (r_max, n)
-        for qi, f in zip(q, factors, strict=True):
-            B += qi * f.scaling * pad_columns(f.B.to(self.dtype), r_max)
-            A += qi * pad_rows(f.A.to(self.dtype), r_max)
-        return ModuleDelta(U=B, S=torch.ones(r_max, dtype=self.dtype), Vh=A, truncation="prefix")
+        B, A = padded_average(factors, q, self.dtype)  # (m, r_max), (r_max, n)
+        return ModuleDelta(
+            U=B, S=torch.ones(A.shape[0], dtype=self.dtype), Vh=A, truncation="prefix"
+        )

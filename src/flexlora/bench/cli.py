@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from flexlora.bench.presets import ALL_DISTRIBUTIONS, ALL_STRATEGIES, PRESETS, get_preset
+from flexlora.bench.presets import (
+    ALL_DISTRIBUTIONS,
+    ALL_STRATEGIES,
+    EXTRA_STRATEGIES,
+    PRESETS,
+    get_preset,
+)
 from flexlora.errors import UsageError
 
 __all__ = ["add_bench_command", "parse_list", "parse_seeds"]
@@ -63,7 +69,10 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategies",
         default=None,
-        help=f"comma list (default: the preset's, else {','.join(ALL_STRATEGIES)})",
+        help=(
+            f"comma list of {','.join(ALL_STRATEGIES + EXTRA_STRATEGIES)} (default: the "
+            f"preset's, else {','.join(ALL_STRATEGIES)})"
+        ),
     )
     p.add_argument(
         "--distributions",

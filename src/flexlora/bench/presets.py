@@ -14,6 +14,8 @@ from flexlora.errors import UsageError
 __all__ = ["ALL_DISTRIBUTIONS", "ALL_STRATEGIES", "PRESETS", "BenchPreset", "get_preset"]
 
 ALL_STRATEGIES = ("flexlora", "fedit-min", "fedit-max", "hetlora", "flora", "ffa")
+#: Strategies ``--strategies`` also accepts beyond the paper's comparison (later baselines).
+EXTRA_STRATEGIES = ("fedex", "fedsa")
 ALL_DISTRIBUTIONS = ("uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
 
 

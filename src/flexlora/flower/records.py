@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from flexlora.errors import InvalidUpdateError
-from flexlora.types import TRUNCATIONS, GlobalUpdate, LoRAFactors, ModuleDelta
+from flexlora.types import FROZEN_PREFIX, TRUNCATIONS, GlobalUpdate, LoRAFactors, ModuleDelta
 
 __all__ = [
     "factors_to_record",
@@ -104,19 +104,36 @@ def record_to_factors(
 
 
 def state_to_record(state: GlobalUpdate) -> ArrayRecord:
-    """The global update's thin factors per module, with its truncation rule as a code."""
+    """The global update's thin factors per module, with its truncation rule as a code.
+
+    The frozen part (FedEx-LoRA's residual) travels under keys prefixed ``frozen:``.
+    """
     record = ArrayRecord()
-    for name, d in state.modules.items():
-        record[name + ".U"] = _array(d.U)  # (m, k)
-        record[name + ".S"] = _array(d.S)  # (k,)
-        record[name + ".Vh"] = _array(d.Vh)  # (k, n)
-        code = np.array([TRUNCATIONS.index(d.truncation)], dtype=np.uint8)
-        record[name + ".truncation"] = Array(code)
+    for prefix, part in (("", state.modules), (FROZEN_PREFIX, state.frozen)):
+        for name, d in part.items():
+            record[prefix + name + ".U"] = _array(d.U)  # (m, k)
+            record[prefix + name + ".S"] = _array(d.S)  # (k,)
+            record[prefix + name + ".Vh"] = _array(d.Vh)  # (k, n)
+            code = np.array([TRUNCATIONS.index(d.truncation)], dtype=np.uint8)
+            record[prefix + name + ".truncation"] = Array(code)
     return record
 
 
 def record_to_state(record: ArrayRecord, strategy: str, sender: str = "server") -> GlobalUpdate:
     """Decode what :func:`state_to_record` wrote (``sender`` names the source in errors)."""
+    own = [k for k in record if not k.startswith(FROZEN_PREFIX)]
+    modules = _record_modules(record, own, sender)
+    frozen = _record_modules(record, [k for k in record if k not in own], sender)
+    return GlobalUpdate(
+        modules=modules,
+        strategy=strategy,
+        frozen={name[len(FROZEN_PREFIX) :]: d for name, d in frozen.items()},
+    )
+
+
+def _record_modules(record: ArrayRecord, keys: list[str], sender: str) -> dict[str, ModuleDelta]:
+    """The :class:`ModuleDelta` of each module whose arrays are under ``keys``."""
+    record = {key: record[key] for key in keys}  # type: ignore[assignment]
     modules: dict[str, ModuleDelta] = {}
     for name, keys in _group(record, STATE_SUFFIXES, sender).items():
         code = _numpy(record, keys[".truncation"], sender, name)
@@ -131,4 +148,4 @@ def record_to_state(record: ArrayRecord, strategy: str, sender: str = "server") 
             )
         except ValueError as exc:
             raise InvalidUpdateError(sender, name, "shape", str(exc)) from None
-    return GlobalUpdate(modules=modules, strategy=strategy)
+    return modules

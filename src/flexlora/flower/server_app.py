@@ -149,8 +149,9 @@ class FlowerRun(FederatedRun):
             sum(plan.wire_bytes_down.values()),
             row["bytes_down"],
         )
-        if self.server.merges_into_base and new_state is not state:
-            self.worker.set_base_delta(new_state)
+        frozen = self.server.frozen_part(new_state)
+        if new_state is not state and frozen is not None:
+            self.worker.set_base_delta(frozen)
         return new_state, row
 
 

@@ -114,8 +114,9 @@ class FlexLoRAStrategy(Strategy):
         server = self.coordinator
         clients = server.sample(round_, self.pool)
         failing = self.injected_failures(round_, clients)
-        # FLoRA: the clients merge the stacked global ΔW into their frozen weights.
-        base = state_to_record(state) if server.merges_into_base and round_ > 1 else None
+        # FLoRA's global ΔW, FedEx-LoRA's residual: the clients add it to their frozen weights.
+        frozen = server.frozen_part(state, initial=round_ == 1)
+        base = state_to_record(frozen) if frozen is not None else None
         plan = RoundPlan(round_, clients, {}, [], {}, {})
         for cid in clients:
             start = server.start_factors(state, cid, round_)

@@ -39,7 +39,10 @@ from flexlora.types import ClientUpdate, GlobalUpdate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FederatedRun"]
+__all__ = ["FROZEN_DELTA", "FederatedRun"]
+
+#: File beside the exported adapters holding a frozen part of ΔW no adapter carries (FedEx).
+FROZEN_DELTA = "frozen_delta.safetensors"
 
 
 class FederatedRun:
@@ -147,7 +150,7 @@ class FederatedRun:
             sets,
             self.cfg.eval,
             max_prompt_tokens=self.cfg.eval.max_prompt_tokens or self.cfg.train.cutoff_len,
-            keep_delta=self.server.merges_into_base,
+            restore=self.server.frozen_part(state) if state is not None else None,
         )
 
     def run_round(
@@ -199,8 +202,9 @@ class FederatedRun:
             progress.update(len(group))
         progress.close()
         new_state, row = server.aggregate(state, round_, clients, updates, failures)
-        if server.merges_into_base and new_state is not state:
-            self.worker.set_base_delta(new_state)
+        frozen = server.frozen_part(new_state)
+        if new_state is not state and frozen is not None:
+            self.worker.set_base_delta(frozen)
         row.update(
             {
                 "train_tokens": tokens,
@@ -275,8 +279,9 @@ class FederatedRun:
             bad = int(ckpt.extra.get("bad_evals", 0))
             stopped = bool(ckpt.extra.get("stopped", False))
             self.server.restore_extra(ckpt.extra)
-            if self.server.merges_into_base and ckpt.round > 0:
-                self.worker.set_base_delta(state)
+            frozen = self.server.frozen_part(state, initial=ckpt.round == 0)
+            if frozen is not None:
+                self.worker.set_base_delta(frozen)
             log.info("resuming %s after round %d", self.out, ckpt.round)
         else:
             (self.out / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
@@ -372,6 +377,13 @@ class FederatedRun:
                 self.server.export_factors(state),
                 self.server.adapter_template(),
             )
+            frozen = state.frozen_part()
+            if frozen is not None:
+                # FedEx-LoRA: the residual the adapters need in the base weights (W0 + U·S·Vh)
+                from safetensors.torch import save_file
+
+                tensors, meta = frozen.to_tensors()
+                save_file(tensors, str(self.out / "adapters" / FROZEN_DELTA), metadata=meta)
         try:
             write_report(self.out)
         except Exception as exc:  # a plot must never fail a finished run

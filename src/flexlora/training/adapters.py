@@ -27,6 +27,15 @@ from flexlora.types import GlobalUpdate, LoRAFactors
 __all__ = ["AdapterHost"]
 
 
+def _plain_float(weight: torch.Tensor) -> bool:
+    """A weight ΔW can be added to in place: a dense float tensor (not 4-bit / int8 packed)."""
+    return (
+        weight.dtype.is_floating_point
+        and not weight.is_quantized
+        and type(weight) in (torch.Tensor, nn.Parameter)
+    )
+
+
 class AdapterHost:
     """PEFT adapter slots on a shared frozen base model.
 
@@ -94,6 +103,8 @@ class AdapterHost:
         for p in self.peft.parameters():
             p.requires_grad_(False)
         self._original: dict[str, torch.Tensor] = {}
+        # ΔW kept next to a weight it must not be written into: module -> [(B (m, k), A (k, n))]
+        self._side: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.active: str | None = None
 
     @property
@@ -189,12 +200,23 @@ class AdapterHost:
                 )
         return out
 
-    def set_base_delta(self, update: GlobalUpdate | None) -> None:
-        """Frozen weights become ``W0 + ΔW`` (``None``: back to ``W0`` exactly)."""
+    def set_base_delta(self, update: GlobalUpdate | None, *, separate: bool | None = None) -> None:
+        """Frozen weights become ``W0 + ΔW`` (``None``: back to ``W0`` exactly).
+
+        ΔW is the update's whole delta (adapter part and frozen part). On a weight that is not
+        a plain float tensor (a 4-bit or int8 quantized base), or with ``separate=True``,
+        nothing is written into the weight: ΔW stays a float32 low-rank term next to it, in
+        its thin factors, added to the layer's output by a forward hook.
+        """
         with torch.no_grad():
             for name, layer in self.layers.items():
                 base = layer.get_base_layer()
                 weight = base.weight
+                side = separate if separate is not None else not _plain_float(weight)
+                if side or name in self._side:
+                    self._set_side_delta(name, base, update if side else None)
+                    if side:
+                        continue
                 if name not in self._original:
                     if update is None:
                         continue
@@ -203,10 +225,32 @@ class AdapterHost:
                 if update is None or name not in update.modules:
                     weight.copy_(original)
                     continue
-                delta = update[name].dense(torch.float32).to(weight.device)  # (m, n)
+                delta = update.delta(name, torch.float32).to(weight.device)  # (m, n)
                 if getattr(layer, "fan_in_fan_out", False):
                     delta = delta.T
                 weight.copy_((original.to(torch.float32) + delta).to(weight.dtype))
+
+    def _set_side_delta(self, name: str, base: nn.Module, update: GlobalUpdate | None) -> None:
+        """Keep ``update``'s ΔW of ``name`` as float32 factors added after ``base``'s output."""
+        if name not in self._side:
+            self._side[name] = []
+
+            def add_delta(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+                x = inputs[0]
+                for B, A in self._side[name]:  # (m, k), (k, n)
+                    output = output + ((x.to(torch.float32) @ A.T) @ B.T).to(output.dtype)
+                return output
+
+            base.register_forward_hook(add_delta)
+        terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if update is not None and name in update.modules:
+            device = base.weight.device
+            for part in (update.modules, update.frozen):
+                if name in part:
+                    d = part[name]
+                    B = (d.U.to(torch.float32) * d.S.to(torch.float32)).to(device)  # (m, k)
+                    terms.append((B, d.Vh.to(device, torch.float32)))  # (k, n)
+        self._side[name] = terms
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:

@@ -152,13 +152,13 @@ class ClientWorker:
         sets: Mapping[str, Sequence[Sequence[Example]]],
         cfg: EvalConfig,
         max_prompt_tokens: int,
-        keep_delta: bool = False,
+        restore: GlobalUpdate | None = None,
     ) -> dict[str, float]:
         """Rouge-L of generated text per named set of clients, weighted by example count.
 
-        The global ΔW is merged into the frozen weights (adapters off) for the evaluation;
-        afterwards the weights are restored, or keep ΔW when ``keep_delta`` (FLoRA trains on
-        the merged model).
+        The global ΔW (adapter and frozen parts) is merged into the frozen weights (adapters
+        off) for the evaluation; afterwards the weights become ``W0 + restore`` (the frozen part
+        the clients train on: FLoRA's ΔW, FedEx-LoRA's residual; ``None``: W0).
         """
         from flexlora.training.evaluate import evaluate_examples, weighted_mean
 
@@ -186,5 +186,5 @@ class ClientWorker:
                     if results:
                         out[f"rouge_l_{kind}"] = float(weighted_mean(results))
         finally:
-            self.host.set_base_delta(state if keep_delta else None)
+            self.host.set_base_delta(restore)
         return out
