@@ -332,15 +332,13 @@ class Coordinator:
         return out
 
     def adapter_template(self) -> dict[str, Any]:
-        """Fields of the exported ``adapter_config.json`` besides ranks and alphas."""
-        name = self.cfg.model.name
-        base = (
-            "HuggingFaceTB/SmolLM2-135M-Instruct"
-            if name.lower() == "smollm2-135m-instruct"
-            else name
-        )
+        """Fields of the exported ``adapter_config.json`` besides ranks and alphas.
+
+        ``base_model_name_or_path`` is the configured name; the simulator's export replaces
+        it with the folder or hub id the model was loaded from (``simulation.export``).
+        """
         return {
-            "base_model_name_or_path": base,
+            "base_model_name_or_path": self.cfg.model.name,
             "target_modules": list(self.cfg.lora.target_modules),
             "lora_dropout": self.cfg.lora.dropout,
             "task_type": "CAUSAL_LM",

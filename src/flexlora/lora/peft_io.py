@@ -250,8 +250,10 @@ def write_adapter(
     factors: Mapping[str, LoRAFactors],
     template: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    readme: str | None = None,
 ) -> Path:
-    """Write a PEFT adapter folder (config + safetensors) that ``PeftModel`` loads."""
+    """Write a PEFT adapter folder (config + safetensors, and ``readme`` as its README.md
+    model card) that ``PeftModel`` loads."""
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config(factors, template)
@@ -261,6 +263,8 @@ def write_adapter(
         metadata={"format": "pt"},
     )
     (path / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if readme is not None:
+        (path / "README.md").write_text(readme, encoding="utf-8")
     return path
 
 
@@ -269,8 +273,10 @@ def write_adapters_atomically(
     adapters: Mapping[str, Mapping[str, LoRAFactors]],
     template: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    cards: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write ``out/<name>/`` for each adapter, all or nothing.
+    """Write ``out/<name>/`` for each adapter (with ``cards[name]`` as its README.md), all
+    or nothing.
 
     Everything is written into a temporary folder beside ``out`` first and moved into place
     only once every adapter is on disk, so an error leaves ``out`` as it was.
@@ -280,7 +286,7 @@ def write_adapters_atomically(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
         for name, factors in adapters.items():
-            write_adapter(staging / name, factors, template, dtype)
+            write_adapter(staging / name, factors, template, dtype, (cards or {}).get(name))
         out_path.mkdir(exist_ok=True)
         written = []
         for name in adapters:

@@ -8,6 +8,7 @@ clients of the current round: the population is a list of ids and rank types.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import FlexLoRAError, UsageError
-from flexlora.models import target_linear_modules
+from flexlora.models import TINY_LLAMA, target_linear_modules
 from flexlora.schedule import sample_clients
 from flexlora.server import Coordinator, resolve_client_types
 from flexlora.simulation.checkpoint import (
@@ -89,6 +90,12 @@ class FederatedRun:
             model_and_tokenizer = load_model(cfg.model)
             log.info("model %s loaded (%.1fs)", cfg.model.name, time.perf_counter() - t0)
         model, tokenizer = model_and_tokenizer
+        # tiny-llama exists only in memory: its export saves it (the worker wraps the model)
+        self._tiny_base = (
+            (copy.deepcopy(model), tokenizer)
+            if cfg.output.save_adapters and cfg.model.name.strip().lower() == TINY_LLAMA
+            else None
+        )
 
         # Resource types are fixed per client for the whole run, the same for every strategy.
         self.server = Coordinator(
@@ -367,15 +374,20 @@ class FederatedRun:
         return json.loads(json.dumps(to_dict(self.cfg)))
 
     def finish(self, state: GlobalUpdate, metrics: list[dict[str, Any]]) -> None:
-        """Write the per-rank-type adapters and the report."""
-        from flexlora.lora.peft_io import write_adapters_atomically
+        """Write the per-rank-type adapters (with model cards, see :mod:`.export`) and the
+        report."""
+        from flexlora.simulation.export import export_adapters, save_tiny_base
         from flexlora.simulation.report import write_report
 
         if self.cfg.output.save_adapters:
-            write_adapters_atomically(
-                self.out / "adapters",
+            if self._tiny_base is not None:
+                save_tiny_base(*self._tiny_base, self.out)
+            export_adapters(
+                self.out,
+                self.cfg,
                 self.server.export_factors(state),
                 self.server.adapter_template(),
+                metrics,
             )
             frozen = state.frozen_part()
             if frozen is not None:
