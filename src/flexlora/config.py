@@ -216,7 +216,9 @@ class TrainConfig:
 @dataclass
 class FederationConfig:
     strategy: str = _help(
-        "aggregation: flexlora, fedit, hetlora, flora, ffa, fedex, fedsa; fedit-min / "
+        "METHOD+AGGREGATION (method fedavg, fedit or slora; aggregation homogeneous, flexlora "
+        "or hetlora), or one of flexlora, fedit, hetlora, flora, ffa, fedex, fedsa, slora; "
+        "fedit-min / "
         "fedit-max hold every client to the smallest / largest rank type",
         default="flexlora",
     )
@@ -239,6 +241,12 @@ class FederationConfig:
     )
     seed: int = _help(
         "seed of client sampling, rank draw, data order and initialisation", default=42
+    )
+    slora_rounds: int = _help(
+        "slora: rounds of the sparse first stage (counted within rounds)", default=1
+    )
+    slora_density: float = _help(
+        "slora: share of each adapted weight's entries the sparse stage trains", default=0.01
     )
     svd: str = _help("flexlora decomposition: auto, factored, dense, randomized", default="auto")
     split: str = _help(
@@ -281,6 +289,12 @@ class FederationConfig:
             raise UsageError(f"federation.split must be 'B' or 'balanced', got {self.split!r}")
         if self.min_clients < 1:
             raise UsageError("federation.min_clients must be >= 1")
+        if self.slora_rounds < 0:
+            raise UsageError(f"federation.slora_rounds must be >= 0, got {self.slora_rounds}")
+        if not 0 < self.slora_density <= 1:
+            raise UsageError(
+                f"federation.slora_density must be in (0, 1], got {self.slora_density}"
+            )
         if not 0 <= self.fail_rate < 1:
             raise UsageError("federation.fail_rate must be in [0, 1)")
         for name in ("max_update_norm", "dp_clip", "dp_noise_multiplier", "client_timeout"):

@@ -12,7 +12,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +20,16 @@ from flexlora.aggregation import Aggregator, get_aggregator
 from flexlora.aggregation.validation import UpdateValidator, payload_bytes
 from flexlora.config import RunConfig
 from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
+from flexlora.methods.compose import StrategyPlan, parse_strategy
+from flexlora.methods.slora import (
+    SparseAverage,
+    SparseMask,
+    SparseState,
+    SparseUpdate,
+    make_masks,
+    svd_init,
+    validate_sparse,
+)
 from flexlora.privacy import DP_STRATEGIES, ClientDP
 from flexlora.schedule import assign_rank_types, derive_seed, module_ranks, sample_clients
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
@@ -30,19 +39,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Coordinator", "StrategyPlan", "plan_strategy", "resolve_client_types"]
 
 
-@dataclass(frozen=True)
-class StrategyPlan:
-    """A strategy name as users write it, resolved to an aggregator and a rank policy."""
-
-    name: str
-    aggregator: str
-    hold_to: str | None = None  # "min" / "max": every client uses that rank type (FedIT)
-
-
 def plan_strategy(name: str) -> StrategyPlan:
-    if name in ("fedit-min", "fedit-max"):
-        return StrategyPlan(name, "fedit", name.split("-")[1])
-    return StrategyPlan(name, name)
+    """``METHOD+AGGREGATION`` or a single strategy name, resolved (see flexlora.methods)."""
+    return parse_strategy(name)
 
 
 def build_aggregator(cfg: RunConfig) -> Aggregator:
@@ -81,6 +80,8 @@ def resolve_client_types(
 def _client_dp(cfg: RunConfig, population: int) -> ClientDP | None:
     """The client-level DP mechanism when ``federation.dp_clip`` > 0; refuses what it can't do."""
     fed = cfg.federation
+    if fed.dp_clip > 0 and plan_strategy(fed.strategy).sparse_first:
+        raise UsageError("client-level DP does not cover SLoRA's sparse stage; use flexlora")
     if fed.dp_clip <= 0:
         if fed.dp_noise_multiplier > 0:
             raise UsageError("federation.dp_noise_multiplier needs federation.dp_clip > 0")
@@ -143,6 +144,11 @@ class Coordinator:
             use_rslora=cfg.lora.use_rslora,
         )
         self.dp = _client_dp(cfg, len(self.client_type))
+        self.masks: dict[str, SparseMask] | None = None
+        if self.plan.sparse_first:
+            if fed.slora_rounds < 1:
+                raise UsageError(f"strategy {fed.strategy} needs federation.slora_rounds >= 1")
+            self.masks = make_masks(self.shapes, fed.slora_density, fed.seed)
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -162,9 +168,82 @@ class Coordinator:
     def max_ranks(self) -> dict[str, int]:
         return {m: max(r[m] for r in self.slot_ranks.values()) for m in self.shapes}
 
-    def initial_state(self) -> GlobalUpdate:
-        """Round-0 global state: ΔW = 0 with a shared, seeded A (see the aggregator)."""
+    def initial_state(self) -> GlobalUpdate | SparseState:
+        """Round-0 global state: ΔW = 0 with a shared, seeded A (see the aggregator).
+
+        SLoRA starts from a zero sparse update at the shared masks instead.
+        """
+        if self.masks is not None:
+            return SparseState.zeros(self.masks, self.cfg.federation.strategy)
         return self.aggregator.initial_state(self.shapes, self.max_ranks(), self.generator("init"))
+
+    # ------------------------------------------------------------------ SLoRA's sparse stage
+    def sparse_round(self, round_: int) -> bool:
+        """Whether ``round_`` belongs to SLoRA's sparse first stage."""
+        return self.masks is not None and round_ <= self.cfg.federation.slora_rounds
+
+    def lora_state(self, state: GlobalUpdate | SparseState) -> GlobalUpdate:
+        """The state LoRA rounds start from: a sparse update becomes its truncated SVD.
+
+        Kept at the largest client rank; each client then takes its own rank's prefix, the
+        best rank-r approximation of the accumulated sparse update (see flexlora.methods.slora).
+        """
+        if not isinstance(state, SparseState):
+            return state
+        fed = self.cfg.federation
+        return svd_init(
+            state,
+            self.max_ranks(),
+            dtype=self.aggregator.dtype,
+            randomized=fed.svd == "randomized",
+            generator=self.generator("slora-svd"),
+            strategy=fed.strategy,
+        )
+
+    def round_state(self, state: GlobalUpdate | SparseState, round_: int) -> Any:
+        """The state ``round_`` works on (the SVD initialisation on the first LoRA round).
+
+        A sparse state (say, from a checkpoint) must sit on this run's masks.
+        """
+        if isinstance(state, SparseState):
+            assert self.masks is not None, "a sparse state in a run without SLoRA"
+            for name, mask in self.masks.items():
+                if name not in state.modules or not torch.equal(state[name].mask.index, mask.index):
+                    raise UsageError(f"module {name}: the sparse state is not on this run's mask")
+        return state if self.sparse_round(round_) else self.lora_state(state)
+
+    def aggregate_sparse(
+        self,
+        state: SparseState,
+        round_: int,
+        clients: Sequence[str],
+        updates: Sequence[SparseUpdate],
+        failures: Mapping[str, str] | None = None,
+    ) -> tuple[SparseState, dict[str, Any]]:
+        """Validate stage-1 replies and average their values (∝ examples), streaming."""
+        assert self.masks is not None
+        failures = dict(failures or {})
+        expected = [cid for cid in clients if cid not in failures]
+        valid, rejected = validate_sparse(updates, self.masks, expected)
+        for cid, reason in rejected.items():
+            log.warning("round %d: update of client %s rejected: %s", round_, cid, reason)
+        t0 = time.perf_counter()
+        kept_previous = len(valid) < self.cfg.federation.min_clients
+        new_state = state
+        if kept_previous:
+            log.warning("round %d: too few valid updates; the sparse state is unchanged", round_)
+        else:
+            acc = SparseAverage(self.masks)
+            for u in valid:
+                acc.add(u)
+            new_state = acc.result(self.cfg.federation.strategy)
+        row = self._row(
+            round_, clients, valid, failures, rejected, kept_previous, time.perf_counter() - t0
+        )
+        row["bytes_up"] = sum(u.num_bytes() for u in updates if isinstance(u, SparseUpdate))
+        row["stage"] = "sparse"
+        row["sparse_nnz"] = sum(k.nnz for k in self.masks.values())
+        return new_state, row
 
     def sample(self, round_: int, clients: Sequence[str] | None = None) -> list[str]:
         pool = list(clients) if clients is not None else list(self.client_type)
@@ -270,23 +349,10 @@ class Coordinator:
             except FlexLoRAError as exc:
                 log.warning("round %d: aggregation failed, state unchanged: %s", round_, exc)
                 kept_previous = True
-        seconds_aggregate = time.perf_counter() - t0
-        weights = [(u.metrics.get("train_loss"), u.num_examples) for u in valid]
-        weights = [(x, w) for x, w in weights if x is not None]
-        total = sum(w for _, w in weights)
-        row: dict[str, Any] = {
-            "round": round_,
-            "strategy": fed.strategy,
-            "clients": list(clients),
-            "client_types": {cid: self.client_type[cid] for cid in clients},
-            "aggregated": [u.client_id for u in valid] if not kept_previous else [],
-            "failed": failures,
-            "rejected": rejected,
-            "kept_previous_state": kept_previous,
-            "train_loss": (sum(x * w for x, w in weights) / total) if total else None,
-            "seconds_aggregate": round(seconds_aggregate, 4),
-            "bytes_up": sum(payload_bytes(u) for u in updates),
-        }
+        row = self._row(
+            round_, clients, valid, failures, rejected, kept_previous, time.perf_counter() - t0
+        )
+        row["bytes_up"] = sum(payload_bytes(u) for u in updates)
         if self.dp is not None:
             eps = self.dp.epsilon(round_)  # every round so far counts, also a kept one
             row.update(
@@ -312,9 +378,39 @@ class Coordinator:
             usable.append(u)
         return usable
 
+    def _row(
+        self,
+        round_: int,
+        clients: Sequence[str],
+        valid: Sequence[ClientUpdate | SparseUpdate],
+        failures: Mapping[str, str],
+        rejected: Mapping[str, str],
+        kept_previous: bool,
+        seconds_aggregate: float,
+    ) -> dict[str, Any]:
+        """A round's metrics row, what every stage and strategy shares."""
+        weights = [(u.metrics.get("train_loss"), u.num_examples) for u in valid]
+        weights = [(x, w) for x, w in weights if x is not None]
+        total = sum(w for _, w in weights)
+        return {
+            "round": round_,
+            "strategy": self.cfg.federation.strategy,
+            "clients": list(clients),
+            "client_types": {cid: self.client_type[cid] for cid in clients},
+            "aggregated": [u.client_id for u in valid] if not kept_previous else [],
+            "failed": dict(failures),
+            "rejected": dict(rejected),
+            "kept_previous_state": kept_previous,
+            "train_loss": (sum(x * w for x, w in weights) / total) if total else None,
+            "seconds_aggregate": round(seconds_aggregate, 4),
+        }
+
     # ------------------------------------------------------------------ outputs
-    def export_factors(self, state: GlobalUpdate) -> dict[str, dict[str, LoRAFactors]]:
+    def export_factors(
+        self, state: GlobalUpdate | SparseState
+    ) -> dict[str, dict[str, LoRAFactors]]:
         """``rank-<type>`` -> the global update at that resource type's ranks."""
+        state = self.lora_state(state)
         lora = self.cfg.lora
         out: dict[str, dict[str, LoRAFactors]] = {}
         for slot, ranks in self.slot_ranks.items():

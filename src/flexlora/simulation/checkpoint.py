@@ -29,6 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flexlora.errors import FlexLoRAError
+from flexlora.methods.slora import STATE_KIND as SPARSE_KIND
+from flexlora.methods.slora import SparseDelta, SparseState
 from flexlora.types import GlobalUpdate
 
 __all__ = [
@@ -230,7 +232,10 @@ def _load_global(
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - not a dict
-        update = GlobalUpdate.from_tensors(tensors, meta)
+        if meta.get("kind") == SPARSE_KIND:  # SLoRA's sparse stage
+            update = SparseState.from_tensors(tensors, meta)
+        else:
+            update = GlobalUpdate.from_tensors(tensors, meta)
     except (OSError, SafetensorError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint tensors {path} are not a global update: {exc}") from None
     if shapes is not None:
@@ -242,7 +247,7 @@ def _load_global(
                 f"(first differences: {wrong})"
             )
     for m, d in update.modules.items():
-        for t in (d.U, d.S, d.Vh):
+        for t in (d.values,) if isinstance(d, SparseDelta) else (d.U, d.S, d.Vh):
             if not t.dtype.is_floating_point or not bool(t.isfinite().all()):
                 raise CheckpointError(f"checkpoint tensors {path}: module {m} is not finite floats")
     return update

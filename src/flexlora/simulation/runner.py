@@ -163,16 +163,21 @@ class FederatedRun:
     def run_round(
         self, state: GlobalUpdate, round_: int, bar: bool
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
-        """Sample, train every sampled client at its rank, aggregate; return state and row."""
+        """Sample, train every sampled client at its rank, aggregate; return state and row.
+
+        In SLoRA's sparse stage a client trains the masked entries instead of its adapter.
+        """
         fed = self.cfg.federation
         server = self.server
+        sparse = server.sparse_round(round_)
+        state = server.round_state(state, round_)  # SLoRA: the SVD initialisation
         clients = server.sample(round_)
         failing: set[str] = set()
         if fed.fail_rate > 0:
             n_fail = round(fed.fail_rate * len(clients))
             perm = torch.randperm(len(clients), generator=server.generator(round_, "faults"))
             failing = {clients[i] for i in perm[:n_fail].tolist()}
-        updates: list[ClientUpdate] = []
+        updates: list[Any] = []
         failures: dict[str, str] = {}
         bytes_down: dict[str, int] = {}
         seconds_train = 0.0
@@ -183,6 +188,17 @@ class FederatedRun:
             total=len(clients), desc=f"round {round_} clients", leave=False, disable=not bar
         )
         for group in groups:
+            if sparse:
+                for cid in group:
+                    bytes_down[cid] = state.num_bytes()  # the values; the mask is the seed's
+                    group_seconds, group_tokens, done = self._train_sparse(
+                        cid, state, round_, failures, fail=cid in failing
+                    )
+                    seconds_train += group_seconds
+                    tokens += group_tokens
+                    updates.extend(done)
+                progress.update(len(group))
+                continue
             jobs = []
             for cid in group:
                 start = server.start_factors(state, cid, round_)
@@ -208,8 +224,9 @@ class FederatedRun:
             updates.extend(done)
             progress.update(len(group))
         progress.close()
-        new_state, row = server.aggregate(state, round_, clients, updates, failures)
-        frozen = server.frozen_part(new_state)
+        aggregate = server.aggregate_sparse if sparse else server.aggregate
+        new_state, row = aggregate(state, round_, clients, updates, failures)
+        frozen = None if sparse else server.frozen_part(new_state)
         if new_state is not state and frozen is not None:
             self.worker.set_base_delta(frozen)
         row.update(
@@ -222,6 +239,33 @@ class FederatedRun:
             }
         )
         return new_state, row
+
+    def _train_sparse(
+        self, cid: str, state: Any, round_: int, failures: dict[str, str], fail: bool = False
+    ) -> tuple[float, int, list[Any]]:
+        """SLoRA's stage 1 for one client: (seconds, tokens, [its update]) or a failure."""
+        timeout = self.cfg.federation.client_timeout
+        try:
+            if fail:
+                raise RuntimeError("injected client failure (federation.fail_rate)")
+            t0 = time.perf_counter()
+            update, result = self.worker.train_sparse(
+                cid,
+                self.server.masks or {},
+                state.values(),
+                self.data.train(cid),
+                seed=self.server.client_seed(round_, cid),
+            )
+            took = time.perf_counter() - t0
+            if timeout and took > timeout:
+                raise RuntimeError(
+                    f"straggler: replied after {took:.2f}s > federation.client_timeout={timeout:g}s"
+                )
+        except (RuntimeError, FlexLoRAError) as exc:
+            failures[cid] = str(exc)
+            log.warning("round %d: client %s dropped: %s", round_, cid, exc)
+            return 0.0, 0, []
+        return result.seconds, result.tokens, [update]
 
     def _train_group(
         self, jobs: list[ClientJob], round_: int, failures: dict[str, str]

@@ -24,6 +24,7 @@ __all__ = [
     "TokenizedExample",
     "collate",
     "make_scheduler",
+    "optimise",
     "tokenize",
     "train_local",
 ]
@@ -138,26 +139,19 @@ class LocalResult:
     losses: list[float] = field(default_factory=list)
 
 
-def train_local(
-    host: AdapterHost,
-    slot: str,
-    start: dict[str, LoRAFactors],
+def optimise(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
     examples: Sequence[TokenizedExample],
     cfg: TrainConfig,
     seed: int,
     pad_id: int,
-    train_A: bool = True,
-    client: str = "?",
-) -> LocalResult:
-    """Train the adapter in ``slot`` from ``start`` on ``examples``; return the new factors.
+) -> tuple[list[float], int, int]:
+    """The local loop over ``params``: (loss per step, tokens seen, steps).
 
-    Every random choice (example order, LoRA dropout) is drawn from ``seed``, so a client's
-    work in a round is reproducible whatever ran before it.
+    Every random choice (example order, dropout) is drawn from ``seed``. Shared by LoRA
+    training (:func:`train_local`) and SLoRA's sparse stage (:mod:`flexlora.training.sparse`).
     """
-    t0 = time.perf_counter()
-    host.load(slot, start, client=client)
-    params = host.activate(slot, train_A=train_A)
-    model = host.model
     model.train()
     steps = local_steps(cfg, len(examples))
     micro = cfg.batch_size
@@ -196,6 +190,29 @@ def train_local(
         scheduler.step()
         losses.append(step_loss)
     model.eval()
+    return losses, tokens, steps
+
+
+def train_local(
+    host: AdapterHost,
+    slot: str,
+    start: dict[str, LoRAFactors],
+    examples: Sequence[TokenizedExample],
+    cfg: TrainConfig,
+    seed: int,
+    pad_id: int,
+    train_A: bool = True,
+    client: str = "?",
+) -> LocalResult:
+    """Train the adapter in ``slot`` from ``start`` on ``examples``; return the new factors.
+
+    Every random choice (example order, LoRA dropout) is drawn from ``seed``, so a client's
+    work in a round is reproducible whatever ran before it.
+    """
+    t0 = time.perf_counter()
+    host.load(slot, start, client=client)
+    params = host.activate(slot, train_A=train_A)
+    losses, tokens, steps = optimise(host.model, params, examples, cfg, seed, pad_id)
     for p in params:
         p.requires_grad_(False)
     factors = host.read(slot)

@@ -11,13 +11,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from torch import Tensor
+
 from flexlora.config import EvalConfig, LoRASettings, TrainConfig
 from flexlora.data.templates import render_prompt
 from flexlora.data.types import Example
+from flexlora.methods.slora import SparseMask, SparseUpdate
 from flexlora.models.prepare import prepare_for_training
 from flexlora.training.adapters import AdapterHost
 from flexlora.training.batched import ClientJob, train_many
 from flexlora.training.client import LocalResult, TokenizedExample, tokenize, train_local
+from flexlora.training.sparse import SparseResult, train_sparse
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
 
 __all__ = ["ClientJob", "ClientWorker", "LazyTokenized"]
@@ -142,6 +146,35 @@ class ClientWorker:
             )
             for j, r in zip(jobs, results, strict=True)
         ]
+
+    def train_sparse(
+        self,
+        client: str,
+        masks: Mapping[str, SparseMask],
+        start: Mapping[str, Tensor],
+        examples: Sequence[Example],
+        seed: int,
+    ) -> tuple[SparseUpdate, SparseResult]:
+        """SLoRA's stage 1: train the masked entries from the global ``start`` values."""
+        if not examples:
+            raise RuntimeError("client has no training examples")
+        result = train_sparse(
+            self.host,
+            masks,
+            start,
+            LazyTokenized(examples, self.encode),
+            self.train_cfg,
+            seed=seed,
+            pad_id=self.pad_id,
+            client=client,
+        )
+        update = SparseUpdate(
+            client_id=client,
+            num_examples=len(examples),
+            values=result.values,
+            metrics={"train_loss": result.train_loss, "tokens": float(result.tokens)},
+        )
+        return update, result
 
     def set_base_delta(self, state: GlobalUpdate | None) -> None:
         self.host.set_base_delta(state)

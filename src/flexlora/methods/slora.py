@@ -1,0 +1,341 @@
+"""SLoRA (Babakniya et al., 2023): a sparse first stage, then LoRA initialised from its SVD.
+
+The model-free half: masks, messages, the server's streaming average and the SVD
+initialisation. The client half (training a sparse additive delta) is
+:mod:`flexlora.training.sparse`; the round logic is the :class:`~flexlora.server.Coordinator`.
+
+What the paper does, and what we follow:
+
+1. **Stage 1, federated sparse fine-tuning.** A random sparse mask of density d (the paper's
+   best results use d ≈ 1 % and a *random* mask, fixed for the whole stage and the same for
+   every client) selects the entries of the weights that clients train. Each round a client
+   starts from the global sparse update, trains only the masked entries, and sends them; the
+   server averages them, weighted by example counts (FedAvg over the masked entries). We run
+   ``federation.slora_rounds`` such rounds.
+2. **Initialisation.** ΔW = W_{T1} − W_0 (the accumulated sparse update) is decomposed by SVD
+   and the LoRA factors start from its truncated SVD: a client of rank r starts from the best
+   rank-r approximation of ΔW (B = U_r·S_r / s, A = Vh_r; the base stays W_0).
+3. **Stage 2, federated LoRA** for the remaining rounds, with any aggregation: the paper's
+   SLoRA uses one rank (FedAvg of A and B: ``slora+homogeneous``); FlexLoRA's Table 2 plugs
+   FlexLoRA and HetLoRA into it (``slora+flexlora``, ``slora+hetlora``), each client then
+   initialised *at its own rank* from the same SVD.
+
+Where we choose:
+
+- the paper's stage 1 fine-tunes the whole model sparsely; we sparsify only the weights that
+  get LoRA adapters (``lora.target_modules``), so the SVD initialisation carries all of stage
+  1 and the frozen rest of the model is never sent;
+- the mask is keyed on ``(federation.seed, module)``: server and clients rebuild it from the
+  seed, so a stage-1 message holds the **values only** (4 bytes per masked entry, counted so
+  in ``bytes_up`` / ``bytes_down``); sending the int32 indices once would add 4·nnz bytes per
+  module for a deployment that cannot trust both sides to rebuild it;
+- stage 1 uses the run's ``train`` settings (the paper tunes a separate learning rate);
+- the rounds of stage 1 count within ``federation.rounds``;
+- the SVD is dense and exact, one module at a time, once per run (``federation.svd =
+  "randomized"`` uses ``torch.svd_lowrank`` on the sparse matrix instead, for large layers).
+
+Memory: the server holds one sparse update (nnz values per module) and one accumulator of
+the same size, whatever the number of clients; nothing dense is sent or kept per client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.schedule import derive_seed
+from flexlora.types import GlobalUpdate, ModuleDelta
+
+__all__ = [
+    "SparseAverage",
+    "SparseDelta",
+    "SparseMask",
+    "SparseState",
+    "SparseUpdate",
+    "make_masks",
+    "svd_init",
+    "validate_sparse",
+]
+
+STATE_KIND = "slora-sparse"
+
+
+@dataclass(frozen=True)
+class SparseMask:
+    """Which entries of an (m, n) weight stage 1 trains: sorted flat indices, ``(nnz,)`` int64."""
+
+    index: Tensor  # (nnz,) sorted, in [0, m*n)
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.index.numel())
+
+    @property
+    def rows(self) -> Tensor:
+        return self.index // self.shape[1]  # (nnz,)
+
+    @property
+    def cols(self) -> Tensor:
+        return self.index % self.shape[1]  # (nnz,)
+
+
+def _mask(shape: tuple[int, int], density: float, generator: torch.Generator) -> SparseMask:
+    """``round(density·m·n)`` distinct entries drawn uniformly, in O(nnz) memory."""
+    m, n = shape
+    total = m * n
+    nnz = min(total, max(1, round(density * total)))
+    if 2 * nnz >= total:  # dense enough: a permutation is cheap and exact
+        idx = torch.randperm(total, generator=generator)[:nnz]
+    else:
+        picked = torch.empty(0, dtype=torch.int64)
+        while picked.numel() < nnz:
+            draw = torch.randint(0, total, (nnz + nnz // 4 + 16,), generator=generator)
+            picked = torch.unique(torch.cat([picked, draw]))  # sorted, distinct
+        # keep a uniformly random nnz-subset of the distinct draws
+        idx = picked[torch.randperm(picked.numel(), generator=generator)[:nnz]]
+    return SparseMask(index=torch.sort(idx).values, shape=(m, n))
+
+
+def make_masks(
+    shapes: Mapping[str, tuple[int, int]], density: float, seed: int
+) -> dict[str, SparseMask]:
+    """One fixed random mask per module, keyed on ``(seed, module)``: the same for every client."""
+    if not 0 < density <= 1:
+        raise UsageError(f"federation.slora_density must be in (0, 1], got {density}")
+    return {
+        name: _mask(
+            (int(m), int(n)),
+            density,
+            torch.Generator().manual_seed(derive_seed(seed, "slora-mask", name)),
+        )
+        for name, (m, n) in shapes.items()
+    }
+
+
+@dataclass(frozen=True)
+class SparseDelta:
+    """One module's sparse update: ``values`` at the mask's entries, zero elsewhere."""
+
+    mask: SparseMask
+    values: Tensor  # (nnz,)
+
+    def __post_init__(self) -> None:
+        if tuple(self.values.shape) != (self.mask.nnz,):
+            raise ValueError(f"values {tuple(self.values.shape)} for a mask of {self.mask.nnz}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.mask.shape
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The full ``ΔW`` (m, n): for evaluation merges and the SVD, one module at a time."""
+        m, n = self.shape
+        out = torch.zeros(m * n, dtype=dtype)
+        out[self.mask.index] = self.values.to(dtype)
+        return out.view(m, n)  # (m, n)
+
+    def sparse(self) -> Tensor:
+        """The same ΔW as a coalesced sparse COO tensor (m, n)."""
+        idx = torch.stack([self.mask.rows, self.mask.cols])  # (2, nnz)
+        return torch.sparse_coo_tensor(
+            idx, self.values, self.shape, is_coalesced=True, check_invariants=False
+        )
+
+
+@dataclass(frozen=True)
+class SparseState:
+    """The server's global state during stage 1: one :class:`SparseDelta` per adapted module."""
+
+    modules: Mapping[str, SparseDelta]
+    strategy: str = ""
+
+    @classmethod
+    def zeros(cls, masks: Mapping[str, SparseMask], strategy: str = "") -> SparseState:
+        return cls(
+            {n: SparseDelta(k, torch.zeros(k.nnz, dtype=torch.float32)) for n, k in masks.items()},
+            strategy,
+        )
+
+    def __getitem__(self, module: str) -> SparseDelta:
+        return self.modules[module]
+
+    def names(self) -> list[str]:
+        return list(self.modules)
+
+    def values(self) -> dict[str, Tensor]:
+        """What the server sends each client at the start of a stage-1 round."""
+        return {name: d.values for name, d in self.modules.items()}
+
+    def frozen_part(self) -> None:
+        """Nothing sits outside an adapter in stage 1 (the drivers ask every state)."""
+        return None
+
+    def num_bytes(self) -> int:
+        """Bytes of the values (the message; the mask is rebuilt from the seed)."""
+        return sum(d.values.numel() * d.values.element_size() for d in self.modules.values())
+
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """safetensors-ready: values and mask indices per module (a checkpoint keeps both)."""
+        tensors: dict[str, Tensor] = {}
+        meta = {"kind": STATE_KIND, "strategy": self.strategy, "modules": json.dumps(self.names())}
+        for name, d in self.modules.items():
+            tensors[f"{name}.values"] = d.values.contiguous()
+            tensors[f"{name}.index"] = d.mask.index.contiguous()
+            meta[f"shape:{name}"] = json.dumps(list(d.shape))
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> SparseState:
+        """Inverse of :meth:`to_tensors`; ``KeyError`` / ``ValueError`` on a damaged file."""
+        if meta.get("kind") != STATE_KIND:
+            raise ValueError(f"not a sparse SLoRA state (kind {meta.get('kind')!r})")
+        modules = {}
+        for name in json.loads(meta["modules"]):
+            m, n = (int(v) for v in json.loads(meta[f"shape:{name}"]))
+            index = tensors[f"{name}.index"]
+            if index.dtype != torch.int64 or index.ndim != 1 or bool((index >= m * n).any()):
+                raise ValueError(f"module {name}: mask indices do not fit a {m}x{n} weight")
+            modules[name] = SparseDelta(SparseMask(index, (m, n)), tensors[f"{name}.values"])
+        return cls(modules, meta.get("strategy", ""))
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """A client's stage-1 reply: its trained values at the shared mask, per module."""
+
+    client_id: str
+    num_examples: int
+    values: Mapping[str, Tensor]  # module -> (nnz,)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def num_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.values.values())
+
+
+def validate_sparse(
+    updates: Sequence[object],
+    masks: Mapping[str, SparseMask],
+    expected: Sequence[str],
+) -> tuple[list[SparseUpdate], dict[str, str]]:
+    """Split stage-1 replies into valid ones and ``client -> reason`` for the rest.
+
+    Checked: the type, an expected and unrepeated client id, a positive int example count,
+    exactly the masked modules, 1-D float values of the mask's size, all finite.
+    """
+    valid: list[SparseUpdate] = []
+    rejected: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for u in updates:
+        cid = getattr(u, "client_id", None)
+        if isinstance(cid, str):
+            counts[cid] = counts.get(cid, 0) + 1
+    for i, u in enumerate(updates):
+        cid = getattr(u, "client_id", None)
+        try:
+            if not isinstance(u, SparseUpdate):
+                raise InvalidUpdateError(None, None, "type", f"not a sparse update: {type(u)}")
+            if counts.get(cid, 0) > 1:
+                raise InvalidUpdateError(cid, None, "duplicate", "client sent two updates")
+            if cid not in expected:
+                raise InvalidUpdateError(cid, None, "unknown_client", "not sampled this round")
+            n = u.num_examples
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10**9:
+                raise InvalidUpdateError(cid, None, "num_examples", f"num_examples is {n!r}")
+            extra = sorted(set(u.values) - set(masks))
+            if extra:
+                raise InvalidUpdateError(cid, extra[0], "extra_module", "not a masked module")
+            for name, mask in masks.items():
+                v = u.values.get(name)
+                if v is None:
+                    raise InvalidUpdateError(cid, name, "missing_module", "no values")
+                if not isinstance(v, Tensor) or not v.dtype.is_floating_point:
+                    raise InvalidUpdateError(cid, name, "dtype", "values must be a float tensor")
+                if tuple(v.shape) != (mask.nnz,):
+                    raise InvalidUpdateError(
+                        cid, name, "shape", f"{tuple(v.shape)} values for a mask of {mask.nnz}"
+                    )
+                if not bool(torch.isfinite(v).all()):
+                    raise InvalidUpdateError(cid, name, "nonfinite", "values hold NaN or Inf")
+        except InvalidUpdateError as exc:
+            key = cid if isinstance(cid, str) and cid not in rejected else f"#{i}"
+            rejected[key] = str(exc)
+            continue
+        valid.append(u)
+    return valid, rejected
+
+
+class SparseAverage:
+    """Streaming FedAvg of stage-1 replies: ``start``, ``add`` one reply at a time, ``result``.
+
+    Holds one float64 sum of nnz values per module, whatever the number of replies.
+    """
+
+    def __init__(self, masks: Mapping[str, SparseMask]) -> None:
+        self.masks = dict(masks)
+        self.start()
+
+    def start(self) -> None:
+        self.sums = {n: torch.zeros(k.nnz, dtype=torch.float64) for n, k in self.masks.items()}
+        self.total = 0.0
+
+    def add(self, update: SparseUpdate, weight: float | None = None) -> None:
+        w = float(update.num_examples if weight is None else weight)
+        if not (math.isfinite(w) and w > 0):
+            raise InvalidUpdateError(update.client_id, None, "weight", f"weight {w} is not > 0")
+        for name, acc in self.sums.items():
+            acc.add_(update.values[name].to(torch.float64), alpha=w)  # (nnz,)
+        self.total += w
+
+    def result(self, strategy: str = "") -> SparseState:
+        if self.total <= 0:
+            raise InvalidUpdateError(None, None, "empty", "no stage-1 updates to average")
+        return SparseState(
+            {
+                n: SparseDelta(self.masks[n], (acc / self.total).to(torch.float32))
+                for n, acc in self.sums.items()
+            },
+            strategy,
+        )
+
+
+def svd_init(
+    state: SparseState,
+    max_ranks: Mapping[str, int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    randomized: bool = False,
+    generator: torch.Generator | None = None,
+    strategy: str = "",
+) -> GlobalUpdate:
+    """The truncated SVD of each module's accumulated sparse update, at the largest client rank.
+
+    A client of rank r then gets the first r triplets (:meth:`ModuleDelta.factors`): the best
+    rank-r approximation of ΔW (Eckart–Young), at its own rank. Dense and exact by default,
+    one module at a time; ``randomized`` uses ``torch.svd_lowrank`` on the sparse matrix.
+    """
+    modules: dict[str, ModuleDelta] = {}
+    for name, delta in state.modules.items():
+        m, n = delta.shape
+        k = min(int(max_ranks[name]), m, n)
+        if randomized:
+            if generator is not None:
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            q = min(k + 8, m, n)
+            U, S, V = torch.svd_lowrank(delta.sparse().to(torch.float64), q=q, niter=4)
+            Vh = V.T  # (q, n)
+        else:
+            U, S, Vh = torch.linalg.svd(delta.dense(torch.float64), full_matrices=False)
+        modules[name] = ModuleDelta(
+            U=U[:, :k].to(dtype).contiguous(),  # (m, k)
+            S=S[:k].to(dtype).contiguous(),  # (k,)
+            Vh=Vh[:k].to(dtype).contiguous(),  # (k, n)
+            truncation="svd",
+        )
+    return GlobalUpdate(modules=modules, strategy=strategy)
