@@ -22,7 +22,9 @@ from flexlora.flower.records import (
     record_bytes,
     record_to_factors,
     record_to_state,
+    record_to_values,
     state_to_record,
+    values_to_record,
 )
 from flexlora.flower.server_app import FlowerRun, discover_nodes
 from flexlora.flower.settings import (
@@ -81,6 +83,19 @@ def test_factor_and_state_records_round_trip() -> None:
         e = again[name]
         assert e.truncation == d.truncation
         assert torch.equal(e.U, d.U) and torch.equal(e.S, d.S) and torch.equal(e.Vh, d.Vh)
+
+
+def test_sparse_values_records_round_trip_exactly_and_carry_only_the_values() -> None:
+    """SLoRA's stage-1 message: float32 values per module (npy headers aside), nothing else."""
+    g = torch.Generator().manual_seed(0)
+    values = {"layers.0.q_proj": torch.randn(41, generator=g), "layers.0.up": torch.randn(7)}
+    record = values_to_record(values)
+    back = record_to_values(record, "c1")
+    assert back.keys() == values.keys()
+    assert all(torch.equal(back[k], v) for k, v in values.items())
+    assert record_bytes(record) - 4 * 48 < 2 * 160  # each npy header is ~128 bytes
+    with pytest.raises(InvalidUpdateError, match="ndim"):
+        record_to_values(values_to_record({"q": torch.zeros(2, 3)}), "c1")
 
 
 def _npy(arr: np.ndarray, allow_pickle: bool = False) -> Array:
@@ -319,12 +334,15 @@ def test_a_killed_server_app_resumes_from_its_checkpoint_like_an_uninterrupted_r
     assert_same_outputs(tmp_path / "killed", tmp_path / "whole")
 
 
-@pytest.mark.parametrize("strategy", ["flora", "fedit-min", "hetlora", "ffa", "fedex"])
+@pytest.mark.parametrize(
+    "strategy", ["flora", "fedit-min", "hetlora", "ffa", "fedex", "slora+flexlora"]
+)
 def test_every_strategy_trains_on_flower_as_in_the_simulator(
     job, tmp_path: Path, strategy: str
 ) -> None:
     """FLoRA (its nodes merge the global ΔW), FedIT held to one rank, HetLoRA, FFA-LoRA,
-    FedEx-LoRA (its nodes hold the residual in their frozen weights)."""
+    FedEx-LoRA (its nodes hold the residual in their frozen weights), and SLoRA + FlexLoRA
+    (a sparse first round, then mixed-rank LoRA from its SVD)."""
     cfg, _values, runtime = job
     small = {
         "eval": {"at_start": False, "unseen": False},

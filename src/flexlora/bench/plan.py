@@ -146,13 +146,22 @@ def identical_runs(
     A run is determined by its config and its clients' resource types; the distribution only
     matters through those types. Strategies that hold every client to one type (``fedit-min``,
     ``fedit-max``) therefore give the same run under every distribution in which that type is
-    the smallest (largest) present. Other strategies are never merged.
+    the smallest (largest) present; names of one computation (``fedavg+flexlora`` and
+    ``flexlora``, see :mod:`flexlora.methods.compose`) give the same run under one
+    distribution. Other runs are never merged.
     """
     from flexlora.server import plan_strategy, resolve_client_types
 
-    held = [k for k, c in configs.items() if plan_strategy(c.federation.strategy).hold_to]
-    if len({k.distribution for k in held}) < 2:
+    plans = {k: plan_strategy(c.federation.strategy) for k, c in configs.items()}
+    names: dict[str, set[str]] = {}  # canonical computation -> the names it runs under
+    for k, p in plans.items():
+        names.setdefault(p.canonical, set()).add(k.strategy)
+    # aliases of one computation (fedavg+flexlora, flexlora) are the same run too
+    aliased = [k for k, p in plans.items() if len(names[p.canonical]) > 1]
+    held = [k for k, p in plans.items() if p.hold_to]
+    if len({k.distribution for k in held}) < 2 and not aliased:
         return {}
+    held = sorted(set(held) | set(aliased))
     seen: dict[str, list[str]] = {}  # data config -> its seen clients
     groups: dict[str, RunKey] = {}
     aliases: dict[RunKey, RunKey] = {}
@@ -168,6 +177,7 @@ def identical_runs(
         types = resolve_client_types(cfg, seen[data_key])
         for k in ("distribution", "client_types"):
             d["federation"].pop(k, None)
+        d["federation"]["strategy"] = plans[key].canonical
         d["output"].pop("dir", None)
         signature = json.dumps([d, sorted(types.items())], sort_keys=True)
         if signature in groups:

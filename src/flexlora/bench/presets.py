@@ -11,12 +11,23 @@ from typing import Any
 
 from flexlora.errors import UsageError
 
-__all__ = ["ALL_DISTRIBUTIONS", "ALL_STRATEGIES", "PRESETS", "BenchPreset", "get_preset"]
+__all__ = [
+    "ALL_DISTRIBUTIONS",
+    "ALL_STRATEGIES",
+    "PAPER_GRID",
+    "PRESETS",
+    "BenchPreset",
+    "get_preset",
+]
 
 ALL_STRATEGIES = ("flexlora", "fedit-min", "fedit-max", "hetlora", "flora", "ffa")
 #: Strategies ``--strategies`` also accepts beyond the paper's comparison (later baselines).
 EXTRA_STRATEGIES = ("fedex", "fedsa")
 ALL_DISTRIBUTIONS = ("uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
+#: the paper's Table 2 rows: {FedAvg, FedIT, SLoRA} x {homogeneous rank, + FlexLoRA, + HetLoRA}
+PAPER_GRID = tuple(
+    f"{m}+{a}" for m in ("fedavg", "fedit", "slora") for a in ("homogeneous", "flexlora", "hetlora")
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,51 @@ PRESETS: dict[str, BenchPreset] = {
                 "federation": {"rounds": 6, "clients_per_round": 6},
                 "train": {"local_steps": 12, "lr": 1e-3},
                 "eval": {"every": 2, "max_examples_per_client": 16},
+            },
+        ),
+        BenchPreset(
+            name="paper-grid",
+            description=(
+                "the paper's Table 2 grid: FedAvg, FedIT and SLoRA, each at a homogeneous rank, "
+                "+ FlexLoRA and + HetLoRA, under the four distributions, 3 seeds, on the "
+                "offline default, at the full preset's budget (SLoRA: 1 of 6 rounds sparse, "
+                "density 1 %); FedAvg is FedIT's computation, so its runs are copies, as are "
+                "homogeneous runs repeated across distributions; summary in Tables 2/3/11's form"
+            ),
+            strategies=PAPER_GRID,
+            distributions=ALL_DISTRIBUTIONS,
+            seeds=3,
+            values={
+                "federation": {
+                    "rounds": 6,
+                    "clients_per_round": 6,
+                    "slora_rounds": 1,
+                    "slora_density": 0.01,
+                },
+                "train": {"local_steps": 12, "lr": 1e-3},
+                "eval": {"every": 0, "max_examples_per_client": 16},
+            },
+        ),
+        BenchPreset(
+            name="paper-grid-2core",
+            description=(
+                "paper-grid at the smallest budget that finishes on 2 shared CPU cores in about "
+                "a quarter of an hour: 2 seeds, 2 rounds (SLoRA: 1 sparse + 1 LoRA) x 2 clients "
+                "x 1 local step, 4 test examples per unseen client, 16 new tokens; a smoke test "
+                "of the grid, too small to rank methods"
+            ),
+            strategies=PAPER_GRID,
+            distributions=ALL_DISTRIBUTIONS,
+            seeds=2,
+            values={
+                "federation": {
+                    "rounds": 2,
+                    "clients_per_round": 2,
+                    "slora_rounds": 1,
+                    "slora_density": 0.01,
+                },
+                "train": {"local_steps": 1, "lr": 1e-3},
+                "eval": {"every": 0, "max_examples_per_client": 4, "max_new_tokens": 16},
             },
         ),
         BenchPreset(

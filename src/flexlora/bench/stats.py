@@ -12,7 +12,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Estimate", "mean_ci", "paired_diff", "t_cdf_two_sided", "t_quantile"]
+__all__ = [
+    "Estimate",
+    "mean_ci",
+    "paired_diff",
+    "paired_t_test",
+    "t_cdf_two_sided",
+    "t_quantile",
+]
 
 
 def t_cdf_two_sided(t: float, df: int) -> float:
@@ -97,3 +104,22 @@ def paired_diff(
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
     return mean_ci(diffs, level), sum(d > 0 for d in diffs)
+
+
+def paired_t_test(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[float, float, int]:
+    """Paired two-sided t-test of ``a[s] - b[s]`` over the shared seeds: (t, p, n).
+
+    NaN for fewer than 2 pairs. With no spread in the differences, p is 0 when their mean is
+    not zero and 1 when every pair is equal (two runs that are the same computation).
+    """
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    n = len(diffs)
+    if n < 2:
+        return math.nan, math.nan, n
+    mean = sum(diffs) / n
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if std == 0:
+        return (math.copysign(math.inf, mean) if mean else 0.0), (0.0 if mean else 1.0), n
+    t = mean / (std / math.sqrt(n))
+    return t, 1.0 - t_cdf_two_sided(abs(t), n - 1), n

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flexlora.bench.layout import RunKey
+from flexlora.bench.paper_grid import paper_grid_section
 from flexlora.bench.results import MIB, final_scores, metric_of, per_run, round0_scores
 from flexlora.bench.stats import mean_ci, paired_diff
 from flexlora.config import RunConfig
@@ -85,6 +86,8 @@ def summarize(
                 cells.append(f"{est.format(signed=True)} ({wins}/{est.n})" if est.n else "—")
             body.append([s, *cells])
         lines += markdown_table(["strategy", *distributions], body)
+
+    lines += paper_grid_section(finals, strategies, distributions)  # when the grid is there
 
     lines += ["", f"Per-seed values (seeds {', '.join(map(str, seeds))}):", ""]
     body = []

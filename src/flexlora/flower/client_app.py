@@ -22,8 +22,15 @@ from flwr.clientapp import ClientApp
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import InvalidUpdateError, UsageError
-from flexlora.flower.records import factors_to_record, record_to_factors, record_to_state
+from flexlora.flower.records import (
+    factors_to_record,
+    record_to_factors,
+    record_to_state,
+    record_to_values,
+    values_to_record,
+)
 from flexlora.flower.settings import load_run_config
+from flexlora.methods.slora import SparseMask, make_masks
 from flexlora.schedule import module_ranks
 from flexlora.server import plan_strategy, resolve_client_types
 from flexlora.training.worker import ClientWorker
@@ -52,6 +59,7 @@ class NodeRuntime:
         self._shapes: dict[str, tuple[int, int]] = {}
         self._slot_ranks: dict[str, dict[str, int]] = {}
         self._drawn: dict[str, str] | None = None
+        self._masks: dict[str, SparseMask] | None = None
 
     def _load(self) -> ClientWorker:
         from flexlora.models import load_model, target_linear_modules
@@ -153,6 +161,8 @@ class NodeRuntime:
         slot = str(config["rank-type"])
         if slot not in self.slot_ranks:
             raise UsageError(f"the server asked for unknown rank type {slot!r}")
+        if config.get("stage") == "sparse":
+            return self.train_sparse(content, client, config)
         lora = self.cfg.lora
         start = record_to_factors(
             content.array_records["arrays"], "server", lora.alpha, lora.use_rslora
@@ -171,15 +181,34 @@ class NodeRuntime:
             seed=int(config["seed"]),
             train_A=bool(config["train-a"]),
         )
-        metrics = MetricRecord(
-            {
-                "num-examples": update.num_examples,
-                "train_loss": float(result.train_loss),
-                "tokens": int(result.tokens),
-                "seconds": float(result.seconds),
-            }
-        )
+        metrics = _reply_metrics(update.num_examples, result)
         return RecordDict({"arrays": factors_to_record(update.factors), "metrics": metrics})
+
+    def train_sparse(self, content: RecordDict, client: str, config: ConfigRecord) -> RecordDict:
+        """SLoRA's stage 1: train the masked entries from the server's values."""
+        fed = self.cfg.federation
+        if self._masks is None:  # the server's masks: keyed on the same seed and shapes
+            self._masks = make_masks(self.shapes, fed.slora_density, fed.seed)
+        start = record_to_values(content.array_records["values"], "server")
+        if config.get("fail"):
+            raise RuntimeError("injected client failure (federation.fail_rate)")
+        update, result = self.worker.train_sparse(
+            client, self._masks, start, self.data.train(client), seed=int(config["seed"])
+        )
+        metrics = _reply_metrics(update.num_examples, result)
+        return RecordDict({"values": values_to_record(update.values), "metrics": metrics})
+
+
+def _reply_metrics(num_examples: int, result: Any) -> MetricRecord:
+    """What every training reply reports besides its arrays."""
+    return MetricRecord(
+        {
+            "num-examples": num_examples,
+            "train_loss": float(result.train_loss),
+            "tokens": int(result.tokens),
+            "seconds": float(result.seconds),
+        }
+    )
 
 
 _RUNTIME: dict[str, NodeRuntime] = {}

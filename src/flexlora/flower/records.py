@@ -7,7 +7,8 @@ Shapes and ranks against the round's expectations are the Coordinator's validato
 
 Keys: ``<module>.lora_A`` ``(r, n)`` / ``<module>.lora_B`` ``(m, r)`` for factors;
 ``<module>.U`` ``(m, k)``, ``.S`` ``(k,)``, ``.Vh`` ``(k, n)`` and ``.truncation`` (a one-element
-uint8 code) for a :class:`~flexlora.types.GlobalUpdate`.
+uint8 code) for a :class:`~flexlora.types.GlobalUpdate`; ``<module>.values`` ``(nnz,)`` for
+SLoRA's sparse stage (the values at the shared mask; the mask itself is rebuilt from the seed).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ __all__ = [
     "record_bytes",
     "record_to_factors",
     "record_to_state",
+    "record_to_values",
     "state_to_record",
+    "values_to_record",
 ]
 
 FACTOR_SUFFIXES = (".lora_A", ".lora_B")
@@ -149,3 +152,22 @@ def _record_modules(record: ArrayRecord, keys: list[str], sender: str) -> dict[s
         except ValueError as exc:
             raise InvalidUpdateError(sender, name, "shape", str(exc)) from None
     return modules
+
+
+def values_to_record(values: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """SLoRA's stage-1 message: ``<module>.values`` (nnz,) per module, nothing else."""
+    record = ArrayRecord()
+    for name, v in values.items():
+        record[name + ".values"] = _array(v)  # (nnz,)
+    return record
+
+
+def record_to_values(record: ArrayRecord, sender: str) -> dict[str, torch.Tensor]:
+    """Decode what :func:`values_to_record` wrote: 1-D float arrays, named by module."""
+    out: dict[str, torch.Tensor] = {}
+    for name, keys in _group(record, (".values",), sender).items():
+        v = _tensor(record, keys[".values"], sender, name)  # (nnz,)
+        if v.ndim != 1:
+            raise InvalidUpdateError(sender, name, "ndim", f"values are {v.ndim}-D, not 1-D")
+        out[name] = v
+    return out

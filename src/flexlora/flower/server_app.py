@@ -140,6 +140,7 @@ class FlowerRun(FederatedRun):
         self, state: GlobalUpdate, round_: int, bar: bool
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
         """Send one message per sampled node, wait for the replies, aggregate."""
+        state = self.server.round_state(state, round_)  # SLoRA: the SVD initialisation
         plan = self.last_plan = self.strategy.plan(state, round_)
         replies = self.grid.send_and_receive(plan.messages, timeout=self.timeout)
         new_state, row = self.strategy.collect(state, plan, replies)

@@ -28,14 +28,17 @@ from flexlora.flower.records import (
     record_bytes,
     record_to_factors,
     record_to_state,
+    record_to_values,
     state_to_record,
+    values_to_record,
 )
+from flexlora.methods.slora import SparseUpdate
 from flexlora.server import Coordinator
 from flexlora.types import ClientUpdate, GlobalUpdate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FlexLoRAStrategy", "RoundPlan", "decode_reply"]
+__all__ = ["FlexLoRAStrategy", "RoundPlan", "decode_reply", "decode_sparse_reply"]
 
 INJECTED_FAILURE = "injected client failure (federation.fail_rate)"
 
@@ -50,16 +53,19 @@ class RoundPlan:
     messages: list[Message]
     bytes_down: dict[str, int]  # accounted like the simulator (factor bytes)
     wire_bytes_down: dict[str, int]  # serialized arrays actually sent (npy headers included)
+    sparse: bool = False  # SLoRA's sparse stage: the messages carry mask values
 
 
-def decode_reply(
-    content: RecordDict, client: str, alpha: float, use_rslora: bool
-) -> tuple[ClientUpdate, float]:
-    """A reply's ``arrays`` + ``metrics`` -> (update, seconds of local training)."""
-    arrays = content.array_records.get("arrays")
+def _reply_parts(
+    content: RecordDict, client: str, arrays_key: str
+) -> tuple[ArrayRecord, int, dict[str, float]]:
+    """A reply's arrays record, example count and finite metrics (loss, tokens, seconds)."""
+    arrays = content.array_records.get(arrays_key)
     metrics = content.metric_records.get("metrics")
     if arrays is None or metrics is None:
-        raise InvalidUpdateError(client, None, "type", "reply lacks its arrays or metrics record")
+        raise InvalidUpdateError(
+            client, None, "type", f"reply lacks its {arrays_key} or metrics record"
+        )
     num = metrics.get("num-examples")
     if isinstance(num, bool) or not isinstance(num, int):
         raise InvalidUpdateError(client, None, "num_examples", f"num-examples is {num!r}")
@@ -67,13 +73,33 @@ def decode_reply(
     for key, value in values.items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidUpdateError(client, None, "metrics", f"{key} is {value!r}")
+    return arrays, num, {k: float(v) for k, v in values.items()}  # type: ignore[arg-type]
+
+
+def decode_reply(
+    content: RecordDict, client: str, alpha: float, use_rslora: bool
+) -> tuple[ClientUpdate, float]:
+    """A reply's ``arrays`` + ``metrics`` -> (update, seconds of local training)."""
+    arrays, num, values = _reply_parts(content, client, "arrays")
     update = ClientUpdate(
         client_id=client,
         num_examples=num,
         factors=record_to_factors(arrays, client, alpha, use_rslora),
-        metrics={"train_loss": float(values["train_loss"]), "tokens": float(values["tokens"])},
+        metrics={"train_loss": values["train_loss"], "tokens": values["tokens"]},
     )
-    return update, float(values["seconds"])
+    return update, values["seconds"]
+
+
+def decode_sparse_reply(content: RecordDict, client: str) -> tuple[SparseUpdate, float]:
+    """A stage-1 reply's ``values`` + ``metrics`` -> (sparse update, seconds of training)."""
+    arrays, num, values = _reply_parts(content, client, "values")
+    update = SparseUpdate(
+        client_id=client,
+        num_examples=num,
+        values=record_to_values(arrays, client),
+        metrics={"train_loss": values["train_loss"], "tokens": values["tokens"]},
+    )
+    return update, values["seconds"]
 
 
 class FlexLoRAStrategy(Strategy):
@@ -117,10 +143,16 @@ class FlexLoRAStrategy(Strategy):
         # FLoRA's global ΔW, FedEx-LoRA's residual: the clients add it to their frozen weights.
         frozen = server.frozen_part(state, initial=round_ == 1)
         base = state_to_record(frozen) if frozen is not None else None
-        plan = RoundPlan(round_, clients, {}, [], {}, {})
+        sparse = server.sparse_round(round_)
+        plan = RoundPlan(round_, clients, {}, [], {}, {}, sparse=sparse)
         for cid in clients:
-            start = server.start_factors(state, cid, round_)
-            arrays = factors_to_record(start)
+            if sparse:  # SLoRA's stage 1: the global values at the shared mask
+                arrays = values_to_record(state.values())
+                down = state.num_bytes()
+            else:
+                start = server.start_factors(state, cid, round_)
+                arrays = factors_to_record(start)
+                down = server.download_bytes(start, state, round_)
             settings = ConfigRecord(dict(config or {}))
             settings.update(
                 {
@@ -130,15 +162,16 @@ class FlexLoRAStrategy(Strategy):
                     "seed": server.client_seed(round_, cid),
                     "train-a": server.trains_A,
                     "fail": cid in failing,
+                    "stage": "sparse" if sparse else "lora",
                 }
             )
-            content = RecordDict({"arrays": arrays, "config": settings})
+            content = RecordDict({"values" if sparse else "arrays": arrays, "config": settings})
             if base is not None:
                 content["base"] = base
             node = self.node_of[cid]
             plan.node_client[node] = cid
             plan.messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-            plan.bytes_down[cid] = server.download_bytes(start, state, round_)
+            plan.bytes_down[cid] = down
             plan.wire_bytes_down[cid] = record_bytes(arrays) + (record_bytes(base) if base else 0)
         return plan
 
@@ -151,7 +184,7 @@ class FlexLoRAStrategy(Strategy):
         round_ = plan.round
         failures: dict[str, str] = {}
         rejected: dict[str, str] = {}
-        received: dict[str, ClientUpdate] = {}
+        received: dict[str, Any] = {}
         seconds: dict[str, float] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -164,9 +197,12 @@ class FlexLoRAStrategy(Strategy):
                 log.warning("round %d: client %s failed: %s", round_, cid, reply.error.reason)
                 continue
             try:
-                received[cid], seconds[cid] = decode_reply(
-                    reply.content, cid, lora.alpha, lora.use_rslora
-                )
+                if plan.sparse:
+                    received[cid], seconds[cid] = decode_sparse_reply(reply.content, cid)
+                else:
+                    received[cid], seconds[cid] = decode_reply(
+                        reply.content, cid, lora.alpha, lora.use_rslora
+                    )
             except InvalidUpdateError as exc:
                 rejected[cid] = str(exc)
                 log.warning("round %d: update of client %s rejected: %s", round_, cid, exc)
@@ -176,7 +212,8 @@ class FlexLoRAStrategy(Strategy):
                 log.warning("round %d: client %s did not reply in time", round_, cid)
         # The simulator's order, so the aggregate is the same sum in the same order.
         updates = [received[c] for c in plan.clients if c in received]
-        new_state, row = server.aggregate(state, round_, plan.clients, updates, failures)
+        aggregate = server.aggregate_sparse if plan.sparse else server.aggregate
+        new_state, row = aggregate(state, round_, plan.clients, updates, failures)
         row["rejected"] = {**rejected, **row["rejected"]}
         row.update(
             {

@@ -1,0 +1,285 @@
+"""SLoRA: masks, the sparse stage against a dense reference, the SVD initialisation, messages,
+and composed strategy names (METHOD+AGGREGATION) against their parts run by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexlora.aggregation import FlexLoRA
+from flexlora.errors import UsageError
+from flexlora.methods.compose import parse_strategy
+from flexlora.methods.slora import (
+    SparseAverage,
+    SparseDelta,
+    SparseState,
+    SparseUpdate,
+    make_masks,
+    svd_init,
+    validate_sparse,
+)
+from flexlora.server import Coordinator, resolve_client_types
+from flexlora.simulation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flexlora.simulation.runner import FederatedRun
+from flexlora.training.model import build_tiny_llama
+from flexlora.training.sparse import sparse_linear
+from flexlora.training.worker import ClientWorker
+from tests.sim_helpers import make_dataset, tiny_config
+
+SHAPES = {"q": (12, 10), "v": (6, 10), "up": (20, 6)}
+
+
+def _updates(masks, n_clients: int = 4, seed: int = 0) -> list[SparseUpdate]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        SparseUpdate(
+            f"c{i}",
+            int(torch.randint(1, 50, (1,), generator=g)),
+            {name: torch.randn(k.nnz, generator=g) for name, k in masks.items()},
+        )
+        for i in range(n_clients)
+    ]
+
+
+# ------------------------------------------------------------------------- masks
+def test_masks_are_fixed_by_the_seed_distinct_sorted_and_of_the_asked_density() -> None:
+    masks = make_masks(SHAPES, 0.1, seed=3)
+    again = make_masks(SHAPES, 0.1, seed=3)
+    other = make_masks(SHAPES, 0.1, seed=4)
+    for name, (m, n) in SHAPES.items():
+        idx = masks[name].index
+        assert idx.numel() == round(0.1 * m * n)
+        assert torch.equal(idx, torch.unique(idx))  # sorted and distinct
+        assert int(idx.min()) >= 0 and int(idx.max()) < m * n
+        assert torch.equal(idx, again[name].index)
+    assert any(not torch.equal(masks[k].index, other[k].index) for k in SHAPES)
+    full = make_masks(SHAPES, 1.0, seed=3)
+    assert all(full[k].nnz == m * n for k, (m, n) in SHAPES.items())
+    with pytest.raises(UsageError, match="slora_density"):
+        make_masks(SHAPES, 0.0, seed=3)
+
+
+# ------------------------------------------------------------------------- the sparse stage
+def test_sparse_average_equals_the_masked_dense_average_computed_the_slow_way() -> None:
+    masks = make_masks(SHAPES, 0.2, seed=1)
+    updates = _updates(masks)
+    acc = SparseAverage(masks)
+    for u in updates:
+        acc.add(u)
+    got = acc.result()
+    total = sum(u.num_examples for u in updates)
+    for name, (m, n) in SHAPES.items():
+        want = torch.zeros(m, n, dtype=torch.float64)
+        for u in updates:
+            dense = torch.zeros(m, n, dtype=torch.float64)
+            for k, flat in enumerate(masks[name].index.tolist()):
+                dense[flat // n, flat % n] = float(u.values[name][k])
+            want += (u.num_examples / total) * dense
+        torch.testing.assert_close(got[name].dense(), want, rtol=1e-6, atol=1e-7)
+        outside = torch.ones(m * n, dtype=torch.bool)
+        outside[masks[name].index] = False
+        assert not got[name].dense().flatten()[outside].any()
+    # streaming: starting again forgets what was added
+    acc.start()
+    acc.add(updates[0])
+    torch.testing.assert_close(acc.result()["q"].values, updates[0].values["q"])
+
+
+def test_sparse_linear_and_its_gradient_equal_the_dense_product() -> None:
+    mask = make_masks({"w": (7, 5)}, 0.4, seed=0)["w"]
+    v = torch.randn(mask.nnz, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    y = sparse_linear(x, mask, v)  # (3, 4, 7)
+    (y**2).sum().backward()
+    got = v.grad.clone()
+    v.grad = None
+    dense = torch.zeros(35, dtype=torch.float64).index_put((mask.index,), v).view(7, 5)
+    y_ref = x @ dense.T
+    (y_ref**2).sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(got, v.grad)
+
+
+def test_bad_sparse_replies_are_rejected_by_name_and_the_rest_kept() -> None:
+    masks = make_masks(SHAPES, 0.2, seed=1)
+    good = _updates(masks, 2)
+    short = SparseUpdate("c2", 5, {**good[0].values, "q": good[0].values["q"][:-1]})
+    nan = SparseUpdate("c3", 5, {**good[0].values, "v": torch.full_like(good[0].values["v"], 1)})
+    nan.values["v"][0] = float("nan")
+    stranger = SparseUpdate("zz", 5, dict(good[0].values))
+    extra = SparseUpdate("c4", 5, {**good[0].values, "k": torch.zeros(3)})
+    valid, rejected = validate_sparse(
+        [*good, short, nan, stranger, extra, "junk"], masks, ["c0", "c1", "c2", "c3", "c4"]
+    )
+    assert [u.client_id for u in valid] == ["c0", "c1"]
+    assert "shape" in rejected["c2"] and "module q" in rejected["c2"]
+    assert "nonfinite" in rejected["c3"]
+    assert "unknown_client" in rejected["zz"]
+    assert "extra_module" in rejected["c4"]
+    assert any("type" in r for k, r in rejected.items() if k.startswith("#"))
+
+
+# ------------------------------------------------------------------------- messages
+def test_sparse_state_round_trips_exactly_through_safetensors(tmp_path: Path) -> None:
+    masks = make_masks(SHAPES, 0.3, seed=2)
+    acc = SparseAverage(masks)
+    for u in _updates(masks):
+        acc.add(u)
+    state = acc.result("slora+flexlora")
+    tensors, meta = state.to_tensors()
+    save_file(tensors, tmp_path / "s.safetensors", metadata=meta)
+    back = SparseState.from_tensors(load_file(tmp_path / "s.safetensors"), meta)
+    assert back.names() == state.names() and back.strategy == "slora+flexlora"
+    for name in SHAPES:
+        assert torch.equal(back[name].values, state[name].values)
+        assert torch.equal(back[name].mask.index, state[name].mask.index)
+    # the message is the values only: 4 bytes per masked entry
+    assert state.num_bytes() == 4 * sum(k.nnz for k in masks.values())
+    # a checkpoint of the sparse stage loads back the same state
+    save_checkpoint(tmp_path / "ck", Checkpoint(1, state, [], {}, {"a": 1}))
+    loaded = load_checkpoint(tmp_path / "ck", SHAPES).global_update
+    assert isinstance(loaded, SparseState)
+    assert all(torch.equal(loaded[n].values, state[n].values) for n in SHAPES)
+
+
+# ------------------------------------------------------------------------- SVD initialisation
+def test_each_client_starts_from_the_truncated_svd_of_the_sparse_update_at_its_rank() -> None:
+    cfg = tiny_config(
+        "/tmp/unused",
+        federation={"strategy": "slora+flexlora", "slora_density": 0.3},
+    )
+    shapes = {"q": (16, 12), "up": (24, 12)}
+    clients = [f"task{i:03d}" for i in range(6)]
+    server = Coordinator(cfg, shapes, resolve_client_types(cfg, clients))
+    state = server.initial_state()
+    assert isinstance(state, SparseState) and server.sparse_round(1)
+    acc = SparseAverage(server.masks)
+    for u in _updates(server.masks, 3):
+        acc.add(u)
+    sparse = acc.result()
+    lora = server.round_state(sparse, 2)
+    assert not server.sparse_round(2)
+    for cid in clients:
+        start = server.start_factors(lora, cid, 2)
+        for name, f in start.items():
+            r = server.ranks_of(cid)[name]
+            U, S, Vh = torch.linalg.svd(sparse[name].dense(), full_matrices=False)
+            want = (U[:, :r] * S[:r]) @ Vh[:r]  # best rank-r approximation
+            torch.testing.assert_close(f.delta(torch.float64), want, rtol=1e-5, atol=1e-6)
+            err = torch.linalg.norm(f.delta(torch.float64) - sparse[name].dense())
+            torch.testing.assert_close(err**2, (S[r:] ** 2).sum(), rtol=1e-4, atol=1e-8)
+    # svd_init by itself keeps the largest rank's triplets, in descending order
+    init = svd_init(sparse, {"q": 8, "up": 30})
+    assert init["q"].rank == 8 and init["up"].rank == 12  # capped at min(m, n)
+    assert bool((init["q"].S[:-1] >= init["q"].S[1:]).all())
+
+
+# ------------------------------------------------------------------------- names
+@pytest.mark.parametrize(
+    ("name", "aggregator", "hold", "method", "canonical"),
+    [
+        ("flexlora", "flexlora", None, "fedit", "fedit+flexlora"),
+        ("fedit+flexlora", "flexlora", None, "fedit", "fedit+flexlora"),
+        ("fedavg+flexlora", "flexlora", None, "fedit", "fedit+flexlora"),
+        ("fedit-min", "fedit", "min", "fedit", "fedit+homogeneous"),
+        ("fedavg+homogeneous", "fedit", "min", "fedit", "fedit+homogeneous"),
+        ("fedit-max", "fedit", "max", "fedit", "fedit+homogeneous-max"),
+        ("hetlora", "hetlora", None, "fedit", "fedit+hetlora"),
+        ("slora", "fedit", "min", "slora", "slora+homogeneous"),
+        ("slora+hetlora", "hetlora", None, "slora", "slora+hetlora"),
+        ("fedit", "fedit", None, "fedit", "fedit"),
+        ("fedavg", "fedit", None, "fedit", "fedit"),
+        ("flora", "flora", None, "fedit", "flora"),
+    ],
+)
+def test_strategy_names_compose_a_method_and_an_aggregation(
+    name: str, aggregator: str, hold: str | None, method: str, canonical: str
+) -> None:
+    plan = parse_strategy(name)
+    assert (plan.aggregator, plan.hold_to, plan.method, plan.canonical) == (
+        aggregator,
+        hold,
+        method,
+        canonical,
+    )
+
+
+@pytest.mark.parametrize("name", ["slora+flora", "fedprox+flexlora", "slora+"])
+def test_unknown_compositions_are_usage_errors(name: str) -> None:
+    with pytest.raises(UsageError, match="METHOD\\+AGGREGATION"):
+        parse_strategy(name)
+
+
+def _sim(tmp_path: Path, name: str, strategy: str, rounds: int = 2) -> FederatedRun:
+    cfg = tiny_config(
+        str(tmp_path / name),
+        federation={"strategy": strategy, "rounds": rounds, "slora_density": 0.05},
+        eval={"at_start": False, "unseen": False},
+        output={"save_adapters": False, "checkpoint": False},
+    )
+    return FederatedRun(cfg, dataset=make_dataset(), model_and_tokenizer=build_tiny_llama(seed=0))
+
+
+def test_slora_flexlora_equals_its_sparse_stage_and_flexlora_run_by_hand(tmp_path: Path) -> None:
+    sim = _sim(tmp_path, "sim", "slora+flexlora")
+    server = sim.server
+    s1, row1 = sim.run_round(server.initial_state(), 1, False)
+    s2, row2 = sim.run_round(s1, 2, False)
+    assert row1["stage"] == "sparse" and "stage" not in row2
+    assert row1["bytes_up"] == 4 * row1["sparse_nnz"] * len(row1["aggregated"])
+    assert row1["bytes_down"] == 4 * row1["sparse_nnz"] * len(row1["clients"])
+    assert len({server.client_type[c] for c in row2["aggregated"]}) > 1  # mixed ranks
+
+    # by hand: the method's two stages with a fresh model, then FlexLoRA's aggregation
+    data = make_dataset()
+    model, tok = build_tiny_llama(seed=0)
+    worker = ClientWorker(model, tok, sim.cfg.lora, server.slot_ranks, sim.cfg.train)
+    zero = {n: torch.zeros(k.nnz) for n, k in server.masks.items()}
+    acc = SparseAverage(server.masks)
+    for cid in server.sample(1):
+        update, _ = worker.train_sparse(
+            cid, server.masks, zero, data.train(cid), seed=server.client_seed(1, cid)
+        )
+        acc.add(update)
+    by_hand_sparse = acc.result()
+    for name in server.shapes:
+        assert torch.equal(by_hand_sparse[name].values, s1[name].values)
+    init = svd_init(by_hand_sparse, server.max_ranks())
+    updates = []
+    for cid in server.sample(2):
+        ranks = server.ranks_of(cid)
+        start = init.factors(ranks, sim.cfg.lora.alpha, dtype=torch.float32)
+        update, _ = worker.train(
+            cid, server.client_type[cid], start, data.train(cid), seed=server.client_seed(2, cid)
+        )
+        updates.append(update)
+    by_hand = FlexLoRA().aggregate(updates)
+    for name in server.shapes:
+        torch.testing.assert_close(s2[name].dense(), by_hand[name].dense(), rtol=0, atol=1e-7)
+
+
+def test_aliases_run_the_same_computation(tmp_path: Path) -> None:
+    """fedavg+flexlora and flexlora, fedavg+homogeneous and fedit-min: the same global update."""
+    for a, b in (("fedavg+flexlora", "flexlora"), ("fedavg+homogeneous", "fedit-min")):
+        runs = [_sim(tmp_path, f"{a}-{b}-{i}", s, rounds=1) for i, s in enumerate((a, b))]
+        states = [r.run_round(r.server.initial_state(), 1, False)[0] for r in runs]
+        for name in states[0].names():
+            assert torch.equal(states[0][name].dense(), states[1][name].dense())
+
+
+def test_slora_with_dp_or_without_a_sparse_round_is_refused() -> None:
+    clients = [f"task{i:03d}" for i in range(6)]
+    shapes = {"q": (16, 12)}
+    for fed in ({"dp_clip": 1.0}, {"slora_rounds": 0}):
+        cfg = tiny_config("/tmp/unused", federation={"strategy": "slora+flexlora", **fed})
+        with pytest.raises(UsageError, match=r"SLoRA|slora_rounds"):
+            Coordinator(cfg, shapes, resolve_client_types(cfg, clients))
+
+
+def test_sparse_delta_values_must_fit_the_mask() -> None:
+    mask = make_masks({"w": (4, 4)}, 0.5, seed=0)["w"]
+    with pytest.raises(ValueError, match="values"):
+        SparseDelta(mask, torch.zeros(mask.nnz + 1))
