@@ -10,11 +10,20 @@ paper's mixed rank types) and prints the share of round time spent in aggregatio
 
     .venv/bin/python benchmarks/training.py               # SmolLM2-135M (the offline default)
     .venv/bin/python benchmarks/training.py --model tiny-llama --steps 4 --reps 2   # smoke
+
+Part 3 (``--batched``) trains K = 1, 2, 4, 8 clients together in one batched pass
+(``train.parallel_clients``) and one after another, on the same examples, and prints tokens
+per second of each, the ratio and the largest relative difference of the trained factors.
+
+    .venv/bin/python benchmarks/training.py --batched --model tiny-llama
+    .venv/bin/python benchmarks/training.py --batched          # SmolLM2-135M
+    .venv/bin/python benchmarks/training.py --quick            # the test's smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -26,7 +35,7 @@ from flexlora.data.types import Example
 from flexlora.server import Coordinator
 from flexlora.training.client import collate, example_order
 from flexlora.training.model import load_base_model, target_linear_modules
-from flexlora.training.worker import ClientWorker, LazyTokenized
+from flexlora.training.worker import ClientJob, ClientWorker, LazyTokenized
 
 TEXT = (
     "the model reads a short instruction and answers it with a few words of plain english "
@@ -165,6 +174,62 @@ def part2(args: argparse.Namespace) -> None:
         print(f"{round_:<8}{t_train:>10.2f}{agg:>14.3f}{100 * agg / (agg + t_train):>19.2f}%")
 
 
+def batched(args: argparse.Namespace) -> None:
+    """Part 3: K clients trained together (train.parallel_clients) against one at a time."""
+    cfg = load_config(
+        values={
+            "model": {"name": args.model},
+            "lora": {"dropout": 0.0},
+            "train": {
+                "local_steps": args.steps,
+                "batch_size": args.batch,
+                "cutoff_len": args.cutoff,
+            },
+        }
+    )
+    model, tok = load_base_model(args.model)
+    shapes = target_linear_modules(model, cfg.lora.target_modules)
+    slot = {m: args.rank for m in shapes}
+    worker = ClientWorker(model, tok, cfg.lora, {"rank": slot}, cfg.train)
+    start = worker.host.read("rank")
+    data = [synthetic_examples(args.steps * args.batch, seed=c) for c in range(max(args.ks))]
+    load = os.getloadavg()
+    print(
+        f"\nbatched clients: model={args.model} threads={torch.get_num_threads()} "
+        f"rank={args.rank} targets={cfg.lora.target_modules} steps={args.steps} "
+        f"batch={args.batch}x<={args.cutoff} tokens, {args.reps} reps; "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
+    )
+    print(
+        f"{'K':>3}{'one at a time tok/s':>22}{'together tok/s':>18}{'ratio':>8}{'max rel diff':>14}"
+    )
+    for k in args.ks:
+        jobs = [ClientJob(f"c{c}", "rank", start, data[c], seed=c) for c in range(k)]
+        seq_tps, bat_tps = [], []
+        diff = 0.0
+        for rep in range(args.reps + 1):  # the first repetition warms up both
+            t0 = time.perf_counter()
+            alone = [worker.train(j.client, j.slot, j.start, j.examples, j.seed) for j in jobs]
+            t_seq = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            together = worker.train_many(jobs)
+            t_bat = time.perf_counter() - t0
+            tokens = sum(r.tokens for _, r in alone)
+            assert tokens == sum(r.tokens for _, r in together)
+            if rep == 0:
+                diff = max(
+                    float((u2.factors[m].B - u1.factors[m].B).norm() / u1.factors[m].B.norm())
+                    for (u1, _), (u2, _) in zip(alone, together, strict=True)
+                    for m in u1.factors
+                )
+                continue
+            seq_tps.append(tokens / t_seq)
+            bat_tps.append(tokens / t_bat)
+        s, b = statistics.median(seq_tps), statistics.median(bat_tps)
+        print(f"{k:>3}{s:>22.0f}{b:>18.0f}{b / s:>7.2f}x{diff:>14.1e}")
+    print("goal: >= 1.5x for K=4 on the tiny model (2 CPU cores)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -175,7 +240,19 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--skip-round", action="store_true", help="only part 1")
+    p.add_argument(
+        "--batched",
+        action="store_true",
+        help="only part 3: K clients together (train.parallel_clients) vs one at a time",
+    )
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="part 3's K values")
+    p.add_argument("--quick", action="store_true", help="part 3 on tiny-llama, 2 steps, 1 rep")
     args = p.parse_args()
+    if args.quick:
+        args.model, args.steps, args.reps, args.ks, args.batched = "tiny-llama", 2, 1, [1, 4], True
+    if args.batched:
+        batched(args)
+        return
     part1(args)
     if not args.skip_round:
         part2(args)
