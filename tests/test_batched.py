@@ -140,6 +140,15 @@ def test_with_dropout_a_client_does_not_depend_on_its_batch_mates() -> None:
     assert max(rel(u0.factors[m].B, u.factors[m].B) for m in u.factors) > 1e-3
 
 
+def test_gradient_checkpointing_redraws_the_same_dropout_masks() -> None:
+    worker = make_worker(TrainConfig(**TRAIN, gradient_checkpointing=True), dropout=0.3)
+    jobs = jobs_for(worker, 3)
+    alone = [worker.train(j.client, j.slot, j.start, j.examples, j.seed) for j in jobs]
+    together = worker.train_many(jobs)
+    for (u1, _), (u2, _) in zip(alone, together, strict=True):
+        assert_same(u2.factors, u1.factors, 1e-5)
+
+
 def test_bf16_base_trains_float32_factors_close_to_sequential() -> None:
     worker = make_worker(TrainConfig(**{**TRAIN, "max_grad_norm": 0.0}), dtype=torch.bfloat16)
     jobs = jobs_for(worker, 2)

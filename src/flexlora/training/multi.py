@@ -84,7 +84,7 @@ class MultiLoRALinear(nn.Module):
         A = owner.A[self.name]
         xl = x.to(A.dtype).reshape(k, b, t, n)  # (K', b, t, n)
         if owner.dropout > 0 and self.training:
-            xl = xl * owner.dropout_mask(xl, plan)
+            xl = xl * owner.dropout_mask(self.name, xl, plan)
         xl = xl.reshape(k, b * t, n)  # (K', bt, n)
         groups = owner.groups(self.name)
         if len(groups) == 1:
@@ -231,6 +231,7 @@ class MultiLoRA:
         """The rows of the next forward pass."""
         self.plan = plan
         self._groups: dict[str, list[RankGroup]] = {}
+        self._rng: dict[str, list[Tensor]] = {}  # layer -> generator states of its masks
 
     def groups(self, name: str) -> list[RankGroup]:
         """The batch's clients grouped by their rank in module ``name`` (memoised per plan)."""
@@ -258,14 +259,26 @@ class MultiLoRA:
         return out
 
     # ------------------------------------------------------------------ dropout
-    def dropout_mask(self, x: Tensor, plan: BatchPlan) -> Tensor:
-        """Per-client inverted-dropout masks, each from its own generator at its own width."""
+    def dropout_mask(self, name: str, x: Tensor, plan: BatchPlan) -> Tensor:
+        """Per-client inverted-dropout masks, each from its own generator at its own width.
+
+        A second call for the same layer and batch is gradient checkpointing recomputing the
+        forward pass: it redraws the first call's masks from the generator states saved then
+        (as ``torch.utils.checkpoint`` restores the global RNG for PEFT's dropout).
+        """
         _, b, _, n = x.shape
         keep = 1.0 - self.dropout
+        gens = [plan.generators[c] for c in plan.active]
+        if name in self._rng:
+            gens = [torch.Generator(g.device) for g in gens]
+            for g, state in zip(gens, self._rng[name], strict=True):
+                g.set_state(state)
+        else:
+            self._rng[name] = [g.get_state() for g in gens]
         mask = torch.ones_like(x)  # (K', b, t, n); padded positions are never read
-        for j, (client, width) in enumerate(zip(plan.active, plan.widths, strict=True)):
+        for j, (gen, width) in enumerate(zip(gens, plan.widths, strict=True)):
             drawn = torch.empty((b, width, n), dtype=x.dtype, device=x.device).bernoulli_(
-                keep, generator=plan.generators[client]
+                keep, generator=gen
             )  # (b, t_k, n): as F.dropout draws it on the CPU
             mask[j, :, :width] = drawn.div_(keep)
         return mask
