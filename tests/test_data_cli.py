@@ -78,3 +78,39 @@ def test_guess_source(tmp_path: Path) -> None:
     assert guess_source(str(tarball)) == "natural-instructions-v1-offline"
     with pytest.raises(UsageError):
         guess_source(str(tmp_path / "missing"))
+
+
+def test_stats_say_what_was_read_kept_and_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """3 tasks of 10/20/30 examples, task003_c unseen: 60 read, its 16 train examples dropped."""
+    root = write_ni_v2(
+        tmp_path / "ni",
+        {"task001_a": 10, "task002_b": 30, "task003_c": 20},
+        test=["task003_c"],
+    )
+    out = _stats(capsys, str(root))
+    assert "read: 60 examples from 3 task(s) of " in out
+    assert "kept: 44 (train 32, eval 6, test 6)" in out
+    assert "dropped: 16\n  training part of unseen clients (held out for zero-shot " in out
+    assert "unaccounted" not in out and "subsampling" not in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if "task00" in line}
+    assert rows["task001_a"] == ["seen", "10", "10", "0", "0", "0"]
+    assert rows["task003_c"] == ["unseen", "20", "4", "0", "16", "0"]
+
+    # subsampling and caps are counted under their own reasons; kept + dropped = read
+    args = ["--subsample-fraction", "0.5", "--max-test-per-client", "1"]
+    out = _stats(capsys, str(root), *args, "--max-train-per-client", "5")
+    assert "read: 60 examples from 3 task(s)" in out
+    assert "  subsampling (data.subsample_fraction, data.max_examples_per_task): 30" in out
+    reasons = {k: int(v) for k, v in re.findall(r"\n  ([^:\n]+): (\d+)", out)}
+    kept = int(re.search(r"kept: (\d+)", out).group(1))  # type: ignore[union-attr]
+    dropped = int(re.search(r"dropped: (\d+)", out).group(1))  # type: ignore[union-attr]
+    # halves of 10/30/20 = 5/15/10, split 8:1:1 -> train 3/11/8, eval 1/2/1, test 1/2/1;
+    # task002's train is capped at 5 (6 dropped) and its eval/test at 1 each (2 dropped);
+    # unseen task003 loses its 8 train examples
+    assert kept == (3 + 1 + 1) + (5 + 1 + 1) + (1 + 1)
+    assert reasons["training part of unseen clients (held out for zero-shot evaluation)"] == 8
+    assert reasons["training examples over data.max_train_per_client"] == 6
+    assert reasons["eval/test examples over data.max_test_per_client"] == 2
+    assert dropped == 30 + 8 + 6 + 2 and kept + dropped == 60

@@ -35,6 +35,12 @@ def add_data_command(sub: argparse._SubParsersAction) -> None:
         ),
     )
     stats.add_argument("path", nargs="?", default="", metavar="PATH", help="data file or folder")
+    stats.add_argument(
+        "--per-task",
+        action="store_true",
+        default=None,
+        help="list read / kept / dropped for every task (default: when there are <= 12)",
+    )
     _add_config_options(stats)
     stats.set_defaults(func=_run_stats)
 
@@ -101,17 +107,22 @@ def _looks_like_dolly(path: Path) -> bool:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
+    from flexlora.data.accounting import LoadAccount, format_account
     from flexlora.data.loader import load_federated_dataset
     from flexlora.data.stats import dataset_stats, format_stats
 
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(DataConfig)
-        if f.name != "path" and getattr(args, f.name) is not None
+        if f.name != "path" and getattr(args, f.name, None) is not None
     }
     if args.path and "source" not in overrides:
         overrides["source"] = guess_source(args.path)
         log.info("reading %s as --source %s", args.path, overrides["source"])
     cfg = DataConfig(path=args.path, **overrides)
-    print(format_stats(dataset_stats(load_federated_dataset(cfg))))
+    account = LoadAccount()
+    data = load_federated_dataset(cfg, account)
+    print(format_account(account, args.per_task))
+    print()
+    print(format_stats(dataset_stats(data)))
     return 0

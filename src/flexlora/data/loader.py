@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from flexlora.data.accounting import ClientCount, LoadAccount
 from flexlora.data.config import DataConfig
 from flexlora.data.jsonl import DOLLY_FIELDS, FieldMap, read_hub, read_jsonl
 from flexlora.data.natural_instructions import NaturalInstructionsV1, NaturalInstructionsV2
@@ -28,6 +30,7 @@ from flexlora.data.partition import (
     select_unseen,
     shard,
     split_examples,
+    split_sizes,
     subsample_indices,
 )
 from flexlora.data.sources import InMemorySource, KeepFn, TaskSource
@@ -57,15 +60,20 @@ def open_source(cfg: DataConfig) -> TaskSource:
     return InMemorySource(cfg.path, read_hub(cfg.path, cfg.hub_split, fields))
 
 
-def load_federated_dataset(cfg: DataConfig) -> FederatedDataset:
-    """Read, subsample, partition and split the data ``cfg`` describes (all seeded)."""
+def load_federated_dataset(cfg: DataConfig, account: LoadAccount | None = None) -> FederatedDataset:
+    """Read, subsample, partition and split the data ``cfg`` describes (all seeded).
+
+    ``account`` (optional) is filled with what was read, kept and dropped, and why.
+    """
     template = get_template(cfg.template)  # fail on a bad template before reading data
     source = open_source(cfg)
+    acc = account if account is not None else LoadAccount()
+    acc.source = source.name
     with _gc_paused():
         if cfg.resolved_partitioner() == "task":
-            splits, unseen = _by_task(source, cfg)
+            splits, unseen = _by_task(source, cfg, acc)
         else:
-            splits, unseen = _pooled(source, cfg)
+            splits, unseen = _pooled(source, cfg, acc)
     data = FederatedDataset(splits, unseen, name=source.name, template=template)
     log.info("%s", data)
     return data
@@ -84,13 +92,26 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _keep(cfg: DataConfig, task: str) -> KeepFn:
+def _keep(cfg: DataConfig, task: str, acc: LoadAccount) -> KeepFn:
     rng = rng_for(cfg.seed, "subsample", task)
-    return lambda n: subsample_indices(n, cfg.subsample_fraction, cfg.max_examples_per_task, rng)
+
+    def keep(n: int) -> np.ndarray:
+        idx = subsample_indices(n, cfg.subsample_fraction, cfg.max_examples_per_task, rng)
+        acc.read_task(task, n, len(idx))
+        return idx
+
+    return keep
 
 
-def _split(cfg: DataConfig, cid: str, examples: list[Example], seen: bool) -> ClientSplit:
-    return split_examples(
+def _split(
+    cfg: DataConfig,
+    cid: str,
+    examples: list[Example],
+    seen: bool,
+    acc: LoadAccount,
+    task: str = "",
+) -> ClientSplit:
+    split = split_examples(
         examples,
         cfg.split_ratios,
         rng_for(cfg.seed, "split", cid),
@@ -98,9 +119,23 @@ def _split(cfg: DataConfig, cid: str, examples: list[Example], seen: bool) -> Cl
         max_test=cfg.max_test_per_client,
         keep_train=seen,
     )
+    n_train, n_eval, n_test = split_sizes(len(examples), cfg.split_ratios)
+    acc.clients[cid] = ClientCount(
+        task=task,
+        seen=seen,
+        train=len(split.train),
+        eval=len(split.eval),
+        test=len(split.test),
+        unseen_train=0 if seen else n_train,
+        train_cap=n_train - len(split.train) if seen else 0,
+        test_cap=n_eval + n_test - len(split.eval) - len(split.test),
+    )
+    return split
 
 
-def _by_task(source: TaskSource, cfg: DataConfig) -> tuple[dict[str, ClientSplit], list[str]]:
+def _by_task(
+    source: TaskSource, cfg: DataConfig, acc: LoadAccount
+) -> tuple[dict[str, ClientSplit], list[str]]:
     """One client per task (or ``clients_per_task`` shards of it); unseen tasks are chosen
     from the names alone, before any task file is read."""
     names = source.task_names()
@@ -109,7 +144,8 @@ def _by_task(source: TaskSource, cfg: DataConfig) -> tuple[dict[str, ClientSplit
         tasks = sorted([*seen_tasks, *unseen_tasks])
         held_out = set(unseen_tasks)
         if len(tasks) < len(names):
-            log.info("%d tasks are in neither split file; skipped", len(names) - len(tasks))
+            acc.not_in_split = len(names) - len(tasks)
+            log.info("%d tasks are in neither split file; skipped", acc.not_in_split)
     else:
         tasks = names
         held_out = select_unseen(names, cfg.unseen_fraction, rng_for(cfg.seed, "unseen"))
@@ -118,12 +154,12 @@ def _by_task(source: TaskSource, cfg: DataConfig) -> tuple[dict[str, ClientSplit
     unseen: list[str] = []
     short = 0
     for task in tqdm(tasks, desc="reading tasks", unit="task", disable=None):
-        examples = source.read_task(task, _keep(cfg, task))
+        examples = source.read_task(task, _keep(cfg, task, acc))
         shards = [examples] if k == 1 else shard(examples, k, rng_for(cfg.seed, "shard", task))
         short += len(shards) < k
         for j, part in enumerate(shards):
             cid = task if k == 1 else f"{task}.{j}"
-            splits[cid] = _split(cfg, cid, part, seen=task not in held_out)
+            splits[cid] = _split(cfg, cid, part, task not in held_out, acc, task)
             if task in held_out:
                 unseen.append(cid)
     if short:
@@ -135,9 +171,11 @@ def _by_task(source: TaskSource, cfg: DataConfig) -> tuple[dict[str, ClientSplit
     return splits, unseen
 
 
-def _pooled(source: TaskSource, cfg: DataConfig) -> tuple[dict[str, ClientSplit], list[str]]:
+def _pooled(
+    source: TaskSource, cfg: DataConfig, acc: LoadAccount
+) -> tuple[dict[str, ClientSplit], list[str]]:
     """All (subsampled) examples pooled, then cut by category: dirichlet or meta."""
-    examples = [e for t in source.task_names() for e in source.read_task(t, _keep(cfg, t))]
+    examples = [e for t in source.task_names() for e in source.read_task(t, _keep(cfg, t, acc))]
     categories = [e.category for e in examples]
     if cfg.resolved_partitioner() == "meta":
         groups = meta_partition(categories)
@@ -152,7 +190,7 @@ def _pooled(source: TaskSource, cfg: DataConfig) -> tuple[dict[str, ClientSplit]
         groups = {f"client_{i:0{width}d}": list(p) for i, p in enumerate(parts)}
     held_out = select_unseen(list(groups), cfg.unseen_fraction, rng_for(cfg.seed, "unseen"))
     splits = {
-        cid: _split(cfg, cid, [examples[i] for i in idx], seen=cid not in held_out)
+        cid: _split(cfg, cid, [examples[i] for i in idx], cid not in held_out, acc)
         for cid, idx in groups.items()
     }
     return splits, [cid for cid in splits if cid in held_out]
