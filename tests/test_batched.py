@@ -265,3 +265,21 @@ def test_run_with_parallel_clients_gives_the_same_adapters(tmp_path: Path) -> No
             assert rel(auto[slot][key], want) <= 1e-5, (slot, key)
     rows = [json.loads(x) for x in (tmp_path / "pc4" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["aggregated"]) == 3 for r in rows if r["round"] > 0)
+
+
+def test_gpu_preset_is_the_full_grid_with_batched_clients() -> None:
+    from flexlora.bench.presets import get_preset
+    from flexlora.bench.settings import base_config
+
+    gpu, full = get_preset("gpu"), get_preset("full")
+    assert (gpu.strategies, gpu.distributions, gpu.seeds) == (
+        full.strategies,
+        full.distributions,
+        full.seeds,
+    )
+    cfg, ref = base_config(None, gpu), base_config(None, full)
+    assert cfg.train.parallel_clients == cfg.federation.clients_per_round == 6
+    assert cfg.model.device == "cuda"
+    for key in ("rounds", "clients_per_round"):
+        assert getattr(cfg.federation, key) == getattr(ref.federation, key)
+    assert (cfg.train.local_steps, cfg.train.lr) == (ref.train.local_steps, ref.train.lr)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +35,40 @@ def test_aggregation_benchmark_quick_mode() -> None:
         assert err <= 1e-4 and err_r <= 1e-4, row
     assert "speedup (dense time / factored time, whole layer)" in done.stdout
     assert "goal (factored >= 20x faster" in done.stdout
+
+
+def test_training_benchmark_quick_mode_compares_batched_clients() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "load average" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines()]
+    rows = [row for row in rows if len(row) == 5 and row[0] in ("1", "4")]
+    assert [row[0] for row in rows] == ["1", "4"]
+    for row in rows:
+        seq, together, ratio, diff = float(row[1]), float(row[2]), row[3], float(row[4])
+        assert seq > 0 and together > 0 and ratio.endswith("x")
+        assert diff <= 1e-5  # together trains the same factors as one at a time
+
+
+def test_gpu_throughput_benchmark_exits_cleanly_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run for real")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "CUDA is not available: nothing measured" in done.stdout
