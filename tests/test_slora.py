@@ -261,6 +261,17 @@ def test_slora_flexlora_equals_its_sparse_stage_and_flexlora_run_by_hand(tmp_pat
         torch.testing.assert_close(s2[name].dense(), by_hand[name].dense(), rtol=0, atol=1e-7)
 
 
+def test_a_whole_slora_run_evaluates_its_sparse_stage_and_writes_adapters(tmp_path: Path) -> None:
+    cfg = tiny_config(
+        str(tmp_path / "whole"), federation={"strategy": "slora+hetlora", "slora_density": 0.05}
+    )
+    sim = FederatedRun(cfg, dataset=make_dataset(), model_and_tokenizer=build_tiny_llama(seed=0))
+    rows = sim.run()
+    assert [r.get("stage") for r in rows] == [None, "sparse", None]
+    assert all("rouge_l_unseen" in r for r in rows)
+    assert (tmp_path / "whole" / "adapters" / "rank-8" / "adapter_model.safetensors").is_file()
+
+
 def test_aliases_run_the_same_computation(tmp_path: Path) -> None:
     """fedavg+flexlora and flexlora, fedavg+homogeneous and fedit-min: the same global update."""
     for a, b in (("fedavg+flexlora", "flexlora"), ("fedavg+homogeneous", "fedit-min")):

@@ -173,6 +173,10 @@ class SparseState:
         """What the server sends each client at the start of a stage-1 round."""
         return {name: d.values for name, d in self.modules.items()}
 
+    def delta(self, module: str, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The whole global ΔW of ``module`` (m, n), for the evaluation merge."""
+        return self.modules[module].dense(dtype)
+
     def frozen_part(self) -> None:
         """Nothing sits outside an adapter in stage 1 (the drivers ask every state)."""
         return None
