@@ -278,3 +278,103 @@ def test_a_separate_float32_delta_gives_the_merged_model_and_leaves_the_weights(
         assert torch.equal(model(input_ids=ids).logits, bare)
     torch.testing.assert_close(side, merged, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(bare, merged, atol=1e-4)
+
+
+# --- FedSA-LoRA -----------------------------------------------------------------------------
+
+
+def ref_fedsa(updates, module, p, previous_A=None):
+    """Ā row k: Σ_{i: r_i > k} p_i A_i[k] / Σ_{i: r_i > k} p_i (the previous row if no i)."""
+    fs = [u.factors[module] for u in updates]
+    n = fs[0].shape[1]
+    rank = max([f.rank for f in fs] + ([previous_A.shape[0]] if previous_A is not None else []))
+    A = np.zeros((rank, n))
+    for k in range(rank):
+        have = [(pi, f) for pi, f in zip(p, fs, strict=True) if f.rank > k]
+        if have:
+            A[k] = sum(pi * f.A[k].double().numpy() for pi, f in have) / sum(pi for pi, _ in have)
+        else:
+            A[k] = previous_A[k]
+    B, _ = ref_padded_average(updates, module, p)
+    return B, A
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=rounds(), seed=st.integers(0, 2**31 - 1), extra=st.integers(0, 3))
+def test_fedsa_matches_dense_reference(case, seed, extra) -> None:
+    agg = get_aggregator("fedsa", dtype=torch.float64)
+    state = agg.aggregate(case.updates, case.weights)
+    p = probabilities(case.updates, case.weights)
+    for module in (Q, UP):
+        B, A = ref_fedsa(case.updates, module, p)
+        assert np.allclose(state[module].Vh.numpy(), A, atol=1e-12)
+        assert np.allclose(state[module].U.numpy(), B, atol=1e-12)
+        for r in client_ranks(case.updates, module):  # the rank-r A a client starts from
+            assert np.allclose(state[module].factors(r, 8.0).A.numpy(), A[:r], atol=1e-12)
+    # a later round with smaller ranks keeps the rows nobody trained
+    shapes = {m: case.updates[0].factors[m].shape for m in (Q, UP)}
+    small = [{m: 1 for m in (Q, UP)}] * (1 + extra)
+    second = make_round(seed, shapes, small, [1] * len(small), [8.0] * len(small))
+    nxt = agg.aggregate(second, previous=state)
+    for module in (Q, UP):
+        _, A = ref_fedsa(second, module, probabilities(second, None), state[module].Vh.numpy())
+        assert np.allclose(nxt[module].Vh.numpy(), A, atol=1e-12)
+
+
+def test_local_store_keeps_two_versions_reads_the_one_before_a_round(tmp_path: Path) -> None:
+    from flexlora.client_state import LocalStore
+
+    store = LocalStore(tmp_path)
+    odd = "../weird id/é"
+    assert store.load(odd, 5) is None
+    for round_ in (2, 4, 7):
+        store.save(odd, round_, {"m": torch.full((3, 2), float(round_))})
+    assert store.versions(odd) == [4, 7]  # 2 is gone; 4 serves a re-run of round 7
+    assert store.client_dir(odd).parent == tmp_path  # the id cannot escape the folder
+    assert torch.equal(store.load(odd, 7)["m"], torch.full((3, 2), 4.0))
+    assert torch.equal(store.load(odd, 8)["m"], torch.full((3, 2), 7.0))
+    assert store.load("other", 8) is None
+    assert not list(store.client_dir(odd).glob(".tmp-*"))
+
+
+def test_fedsa_clients_start_from_their_own_B_and_the_shared_A(tmp_path: Path, monkeypatch) -> None:
+    cfg = tiny_config(
+        str(tmp_path / "fedsa"),
+        federation={"strategy": "fedsa", "rounds": 4, "clients_per_round": 3},
+        eval={"at_start": False, "seen": True, "every": 4},
+    )
+    sim = FederatedRun(cfg, dataset=make_dataset(), model_and_tokenizer=build_tiny_llama(seed=0))
+    seen: list[tuple[int, str, dict, dict]] = []  # (round, client, start, returned factors)
+    real = sim.worker.train_many
+    current = {"round": 0}
+    real_round = sim.run_round
+
+    def run_round(state, round_, bar):  # type: ignore[no-untyped-def]
+        current["round"] = round_
+        current["state"] = state
+        return real_round(state, round_, bar)
+
+    def train_many(jobs, train_A=True):  # type: ignore[no-untyped-def]
+        out = real(jobs, train_A=train_A)
+        for job, (update, _) in zip(jobs, out, strict=True):
+            seen.append((current["round"], job.client, dict(job.start), dict(update.factors)))
+            state = current["state"]
+            for name, f in job.start.items():  # the shared Ā (its prefix), every round
+                assert torch.equal(f.A, state[name].Vh[: f.rank].to(f.A.dtype))
+        return out
+
+    monkeypatch.setattr(sim.worker, "train_many", train_many)
+    monkeypatch.setattr(sim, "run_round", run_round)
+    rows = sim.run()
+    assert all(r["aggregated"] == r["clients"] for r in rows)
+    last: dict[str, dict] = {}
+    again = 0
+    for _round, cid, start, factors in seen:
+        for name, f in start.items():
+            if cid in last:  # its own B from the last round it trained, bit for bit
+                assert torch.equal(f.B, last[cid][name].B)
+            else:
+                assert not f.B.any()  # B = 0 the first time
+        again += cid in last
+        last[cid] = factors
+    assert again > 0 and "rouge_l_seen" in rows[-1] and "rouge_l_unseen" in rows[-1]

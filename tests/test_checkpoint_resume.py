@@ -216,11 +216,12 @@ def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
 
 
-@pytest.mark.parametrize("strategy", ["flexlora", "flora", "fedex"])
+@pytest.mark.parametrize("strategy", ["flexlora", "flora", "fedex", "fedsa"])
 def test_resume_in_process_equals_an_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
-    """FLoRA and FedEx-LoRA also carry state in the frozen weights (merged ΔW, residual)."""
+    """FLoRA and FedEx-LoRA also carry state in the frozen weights (merged ΔW, residual),
+    FedSA-LoRA in each client's own B on disk: the resumed clients' B's are bit for bit."""
     sections = {
         "federation": {"strategy": strategy, "rounds": 3},
         "eval": {"at_start": False, "every": 2, "patience": 1},
@@ -246,6 +247,16 @@ def test_resume_in_process_equals_an_uninterrupted_run(
     resumed = sim("broken").run(resume=True)
     assert comparable(resumed) == comparable(whole)
     assert_same_adapters(tmp_path / "whole", tmp_path / "broken")
+    if strategy == "fedsa":
+        files = sorted(
+            p.relative_to(tmp_path / "whole") for p in tmp_path.glob("whole/client_state/*/*")
+        )
+        assert files and files == sorted(
+            p.relative_to(tmp_path / "broken") for p in tmp_path.glob("broken/client_state/*/*")
+        )
+        for rel in files:
+            a, b = load_file(tmp_path / "whole" / rel), load_file(tmp_path / "broken" / rel)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
 
 
 # ---------------------------------------------------------------- SIGKILL, then flexlora resume

@@ -335,14 +335,15 @@ def test_a_killed_server_app_resumes_from_its_checkpoint_like_an_uninterrupted_r
 
 
 @pytest.mark.parametrize(
-    "strategy", ["flora", "fedit-min", "hetlora", "ffa", "fedex", "slora+flexlora"]
+    "strategy", ["flora", "fedit-min", "hetlora", "ffa", "fedex", "fedsa", "slora+flexlora"]
 )
 def test_every_strategy_trains_on_flower_as_in_the_simulator(
     job, tmp_path: Path, strategy: str
 ) -> None:
     """FLoRA (its nodes merge the global ΔW), FedIT held to one rank, HetLoRA, FFA-LoRA,
-    FedEx-LoRA (its nodes hold the residual in their frozen weights), and SLoRA + FlexLoRA
-    (a sparse first round, then mixed-rank LoRA from its SVD)."""
+    FedEx-LoRA (its nodes hold the residual in their frozen weights), FedSA-LoRA (its nodes
+    keep their own B on disk) and SLoRA + FlexLoRA (a sparse first round, then mixed-rank LoRA
+    from its SVD)."""
     cfg, _values, runtime = job
     small = {
         "eval": {"at_start": False, "unseen": False},

@@ -10,6 +10,7 @@ from flexlora.aggregation.base import (
 )
 from flexlora.aggregation.fedex import FedExLoRA
 from flexlora.aggregation.fedit import FedIT
+from flexlora.aggregation.fedsa import FedSALoRA
 from flexlora.aggregation.ffa import FFALoRA
 from flexlora.aggregation.flexlora import FlexLoRA
 from flexlora.aggregation.flora import FLoRA
@@ -22,6 +23,7 @@ __all__ = [
     "FLoRA",
     "FedExLoRA",
     "FedIT",
+    "FedSALoRA",
     "FlexLoRA",
     "HetLoRA",
     "check_updates",

@@ -9,7 +9,9 @@ the drivers (simulator, Flower) read instead of special-casing names:
   adapter each round (FLoRA), instead of starting from the global factors;
 - ``needs_uniform_rank``: every client must use one rank per module (FedIT);
 - ``reads_previous``: :meth:`Aggregator.aggregate` needs the previous global state (FFA-LoRA's
-  frozen A lives there).
+  frozen A lives there);
+- ``keeps_local_B``: each client keeps its own B across rounds and starts from the global A
+  and that B (FedSA-LoRA; see :mod:`flexlora.client_state`).
 
 Before aggregating, the drivers call :meth:`Aggregator.check` on each valid update: a strategy
 that cannot use one client's reply rejects that client (by name and reason) and the round goes
@@ -158,6 +160,7 @@ class Aggregator(ABC):
     merges_into_base: ClassVar[bool] = False
     needs_uniform_rank: ClassVar[bool] = False
     reads_previous: ClassVar[bool] = False
+    keeps_local_B: ClassVar[bool] = False
 
     def __init__(self, dtype: torch.dtype | str = torch.float32) -> None:
         self.dtype = _as_dtype(dtype)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flexlora.aggregation import AGGREGATORS
+from flexlora.client_state import CLIENT_STATE, LocalStore, with_local_B
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import InvalidUpdateError, UsageError
@@ -60,6 +63,10 @@ class NodeRuntime:
         self._slot_ranks: dict[str, dict[str, int]] = {}
         self._drawn: dict[str, str] | None = None
         self._masks: dict[str, SparseMask] | None = None
+        # FedSA-LoRA: each client's own B stays on its node, in the node's output folder
+        chosen = AGGREGATORS.get(plan_strategy(cfg.federation.strategy).aggregator)
+        keeps_B = bool(getattr(chosen, "keeps_local_B", False))
+        self.local = LocalStore(Path(cfg.output.dir) / CLIENT_STATE) if keeps_B else None
 
     def _load(self) -> ClientWorker:
         from flexlora.models import load_model, target_linear_modules
@@ -170,6 +177,9 @@ class NodeRuntime:
         self.check_start(start, self.slot_ranks[slot])
         base = content.array_records.get("base")
         aggregator = plan_strategy(self.cfg.federation.strategy).aggregator
+        round_ = int(config["server-round"])
+        if self.local is not None:  # FedSA-LoRA: this node's own B, zeros the first time
+            start = with_local_B(client, start, self.local.load(client, before_round=round_))
         self.worker.set_base_delta(record_to_state(base, aggregator) if base else None)
         if config.get("fail"):
             raise RuntimeError("injected client failure (federation.fail_rate)")
@@ -181,6 +191,8 @@ class NodeRuntime:
             seed=int(config["seed"]),
             train_A=bool(config["train-a"]),
         )
+        if self.local is not None:  # the client keeps the B it trained
+            self.local.save(client, round_, {n: f.B for n, f in update.factors.items()})
         metrics = _reply_metrics(update.num_examples, result)
         return RecordDict({"arrays": factors_to_record(update.factors), "metrics": metrics})
 

@@ -133,6 +133,9 @@ class FlowerRun(FederatedRun):
             client_types=resolve_client_types(cfg, list(declared), declared=declared),
         )
         self.strategy = FlexLoRAStrategy(self.server, {n.node_id: n.client for n in self.nodes})
+        # FedSA-LoRA: the clients' own B's live on their nodes; the server never reads them
+        # (its seen-client evaluation uses the average B̄, as for unseen clients).
+        self.local = None
         self.strategy.summary()
         self.last_plan: RoundPlan | None = None  # the last round's messages and byte counts
 

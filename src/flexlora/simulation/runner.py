@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flexlora.client_state import CLIENT_STATE, LocalStore, with_local_B
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import FlexLoRAError, UsageError
@@ -120,6 +121,8 @@ class FederatedRun:
             else int(pc)
         )
         self._eval_sets = self._choose_eval_sets()
+        # FedSA-LoRA: the simulated clients' own B's, on disk under the run folder
+        self.local = LocalStore(self.out / CLIENT_STATE) if self.server.keeps_local_B else None
         log.info(
             "strategy %s, %d clients of types %s",
             fed.strategy,
@@ -152,13 +155,41 @@ class FederatedRun:
             kind: [list(self.data.test(cid))[: cap or None] for cid in clients]
             for kind, clients in self._eval_sets.items()
         }
-        return self.worker.evaluate(
+        own = self.local is not None and state is not None and "seen" in sets
+        out = self.worker.evaluate(
             state,
-            sets,
+            {kind: s for kind, s in sets.items() if not (own and kind == "seen")},
             self.cfg.eval,
             max_prompt_tokens=self.cfg.eval.max_prompt_tokens or self.cfg.train.cutoff_len,
             restore=self.server.frozen_part(state) if state is not None else None,
         )
+        if own:
+            out.update(self._evaluate_own(state, self._eval_sets["seen"], sets["seen"]))
+        return out
+
+    def _evaluate_own(
+        self, state: GlobalUpdate, clients: list[str], tests: list[list[Any]]
+    ) -> dict[str, float]:
+        """FedSA-LoRA's protocol: each seen client with its own B and the shared Ā.
+
+        A seen client that never trained has no B: it is evaluated like an unseen one (B̄).
+        """
+        assert self.local is not None
+        total, weight = 0.0, 0
+        for cid, examples in zip(clients, tests, strict=True):
+            if not examples:
+                continue
+            own = self.local.load(cid, before_round=2**62)
+            personal = state if own is None else self.server.personal_state(state, cid, own)
+            score = self.worker.evaluate(
+                personal,
+                {"seen": [examples]},
+                self.cfg.eval,
+                max_prompt_tokens=self.cfg.eval.max_prompt_tokens or self.cfg.train.cutoff_len,
+            )
+            total += score["rouge_l_seen"] * len(examples)
+            weight += len(examples)
+        return {"rouge_l_seen": total / weight} if weight else {}
 
     def run_round(
         self, state: GlobalUpdate, round_: int, bar: bool
@@ -203,6 +234,8 @@ class FederatedRun:
             for cid in group:
                 start = server.start_factors(state, cid, round_)
                 bytes_down[cid] = server.download_bytes(start, state, round_)
+                if self.local is not None:  # FedSA-LoRA: the client's own B, zeros at first
+                    start = with_local_B(cid, start, self.local.load(cid, before_round=round_))
                 job = ClientJob(
                     cid,
                     server.client_type[cid],
@@ -306,6 +339,10 @@ class FederatedRun:
                 continue
             updates.append(update)
             kept.append(result)
+            if self.local is not None:  # the client keeps the B it trained
+                self.local.save(
+                    update.client_id, round_, {n: f.B for n, f in update.factors.items()}
+                )
         seconds = max((r.seconds for r in kept), default=0.0)
         return seconds, sum(r.tokens for r in kept), updates
 

@@ -1,0 +1,104 @@
+"""Per-client state that stays with the client across rounds (FedSA-LoRA's own B), on disk.
+
+A client that keeps its own factors between rounds needs them back the next time it is sampled,
+possibly many rounds later, while the population may be far larger than memory. Each client has
+a folder of safetensors files, one per round it trained in (``round-000007.safetensors``),
+written atomically (temporary file, then ``os.replace``); only the sampled clients' files are
+read. A round reads the newest version written *before* it, so a round that is run again after
+a crash (``flexlora resume`` restarts at the round after the checkpoint) reads what the
+uninterrupted run read, bit for bit: each client keeps its newest version and the one before
+(the one a re-run of its newest round needs), older ones are deleted.
+
+The simulator keeps the store under the run folder (``client_state/``), a Flower node under its
+own output folder: the server never reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from flexlora.errors import InvalidUpdateError
+from flexlora.types import LoRAFactors
+
+__all__ = ["CLIENT_STATE", "LocalStore", "with_local_B"]
+
+#: Folder under the run's (simulator) or the node's (Flower) output folder holding the store.
+CLIENT_STATE = "client_state"
+
+_VERSION = re.compile(r"^round-(\d{6,})\.safetensors$")
+
+
+class LocalStore:
+    """Per-client tensors by round, in ``folder/<client>/round-NNNNNN.safetensors``."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+
+    def client_dir(self, client: str) -> Path:
+        """A folder name safe for any client id: a readable part and a digest of the id."""
+        readable = re.sub(r"[^A-Za-z0-9_-]", "_", client)[:48]
+        digest = hashlib.sha256(client.encode("utf-8")).hexdigest()[:12]
+        return self.folder / f"{readable}-{digest}"
+
+    def versions(self, client: str) -> list[int]:
+        """The rounds ``client`` has a saved version for, ascending."""
+        folder = self.client_dir(client)
+        if not folder.is_dir():
+            return []
+        found = (_VERSION.match(p.name) for p in folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def load(self, client: str, before_round: int) -> dict[str, torch.Tensor] | None:
+        """The newest tensors ``client`` saved in a round before ``before_round`` (or ``None``)."""
+        older = [v for v in self.versions(client) if v < before_round]
+        if not older:
+            return None
+        path = self.client_dir(client) / f"round-{older[-1]:06d}.safetensors"
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+
+    def save(self, client: str, round_: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write ``client``'s tensors of ``round_`` atomically; keep it and the version before."""
+        folder = self.client_dir(client)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"round-{round_:06d}.safetensors"
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        older = [v for v in self.versions(client) if v < round_]
+        for v in older[:-1]:  # the newest older one serves a re-run of round_
+            (folder / f"round-{v:06d}.safetensors").unlink(missing_ok=True)
+
+
+def with_local_B(
+    client: str, start: Mapping[str, LoRAFactors], own: Mapping[str, torch.Tensor] | None
+) -> dict[str, LoRAFactors]:
+    """``start`` with each module's B replaced by the client's own (zeros the first time)."""
+    out: dict[str, LoRAFactors] = {}
+    for name, f in start.items():
+        B = own.get(name) if own is not None else None
+        if B is None:
+            B = torch.zeros_like(f.B)  # (m, r): a new client starts from B = 0
+        elif tuple(B.shape) != tuple(f.B.shape):
+            raise InvalidUpdateError(
+                client,
+                name,
+                "shape",
+                f"the client's own B is {tuple(B.shape)}, its slot needs {tuple(f.B.shape)}",
+            )
+        out[name] = LoRAFactors(A=f.A, B=B.to(f.B.dtype), alpha=f.alpha, use_rslora=f.use_rslora)
+    return out
