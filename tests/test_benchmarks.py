@@ -11,16 +11,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_aggregation_benchmark_quick_mode() -> None:
+def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/NAME`` with this interpreter; assert it exited 0."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "aggregation.py"), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=ROOT,
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_aggregation_benchmark_quick_mode() -> None:
+    done = run_script("aggregation.py", "--quick")
     rows = [line.split() for line in done.stdout.splitlines()]
     rows = [row for row in rows if row[:1] in (["q_proj"], ["down_proj"])]
     assert sorted((row[0], row[2]) for row in rows) == [
@@ -38,15 +44,7 @@ def test_aggregation_benchmark_quick_mode() -> None:
 
 
 def test_training_benchmark_quick_mode_compares_batched_clients() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_script("training.py", "--quick")
     assert "load average" in done.stdout
     rows = [line.split() for line in done.stdout.splitlines()]
     rows = [row for row in rows if len(row) == 5 and row[0] in ("1", "4")]
@@ -62,13 +60,5 @@ def test_gpu_throughput_benchmark_exits_cleanly_without_cuda() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmark would run for real")
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_script("gpu_throughput.py", timeout=120)
     assert "CUDA is not available: nothing measured" in done.stdout
