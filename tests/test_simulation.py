@@ -28,6 +28,10 @@ def test_two_rounds_write_every_output(tmp_path: Path) -> None:
     assert load_toml(out / "config.toml")["federation"]["rounds"] == 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
+    # what is evaluated: the base model, then the global update at the top client rank
+    assert [(r["eval_global_rank"], r["eval_ranks"]) for r in rows] == [("max", [])] + [
+        ("max", [8])
+    ] * 2
     for r in rows[1:]:
         for key in (
             "round",

@@ -324,6 +324,21 @@ class EvalConfig:
     patience: int = _help(
         "stop after this many evaluations without improvement (0: off)", default=0
     )
+    global_rank: str | int = _help(
+        "what global model is scored, one rule for every strategy: 'max' (the largest rank any "
+        "client receives, i.e. the top exported adapter), 'full' (the whole server state) or "
+        "an integer rank (per module at most what the state holds)",
+        default="max",
+    )
+
+    def __post_init__(self) -> None:
+        rank = self.global_rank
+        if isinstance(rank, str) and rank.strip().isdigit():
+            rank = self.global_rank = int(rank)  # a Flower run config or --set spelled "16"
+        if isinstance(rank, str) and rank not in ("max", "full"):
+            raise UsageError(f"eval.global_rank: {rank!r} is not 'max', 'full' or an integer")
+        if isinstance(rank, int) and rank <= 0:
+            raise UsageError(f"eval.global_rank must be a positive rank, got {rank}")
 
 
 @dataclass

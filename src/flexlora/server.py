@@ -20,6 +20,7 @@ from flexlora.aggregation import Aggregator, get_aggregator
 from flexlora.aggregation.validation import UpdateValidator, payload_bytes
 from flexlora.config import RunConfig
 from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
+from flexlora.lora.svd import factored_svd
 from flexlora.methods.compose import StrategyPlan, parse_strategy
 from flexlora.methods.slora import (
     SparseAverage,
@@ -75,6 +76,22 @@ def resolve_client_types(
         held = used[0] if plan.hold_to == "min" else used[-1]
         types = dict.fromkeys(types, held)
     return types
+
+
+def _as_svd(delta: ModuleDelta) -> ModuleDelta:
+    """An exact stack ``U·diag(S)·Vh`` as its thin SVD: the same ΔW, now truncatable."""
+    U, S, Vh = factored_svd(delta.U * delta.S, delta.Vh)  # (m, k), (k,), (k, n)
+    return ModuleDelta(U=U, S=S, Vh=Vh, truncation="svd")
+
+
+def stack_factors(
+    a: LoRAFactors, b: LoRAFactors, alpha: float, use_rslora: bool = False
+) -> LoRAFactors:
+    """One adapter of rank ``r_a + r_b`` whose ``s·B·A`` is the sum of both (exact)."""
+    s = lora_scaling(alpha, a.rank + b.rank, use_rslora)
+    B = torch.cat([a.B * (a.scaling / s), b.B.to(a.B.dtype) * (b.scaling / s)], dim=1)  # (m, r)
+    A = torch.cat([a.A, b.A.to(a.A.dtype)], dim=0)  # (r, n)
+    return LoRAFactors(A=A, B=B, alpha=alpha, use_rslora=use_rslora)
 
 
 def _client_dp(cfg: RunConfig, population: int) -> ClientDP | None:
@@ -425,24 +442,85 @@ class Coordinator:
             "seconds_aggregate": round(seconds_aggregate, 4),
         }
 
+    # ------------------------------------------------------------------ evaluation
+    def eval_ranks(self, state: GlobalUpdate | SparseState) -> dict[str, int]:
+        """Per module, the rank at which the global update is evaluated (``eval.global_rank``).
+
+        ``max``: the largest rank any client receives (the top exported adapter's ranks);
+        ``full``: everything the state holds; an integer: that rank. One rule for every
+        strategy, each per module at most the state's own rank (more would only add zero
+        columns). A frozen part (FedEx-LoRA's residual) is always evaluated whole, besides.
+        """
+        state = self.lora_state(state)
+        rule = self.cfg.eval.global_rank
+        top = self.max_ranks()
+        out: dict[str, int] = {}
+        for name, delta in state.modules.items():
+            want = delta.rank if rule == "full" else top[name] if rule == "max" else int(rule)
+            out[name] = min(want, delta.rank)
+        clamped = [m for m, r in out.items() if isinstance(rule, int) and r < rule]
+        if clamped:
+            log.info(
+                "eval.global_rank=%d: %d module(s) hold fewer components and are evaluated "
+                "whole (e.g. %s at rank %d)",
+                rule,
+                len(clamped),
+                clamped[0],
+                out[clamped[0]],
+            )
+        return out
+
+    def eval_factors(self, state: GlobalUpdate | SparseState) -> dict[str, LoRAFactors]:
+        """The global model as float32 LoRA factors: the update at :meth:`eval_ranks`, with
+        the frozen part (if any) stacked on at its full rank, so ``s·B·A`` is all of ΔW.
+
+        SLoRA's sparse stage is evaluated as the LoRA stage starts from it: its SVD at the
+        largest client rank (:meth:`lora_state`)."""
+        state = self.lora_state(state)
+        factors = self.cut(state, self.eval_ranks(state))
+        frozen = state.frozen_part()
+        if frozen is None:
+            return factors
+        whole = self.cut(frozen, {m: d.rank for m, d in frozen.modules.items()})
+        lora = self.cfg.lora
+        return {
+            m: stack_factors(f, whole[m], lora.alpha, lora.use_rslora) if m in whole else f
+            for m, f in factors.items()
+        }
+
+    def cut(
+        self, state: GlobalUpdate, ranks: Mapping[str, int], pad: torch.Generator | None = None
+    ) -> dict[str, LoRAFactors]:
+        """The update at per-module ``ranks`` (float32), by each module's truncation rule.
+
+        An ``exact`` module (FLoRA's first-round stack, FedIT's average) asked for fewer
+        components than it stores is first brought to its thin SVD: the cut is then the best
+        approximation instead of an error.
+        """
+        lora = self.cfg.lora
+        modules = {
+            name: _as_svd(d) if d.truncation == "exact" and ranks[name] < d.rank else d
+            for name, d in state.modules.items()
+        }
+        return GlobalUpdate(modules, state.strategy).factors(
+            dict(ranks),
+            lora.alpha,
+            use_rslora=lora.use_rslora,
+            split=self.cfg.federation.split,
+            pad=pad,
+            dtype=torch.float32,
+        )
+
     # ------------------------------------------------------------------ outputs
     def export_factors(
         self, state: GlobalUpdate | SparseState
     ) -> dict[str, dict[str, LoRAFactors]]:
         """``rank-<type>`` -> the global update at that resource type's ranks."""
         state = self.lora_state(state)
-        lora = self.cfg.lora
         out: dict[str, dict[str, LoRAFactors]] = {}
         for slot, ranks in self.slot_ranks.items():
             try:
-                out[f"rank-{slot}"] = state.factors(
-                    ranks,
-                    lora.alpha,
-                    use_rslora=lora.use_rslora,
-                    split=self.cfg.federation.split,
-                    pad=self.generator("export", slot),
-                    dtype=torch.float32,
-                )
+                out[f"rank-{slot}"] = self.cut(state, ranks, pad=self.generator("export", slot))
             except FlexLoRAError as exc:
                 log.warning("no adapter for rank type %s: %s", slot, exc)
         return out

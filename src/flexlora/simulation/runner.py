@@ -148,24 +148,33 @@ class FederatedRun:
             sets[kind] = pool
         return sets
 
-    def evaluate(self, state: GlobalUpdate | None) -> dict[str, float]:
-        """Rouge-L of generated text on the evaluation clients' test sets."""
+    def evaluate(self, state: GlobalUpdate | None) -> dict[str, Any]:
+        """Rouge-L of generated text on the evaluation clients' test sets.
+
+        The global model is ``state`` as a float32 LoRA adapter at ``eval.global_rank`` on the
+        unmodified base (``None``: the base model itself); the row says which ranks.
+        """
         cap = self.cfg.eval.max_examples_per_client
         sets = {
             kind: [list(self.data.test(cid))[: cap or None] for cid in clients]
             for kind, clients in self._eval_sets.items()
         }
         own = self.local is not None and state is not None and "seen" in sets
-        out = self.worker.evaluate(
-            state,
+        factors = self.server.eval_factors(state) if state is not None else None
+        scores = self.worker.evaluate(
+            factors,
             {kind: s for kind, s in sets.items() if not (own and kind == "seen")},
             self.cfg.eval,
             max_prompt_tokens=self.cfg.eval.max_prompt_tokens or self.cfg.train.cutoff_len,
-            restore=self.server.frozen_part(state) if state is not None else None,
         )
         if own:
-            out.update(self._evaluate_own(state, self._eval_sets["seen"], sets["seen"]))
-        return out
+            scores.update(self._evaluate_own(state, self._eval_sets["seen"], sets["seen"]))
+        ranks = self.server.eval_ranks(state) if state is not None else {}
+        return {
+            **scores,
+            "eval_global_rank": self.cfg.eval.global_rank,
+            "eval_ranks": sorted(set(ranks.values())),
+        }
 
     def _evaluate_own(
         self, state: GlobalUpdate, clients: list[str], tests: list[list[Any]]
@@ -182,7 +191,7 @@ class FederatedRun:
             own = self.local.load(cid, before_round=2**62)
             personal = state if own is None else self.server.personal_state(state, cid, own)
             score = self.worker.evaluate(
-                personal,
+                self.server.eval_factors(personal),
                 {"seen": [examples]},
                 self.cfg.eval,
                 max_prompt_tokens=self.cfg.eval.max_prompt_tokens or self.cfg.train.cutoff_len,

@@ -5,15 +5,22 @@ resource type (rank pattern). A client borrows the slot of its type: its startin
 copied in, it trains, its factors are copied out. Memory is one base model plus one adapter
 per resource type, whatever the number of clients.
 
-It can also add a global ``ΔW`` to the frozen base weights (FLoRA's clients merge the global
-update; evaluation of any strategy's global model does the same) and restore them exactly.
+Nothing ever writes into the frozen base weights (they may be bf16, 4-bit or 8-bit):
+
+- the server's global model is evaluated as one more float32 LoRA adapter
+  (:data:`EVAL_ADAPTER`, created or resized to the ranks it is given), active alone
+  (:meth:`AdapterHost.global_model`);
+- a part of ΔW the clients hold outside their adapters (FLoRA's global update, FedEx-LoRA's
+  residual; :meth:`AdapterHost.set_base_delta`) is a frozen float32 low-rank term added to
+  the base layer's output by a forward hook, so ``W0 + ΔW`` is exact on any base dtype and
+  every trainer that calls the base layer (PEFT's, the batched one) sees it.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -24,16 +31,9 @@ from flexlora.errors import InvalidUpdateError, UsageError
 from flexlora.models.targets import layer_shape
 from flexlora.types import GlobalUpdate, LoRAFactors
 
-__all__ = ["AdapterHost"]
+__all__ = ["EVAL_ADAPTER", "AdapterHost"]
 
-
-def _plain_float(weight: torch.Tensor) -> bool:
-    """A weight ΔW can be added to in place: a dense float tensor (not 4-bit / int8 packed)."""
-    return (
-        weight.dtype.is_floating_point
-        and not weight.is_quantized
-        and type(weight) in (torch.Tensor, nn.Parameter)
-    )
+EVAL_ADAPTER = "global-eval"
 
 
 class AdapterHost:
@@ -55,62 +55,96 @@ class AdapterHost:
         self,
         model: nn.Module,
         target_modules: list[str],
-        slots: Mapping[str, Mapping[str, int]],
-        alpha: float,
+        slots: Mapping[str, Mapping[str, int]] | None = None,
+        alpha: float = 16.0,
         dropout: float = 0.0,
         use_rslora: bool = False,
     ) -> None:
-        if not slots:
-            raise UsageError("an adapter host needs at least one slot")
+        self.base = model
+        self.target_modules = list(target_modules)
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
         self.dropout = float(dropout)
-        self.slot_ranks = {name: dict(ranks) for name, ranks in slots.items()}
         self.peft: PeftModel | None = None
-        for name, ranks in self.slot_ranks.items():
-            config = LoraConfig(
-                r=max(ranks.values()),
-                lora_alpha=self.alpha,
-                lora_dropout=dropout,
-                target_modules=list(target_modules),
-                rank_pattern={m: int(r) for m, r in ranks.items()},
-                use_rslora=use_rslora,
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
-            if self.peft is None:
-                with warnings.catch_warnings():
-                    # PEFT probes transformers' deprecated `is_gradient_checkpointing`; the
-                    # FutureWarning it raises is not the user's to act on
-                    warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-                    self.peft = get_peft_model(model, config, adapter_name=name)
-            else:
-                self.peft.add_adapter(name, config)
-        assert self.peft is not None
-        self.layers: dict[str, LoraLayer] = {
-            name: mod
-            for name, mod in self.peft.base_model.model.named_modules()
-            if isinstance(mod, LoraLayer)
-        }
-        if not self.layers:
-            raise UsageError(
-                f"no linear layer of the model matches target_modules={target_modules}"
-            )
-        for slot, ranks in self.slot_ranks.items():
-            missing = set(self.layers) - set(ranks)
-            if missing:
-                raise UsageError(f"slot {slot}: no rank for modules {sorted(missing)[:3]}")
+        self.layers: dict[str, LoraLayer] = {}
+        self.slot_ranks: dict[str, dict[str, int]] = {}  # training slots
+        self._ranks: dict[str, dict[str, int]] = {}  # every adapter: the slots and the eval one
+        # ΔW kept next to the frozen weights: module -> [(B (m, k), A (k, n))], float32
+        self._side: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._side_on = True
+        self.active: str | None = None
+        for name, ranks in (slots or {}).items():
+            self.add_slot(name, ranks)
+
+    def add_slot(self, slot: str, ranks: Mapping[str, int]) -> None:
+        """A training slot at per-module ``ranks`` (nothing to do if it exists already)."""
+        if slot == EVAL_ADAPTER:
+            raise UsageError(f"adapter slot name {slot!r} is reserved")
+        if slot in self.slot_ranks:
+            if self.slot_ranks[slot] != dict(ranks):
+                raise UsageError(f"adapter slot {slot} exists with other ranks")
+            return
+        self._add(slot, ranks, self.dropout)
+        self.slot_ranks[slot] = dict(ranks)
+
+    def _add(self, name: str, ranks: Mapping[str, int], dropout: float) -> None:
+        """Add the PEFT adapter ``name`` (float32 factors, frozen) at per-module ``ranks``."""
+        ranks = {m: int(r) for m, r in ranks.items()}
+        if not ranks or min(ranks.values()) <= 0:
+            raise UsageError(f"adapter {name}: ranks must be positive, got {ranks}")
+        config = LoraConfig(
+            r=max(ranks.values()),
+            lora_alpha=self.alpha,
+            lora_dropout=dropout,
+            target_modules=self.target_modules,
+            rank_pattern=ranks,
+            use_rslora=self.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        if self.peft is None:
+            with warnings.catch_warnings():
+                # PEFT probes transformers' deprecated `is_gradient_checkpointing`; the
+                # FutureWarning it raises is not the user's to act on
+                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+                self.peft = get_peft_model(self.base, config, adapter_name=name)
+            self.layers = {
+                path: mod
+                for path, mod in self.peft.base_model.model.named_modules()
+                if isinstance(mod, LoraLayer)
+            }
+            if not self.layers:
+                raise UsageError(
+                    f"no linear layer of the model matches target_modules={self.target_modules}"
+                )
+        else:
+            self.peft.add_adapter(name, config)
+        missing = set(self.layers) - set(ranks)
+        if missing:
+            self.peft.delete_adapter(name)
+            raise UsageError(f"adapter {name}: no rank for modules {sorted(missing)[:3]}")
+        for layer in self.layers.values():
+            # float32 factors over any base dtype or quantization
+            layer.lora_A[name].to(torch.float32)
+            layer.lora_B[name].to(torch.float32)
         for p in self.peft.parameters():
             p.requires_grad_(False)
-        self._original: dict[str, torch.Tensor] = {}
-        # ΔW kept next to a weight it must not be written into: module -> [(B (m, k), A (k, n))]
-        self._side: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.active: str | None = None
+        self._ranks[name] = ranks
+
+    def _ensure(self, name: str, ranks: Mapping[str, int]) -> None:
+        """Adapter ``name`` at exactly ``ranks``: created, or deleted and re-added to resize."""
+        if self._ranks.get(name) == dict(ranks):
+            return
+        if name in self._ranks:
+            assert self.peft is not None
+            self.peft.delete_adapter(name)
+            del self._ranks[name]
+        self._add(name, ranks, dropout=0.0)
 
     @property
-    def model(self) -> PeftModel:
-        assert self.peft is not None
-        return self.peft
+    def model(self) -> nn.Module:
+        """The PEFT-wrapped model (the bare base while no adapter exists)."""
+        return self.peft if self.peft is not None else self.base
 
     @property
     def modules(self) -> list[str]:
@@ -127,7 +161,8 @@ class AdapterHost:
         """Make ``slot`` the active adapter; return its trainable parameters."""
         if slot not in self.slot_ranks:
             raise UsageError(f"unknown adapter slot {slot!r}")
-        self.model.base_model.set_adapter(slot)
+        assert self.peft is not None
+        self.peft.base_model.set_adapter(slot)
         params: list[nn.Parameter] = []
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -142,9 +177,9 @@ class AdapterHost:
 
     def check(self, slot: str, factors: Mapping[str, LoRAFactors], client: str = "?") -> None:
         """Raise :class:`InvalidUpdateError` unless ``factors`` fit ``slot`` (shapes, scaling)."""
-        if slot not in self.slot_ranks:
+        if slot not in self._ranks:
             raise UsageError(f"unknown adapter slot {slot!r}")
-        ranks = self.slot_ranks[slot]
+        ranks = self._ranks[slot]
         missing = set(self.layers) - set(factors)
         if missing:
             raise InvalidUpdateError(client, sorted(missing)[0], "missing_module", "no factors")
@@ -200,35 +235,18 @@ class AdapterHost:
                 )
         return out
 
-    def set_base_delta(self, update: GlobalUpdate | None, *, separate: bool | None = None) -> None:
-        """Frozen weights become ``W0 + ΔW`` (``None``: back to ``W0`` exactly).
+    def set_base_delta(self, update: GlobalUpdate | None) -> None:
+        """The base computes ``W0 + ΔW`` from now on (``None``: ``W0`` again).
 
-        ΔW is the update's whole delta (adapter part and frozen part). On a weight that is not
-        a plain float tensor (a 4-bit or int8 quantized base), or with ``separate=True``,
-        nothing is written into the weight: ΔW stays a float32 low-rank term next to it, in
-        its thin factors, added to the layer's output by a forward hook.
+        ΔW is the update's whole delta (adapter part and frozen part), kept in its thin
+        factors as a float32 term added to each base layer's output by a forward hook: the
+        weights themselves are never written, whatever their dtype or quantization, and
+        ``W0 + ΔW`` is as exact as float32 (merging into bf16 weights would round a 1e-4
+        entry of ΔW by up to a third).
         """
         with torch.no_grad():
             for name, layer in self.layers.items():
-                base = layer.get_base_layer()
-                weight = base.weight
-                side = separate if separate is not None else not _plain_float(weight)
-                if side or name in self._side:
-                    self._set_side_delta(name, base, update if side else None)
-                    if side:
-                        continue
-                if name not in self._original:
-                    if update is None:
-                        continue
-                    self._original[name] = weight.detach().clone()
-                original = self._original[name]
-                if update is None or name not in update.modules:
-                    weight.copy_(original)
-                    continue
-                delta = update.delta(name, torch.float32).to(weight.device)  # (m, n)
-                if getattr(layer, "fan_in_fan_out", False):
-                    delta = delta.T
-                weight.copy_((original.to(torch.float32) + delta).to(weight.dtype))
+                self._set_side_delta(name, layer.get_base_layer(), update)
 
     def _set_side_delta(self, name: str, base: nn.Module, update: GlobalUpdate | None) -> None:
         """Keep ``update``'s ΔW of ``name`` as float32 factors added after ``base``'s output."""
@@ -236,6 +254,8 @@ class AdapterHost:
             self._side[name] = []
 
             def add_delta(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+                if not self._side_on:
+                    return output
                 x = inputs[0]
                 for B, A in self._side[name]:  # (m, k), (k, n)
                     output = output + ((x.to(torch.float32) @ A.T) @ B.T).to(output.dtype)
@@ -253,7 +273,31 @@ class AdapterHost:
         self._side[name] = terms
 
     @contextmanager
+    def global_model(self, factors: Mapping[str, LoRAFactors] | None) -> Iterator[nn.Module]:
+        """The model computing ``W0 + s·B·A`` for the global ``factors`` (``None``: ``W0``).
+
+        ``factors`` go into the float32 evaluation adapter, active alone; the term of
+        :meth:`set_base_delta` is off meanwhile. The base weights are never touched.
+        """
+        self._side_on = False
+        try:
+            if factors is None:
+                with self.adapters_disabled():
+                    yield self.model
+                return
+            self._ensure(EVAL_ADAPTER, {m: f.rank for m, f in factors.items()})
+            self.load(EVAL_ADAPTER, factors, client="server")
+            assert self.peft is not None
+            self.peft.base_model.set_adapter(EVAL_ADAPTER)
+            for p in self.peft.parameters():
+                p.requires_grad_(False)
+            self.active = None
+            yield self.model
+        finally:
+            self._side_on = True
+
+    @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """Run the bare (possibly delta-merged) base model."""
-        with self.model.disable_adapter():
+        """Run the base model without adapters (with the :meth:`set_base_delta` term)."""
+        with self.peft.disable_adapter() if self.peft is not None else nullcontext():
             yield

@@ -176,48 +176,48 @@ class ClientWorker:
         )
         return update, result
 
+    def add_slot(self, slot: str, ranks: Mapping[str, int]) -> None:
+        """Allocate the adapter slot of one more resource type (a Flower node does so lazily)."""
+        self.host.add_slot(slot, ranks)
+
     def set_base_delta(self, state: GlobalUpdate | None) -> None:
+        """Train on ``W0 + ΔW`` (FLoRA's global update, FedEx-LoRA's residual): a frozen float32
+        term next to the base weights, never written into them; ``None``: ``W0``."""
         self.host.set_base_delta(state)
 
     def evaluate(
         self,
-        state: GlobalUpdate | None,
+        factors: Mapping[str, LoRAFactors] | None,
         sets: Mapping[str, Sequence[Sequence[Example]]],
         cfg: EvalConfig,
         max_prompt_tokens: int,
-        restore: GlobalUpdate | None = None,
     ) -> dict[str, float]:
         """Rouge-L of generated text per named set of clients, weighted by example count.
 
-        The global ΔW (adapter and frozen parts) is merged into the frozen weights (adapters
-        off) for the evaluation; afterwards the weights become ``W0 + restore`` (the frozen part
-        the clients train on: FLoRA's ΔW, FedEx-LoRA's residual; ``None``: W0).
+        The global model is the unmodified base with ``factors`` as a float32 LoRA adapter
+        (the server chose their ranks: ``eval.global_rank``); ``None`` scores the bare base.
         """
         from flexlora.training.evaluate import evaluate_examples, weighted_mean
 
         out: dict[str, float] = {}
-        self.host.set_base_delta(state)
-        try:
-            with self.host.adapters_disabled():
-                for kind, clients in sets.items():
-                    results = []
-                    for examples in clients:
-                        if not examples:
-                            continue
-                        results.append(
-                            evaluate_examples(
-                                self.host.model,
-                                self.tokenizer,
-                                [render_prompt(e, self.template) for e in examples],
-                                [e.output for e in examples],
-                                max_new_tokens=cfg.max_new_tokens,
-                                batch_size=cfg.batch_size,
-                                max_prompt_tokens=max_prompt_tokens,
-                                stop=cfg.stop,
-                            )
+        with self.host.global_model(factors) as model:
+            for kind, clients in sets.items():
+                results = []
+                for examples in clients:
+                    if not examples:
+                        continue
+                    results.append(
+                        evaluate_examples(
+                            model,
+                            self.tokenizer,
+                            [render_prompt(e, self.template) for e in examples],
+                            [e.output for e in examples],
+                            max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.batch_size,
+                            max_prompt_tokens=max_prompt_tokens,
+                            stop=cfg.stop,
                         )
-                    if results:
-                        out[f"rouge_l_{kind}"] = float(weighted_mean(results))
-        finally:
-            self.host.set_base_delta(restore)
+                    )
+                if results:
+                    out[f"rouge_l_{kind}"] = float(weighted_mean(results))
         return out
