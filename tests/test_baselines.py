@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,7 +20,7 @@ from flexlora.config import load_config
 from flexlora.server import Coordinator
 from flexlora.simulation.runner import FederatedRun
 from flexlora.training.model import build_tiny_llama, target_linear_modules
-from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 from tests.sim_helpers import make_dataset, tiny_config
 from tests.test_aggregation import (
     UP,
@@ -243,6 +244,13 @@ def test_fedex_runs_with_mixed_ranks_and_exports_its_residual(tmp_path: Path) ->
     assert all(r["aggregated"] == r["clients"] for r in rows)
     assert len({t for r in rows for t in r["client_types"].values()}) > 1
     assert rows[1]["bytes_down"] > rows[0]["bytes_down"]  # round 2 carries the residual
+    for r in rows:  # rank-energy diagnostics in every round's row (and in report.png)
+        assert set(r["energy_kept"]) == {"2", "4", "2-8", "8"}
+        assert 0 <= r["energy_kept"]["2"] <= r["energy_kept"]["8"] <= 1 + 1e-6
+        assert set(r["update_survival"]) == set(r["client_types"].values())
+        assert set(r["update_survival_per_client"]) == set(r["aggregated"])
+        assert r["effective_rank"] >= 1
+    assert (tmp_path / "fedex" / "report.png").stat().st_size > 1000
     frozen = load_file(tmp_path / "fedex" / "adapters" / "frozen_delta.safetensors")
     assert {k.split(".")[-1] for k in frozen} == {"U", "S", "Vh"}
 
@@ -379,3 +387,72 @@ def test_fedsa_clients_start_from_their_own_B_and_the_shared_A(tmp_path: Path, m
         again += cid in last
         last[cid] = factors
     assert again > 0 and "rouge_l_seen" in rows[-1] and "rouge_l_unseen" in rows[-1]
+
+
+# --- rank-energy diagnostics ----------------------------------------------------------------
+
+
+def ref_projection(B: np.ndarray, A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Orthogonal projectors onto col(B) and row(A), from numpy's SVD (rank by tolerance)."""
+
+    def basis(M: np.ndarray) -> np.ndarray:
+        U, S, _ = np.linalg.svd(M, full_matrices=False)
+        return U[:, 1e-10 * max(S.max(initial=0.0), 1e-300) < S]
+
+    Qb, Qa = basis(B), basis(A.T)
+    return Qb @ Qb.T, Qa @ Qa.T
+
+
+@pytest.mark.parametrize("strategy", ["flexlora", "hetlora", "fedex", "fedit"])
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_rank_energy_matches_a_dense_reference(strategy: str, data) -> None:
+    from flexlora.diagnostics import rank_energy
+
+    case = data.draw(rounds(uniform=strategy == "fedit"))
+    state = get_aggregator(strategy, dtype=torch.float64).aggregate(case.updates, case.weights)
+    types = {u.client_id: f"t{i}" for i, u in enumerate(case.updates)}
+    slots = {types[u.client_id]: u.ranks for u in case.updates}
+    got = rank_energy(state, slots, case.updates, types)
+    kept = dict.fromkeys(slots, 0.0)
+    total, eff = 0.0, []
+    recv = {}
+    for module in (Q, UP):
+        W = state[module].dense().numpy()  # the adapter part, formed
+        total += float((W**2).sum())
+        S = np.linalg.svd(W, compute_uv=False)
+        p = S**2 / max((S**2).sum(), 1e-300)
+        p = p[p > 0]
+        eff.append(float(np.exp(-(p * np.log(p)).sum())) if (S**2).sum() > 0 else 0.0)
+        for t, ranks in slots.items():
+            f = state[module].factors(min(ranks[module], state[module].rank), 8.0)
+            kept[t] += float((dense(f) ** 2).sum())
+            recv[t, module] = ref_projection(f.B.double().numpy(), f.A.double().numpy())
+    for t in slots:
+        assert got["energy_kept"][t] == pytest.approx(kept[t] / total, rel=1e-6, abs=1e-9)
+    assert got["effective_rank"] == pytest.approx(sum(eff) / 2, rel=1e-6, abs=1e-6)
+    for u in case.updates:
+        t = types[u.client_id]
+        inside = sum(
+            float(((recv[t, m][0] @ dense(u.factors[m]) @ recv[t, m][1]) ** 2).sum())
+            for m in (Q, UP)
+        )
+        whole = sum(float((dense(u.factors[m]) ** 2).sum()) for m in (Q, UP))
+        assert got["update_survival_per_client"][u.client_id] == pytest.approx(
+            (inside / whole) ** 0.5, rel=1e-6, abs=1e-9
+        )
+
+
+def test_rank_energy_by_hand() -> None:
+    """ΔW = diag(3, 2, 1): rank 1 keeps 9/14, rank 2 13/14; a rank-1 client along e_2 keeps 0."""
+    from flexlora.diagnostics import effective_rank, rank_energy
+
+    U = torch.eye(3, dtype=torch.float64)
+    state = GlobalUpdate({Q: ModuleDelta(U, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), U)})
+    e2 = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    client = ClientUpdate("c", 1, {Q: LoRAFactors(e2, e2.T, 1.0)})
+    got = rank_energy(state, {"1": {Q: 1}, "2": {Q: 2}}, [client], {"c": "1"})
+    assert got["energy_kept"] == pytest.approx({"1": 9 / 14, "2": 13 / 14})
+    assert got["update_survival"] == {"1": pytest.approx(0.0)}
+    assert effective_rank(torch.ones(4)) == pytest.approx(4.0)
+    assert effective_rank(torch.tensor([1.0, 0.0])) == pytest.approx(1.0)

@@ -19,6 +19,7 @@ import torch
 from flexlora.aggregation import Aggregator, get_aggregator
 from flexlora.aggregation.validation import UpdateValidator, payload_bytes
 from flexlora.config import RunConfig
+from flexlora.diagnostics import rank_energy
 from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
 from flexlora.lora.svd import factored_svd
 from flexlora.methods.compose import StrategyPlan, parse_strategy
@@ -390,6 +391,8 @@ class Coordinator:
             round_, clients, valid, failures, rejected, kept_previous, time.perf_counter() - t0
         )
         row["bytes_up"] = sum(payload_bytes(u) for u in updates)
+        if not kept_previous:
+            row.update(self.diagnostics(new_state, valid))
         if self.dp is not None:
             eps = self.dp.epsilon(round_)  # every round so far counts, also a kept one
             row.update(
@@ -400,6 +403,20 @@ class Coordinator:
                 dp_clipped=dp_clipped,
             )
         return new_state, row
+
+    def diagnostics(self, state: GlobalUpdate, valid: Sequence[ClientUpdate]) -> dict[str, Any]:
+        """Rank-energy diagnostics of what each rank type receives (:mod:`flexlora.diagnostics`).
+
+        Not for FLoRA (every client merges all of ΔW) nor FedSA-LoRA (clients keep their own B;
+        they receive only Ā).
+        """
+        if self.merges_into_base or self.keeps_local_B or not isinstance(state, GlobalUpdate):
+            return {}
+        try:
+            return rank_energy(state, self.slot_ranks, valid, self.client_type)
+        except (RuntimeError, KeyError, ValueError) as exc:  # a diagnostic never fails a round
+            log.warning("rank-energy diagnostics skipped: %s", exc)
+            return {}
 
     def _strategy_check(
         self, state: GlobalUpdate, valid: list[ClientUpdate], rejected: dict[str, str]

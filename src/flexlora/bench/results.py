@@ -38,6 +38,9 @@ COLUMNS = [
     "train_tokens",
     "clients",
     "aggregated",
+    "energy_kept_min",  # rank-energy diagnostics: the rank type that keeps least of ΔW
+    "update_survival_min",  # the rank type whose own updates survive least
+    "effective_rank",
 ]
 MIB = 2**20
 
@@ -66,6 +69,9 @@ def read_rows(
         for m in read_metrics(key.folder(out)):
             row = {**cell, **{c: m.get(c) for c in COLUMNS[3:] if not isinstance(m.get(c), list)}}
             row["clients"] = len(m.get("clients") or [])
+            for key in ("energy_kept", "update_survival"):  # per rank type -> the worst type
+                values = [v for v in (m.get(key) or {}).values() if v is not None]
+                row[f"{key}_min"] = min(values) if values else None
             row["aggregated"] = len(m.get("aggregated") or [])
             rows.append(row)
     return rows
@@ -110,6 +116,15 @@ def round0_scores(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[int, f
         for r in rows
         if r["round"] == 0 and r.get(metric) is not None
     }
+
+
+def mean_over_rounds(rows: Sequence[Mapping[str, Any]], strategy: str, column: str) -> Estimate:
+    """Mean over the strategy's runs of the column's mean over rounds (None where absent)."""
+    values: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if r["strategy"] == strategy and r["round"] > 0 and r.get(column) is not None:
+            values.setdefault((r["distribution"], r["seed"]), []).append(float(r[column]))
+    return mean_ci([sum(v) / len(v) for v in values.values()])
 
 
 def per_run(rows: Sequence[Mapping[str, Any]], strategy: str, column: str) -> Estimate:

@@ -13,7 +13,14 @@ from typing import Any
 
 from flexlora.bench.layout import RunKey
 from flexlora.bench.paper_grid import paper_grid_section
-from flexlora.bench.results import MIB, final_scores, metric_of, per_run, round0_scores
+from flexlora.bench.results import (
+    MIB,
+    final_scores,
+    mean_over_rounds,
+    metric_of,
+    per_run,
+    round0_scores,
+)
 from flexlora.bench.stats import mean_ci, paired_diff
 from flexlora.config import RunConfig
 from flexlora.simulation.report import markdown_table
@@ -118,6 +125,8 @@ def summarize(
         ["strategy", "train s", "aggregate s", "upload MiB", "download MiB", "run wall s"], body
     )
 
+    lines += rank_energy_section(rows, strategies)
+
     local = f"{tr.local_steps} local steps" if tr.local_steps else f"{tr.local_epochs} epochs"
     every = f"every {base.eval.every} round(s)" if base.eval.every else "after the last round"
     lines += [
@@ -167,3 +176,26 @@ def format_duration(s: float) -> str:
     m, sec = divmod(round(s), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+def rank_energy_section(rows: Sequence[Mapping[str, Any]], strategies: Sequence[str]) -> list[str]:
+    """The rank-energy diagnostics per strategy (see flexlora.diagnostics), when the runs have
+    them: what the worst-served rank type keeps of ΔW and of its clients' own updates."""
+    cols = ("energy_kept_min", "update_survival_min", "effective_rank")
+    body = []
+    for s in strategies:
+        est = [mean_over_rounds(rows, s, c) for c in cols]
+        if any(e.n for e in est):
+            body.append([s, *(e.format() if e.n else "—" for e in est)])
+    if not body:
+        return []
+    return [
+        "",
+        "Rank energy, mean over rounds (then ± over runs): the share of ‖ΔW‖²_F the rank type "
+        "that keeps least receives, the share ‖P(ΔW_i)‖/‖ΔW_i‖ of a client's own update that "
+        "survives redistribution (worst rank type), the effective rank of ΔW.",
+        "",
+        *markdown_table(
+            ["strategy", "ΔW kept (worst type)", "own update kept", "effective rank"], body
+        ),
+    ]

@@ -77,7 +77,11 @@ def write_report(folder: str | Path) -> Path:
 
     rows = read_metrics(folder)
     strategy = next((r.get("strategy") for r in rows if r.get("strategy")), "")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    energy = any(r.get("energy_kept") for r in rows)
+    fig, axes = plt.subplots(1, 3 if energy else 2, figsize=(15 if energy else 10, 4))
+    ax1, ax2 = axes[0], axes[1]
+    if energy:
+        plot_rank_energy(axes[2], rows, strategy)
     for key, label in (
         ("rouge_l_unseen", "unseen clients (zero-shot)"),
         ("rouge_l_seen", "seen clients"),
@@ -98,10 +102,53 @@ def write_report(folder: str | Path) -> Path:
     ax2.set_ylabel("mean local training loss")
     ax2.set_title(f"{strategy}: training loss")
     ax2.grid(alpha=0.3)
-    for ax in (ax1, ax2):
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(folder) / "report.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_rank_energy(ax: Any, rows: list[dict[str, Any]], strategy: str) -> None:
+    """Per rank type: share of ‖ΔW‖² it receives (solid) and of its clients' own updates that
+    survive redistribution (dashed); the effective rank of ΔW in the title."""
+    types = sorted({t for r in rows for t in (r.get("energy_kept") or {})}, key=_type_order)
+    for i, t in enumerate(types):
+        color = f"C{i}"
+        pts = [
+            (r["round"], r["energy_kept"][t])
+            for r in rows
+            if (r.get("energy_kept") or {}).get(t) is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=f"rank {t}: ΔW kept")
+        pts = [
+            (r["round"], r["update_survival"][t])
+            for r in rows
+            if t in (r.get("update_survival") or {})
+        ]
+        if pts:
+            ax.plot(
+                *zip(*pts, strict=True),
+                marker="x",
+                ls="--",
+                color=color,
+                label=f"rank {t}: own update",
+            )
+    eff = [r["effective_rank"] for r in rows if r.get("effective_rank") is not None]
+    suffix = f" (effective rank of ΔW {eff[-1]:.1f})" if eff else ""
+    ax.set_xlabel("round")
+    ax.set_ylabel("fraction of ‖·‖²_F (ΔW) / of ‖·‖_F (own)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{strategy}: rank energy{suffix}", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+
+def _type_order(t: str) -> tuple[int, str]:
+    """Rank types by their first number ("8" < "30" < "30-200" < "200")."""
+    head = t.split("-")[0]
+    return (int(head) if head.isdigit() else 0, t)
