@@ -40,6 +40,10 @@ def make_dataset(n_seen: int = 6, n_unseen: int = 2, per_client: int = 12) -> Fe
     return FederatedDataset(splits, unseen=unseen, name="toy")
 
 
+#: the paper's rank type names (the resource distributions draw them) at tiny ranks
+TINY_PAPER_TYPES = {"8": [2, 2], "30": [4, 4], "30-200": [4, 8], "200": [8, 8]}
+
+
 def tiny_config(out: str, **sections: Any) -> RunConfig:
     """A 2-round, 6-client mixed-rank job on tiny-llama that runs in seconds."""
     values: dict[str, Any] = {

@@ -20,7 +20,7 @@ from flexlora.bench.summary import BenchContext, summarize
 from flexlora.config import load_config
 from flexlora.errors import UsageError
 from flexlora.training.model import build_tiny_llama
-from tests.sim_helpers import make_dataset, tiny_config
+from tests.sim_helpers import TINY_PAPER_TYPES, make_dataset, tiny_config
 
 # ------------------------------------------------------------------ statistics
 # Two-sided 95 % (p = 0.975) and 99 % (p = 0.995) critical values of Student's t, from tables.
@@ -130,7 +130,7 @@ def _tiny_base(out: Path) -> Any:
             "rounds": 1,
             "distribution": "heavy-tail-light",
             # the paper's type names (the distributions use them) at tiny ranks
-            "rank_types": {"8": [2, 2], "30": [4, 4], "30-200": [4, 8], "200": [8, 8]},
+            "rank_types": TINY_PAPER_TYPES,
         },
     )
     return cfg

@@ -221,6 +221,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_bench_command(sub)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from flexlora.evaluation.cli import add_eval_command  # lm-eval is imported when it runs
+
+    add_eval_command(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_aggregate,
     _add_run,
@@ -228,6 +234,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     _add_data,
     _add_bench,
+    _add_eval,
 ]
 
 

@@ -331,6 +331,18 @@ class EvalConfig:
         default="max",
     )
 
+    harness_tasks: list[str] = _help(
+        "lm-evaluation-harness tasks (lm-eval's names) that score the final global model at "
+        "the end of the run, into metrics.jsonl (needs the 'eval' extra); empty: none",
+        default_factory=list,
+    )
+    harness_include_path: str = _help(
+        "folder of lm-eval task YAMLs for harness_tasks (only its tasks are indexed)",
+        default="",
+    )
+    harness_limit: int = _help("first N examples of each harness task (0: all)", default=0)
+    harness_batch_size: int = _help("lm-eval batch size of the harness tasks", default=8)
+
     def __post_init__(self) -> None:
         rank = self.global_rank
         if isinstance(rank, str) and rank.strip().isdigit():

@@ -15,6 +15,7 @@ from flexlora.bench.stats import Estimate, mean_ci
 __all__ = [
     "COLUMNS",
     "final_scores",
+    "harness_columns",
     "metric_of",
     "per_run",
     "read_rows",
@@ -43,6 +44,7 @@ COLUMNS = [
     "effective_rank",
 ]
 MIB = 2**20
+HARNESS_PREFIX = "harness/"
 
 
 def read_rows(
@@ -73,16 +75,23 @@ def read_rows(
                 values = [v for v in (m.get(key) or {}).values() if v is not None]
                 row[f"{key}_min"] = min(values) if values else None
             row["aggregated"] = len(m.get("aggregated") or [])
+            row.update({k: v for k, v in m.items() if k.startswith(HARNESS_PREFIX)})
             rows.append(row)
     return rows
 
 
+def harness_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The lm-eval scores in the rows (``harness/<task>/<metric>``, eval.harness_tasks)."""
+    return sorted({k for r in rows for k in r if k.startswith(HARNESS_PREFIX)})
+
+
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    columns = [*COLUMNS, *harness_columns(rows)]
     with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: "" if row.get(c) is None else row[c] for c in COLUMNS})
+            writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
 
 
 def metric_of(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -16,6 +16,7 @@ from flexlora.bench.paper_grid import paper_grid_section
 from flexlora.bench.results import (
     MIB,
     final_scores,
+    harness_columns,
     mean_over_rounds,
     metric_of,
     per_run,
@@ -106,6 +107,8 @@ def summarize(
         body.append([s, *cells])
     lines += markdown_table(["strategy", *distributions], body)
 
+    lines += _harness_section(rows, strategies, distributions)
+
     lines += ["", "Cost per run (mean over distributions and seeds):", ""]
     body = []
     for s in strategies:
@@ -152,6 +155,29 @@ def summarize(
         if ctx.invocations[-1] not in shown:
             lines.append(f"- {_invocation(ctx.invocations[-1])}")
     return "\n".join(lines) + "\n"
+
+
+def _harness_section(
+    rows: Sequence[Mapping[str, Any]], strategies: Sequence[str], distributions: Sequence[str]
+) -> list[str]:
+    """lm-evaluation-harness scores of the final global model (eval.harness_tasks)."""
+    columns = harness_columns(rows)
+    if not columns:
+        return []
+    lines = [
+        "",
+        "lm-evaluation-harness scores of the final global model (eval.harness_tasks): mean ± "
+        "95 % CI over seeds.",
+        "",
+    ]
+    finals = {c: final_scores(rows, c) for c in columns}
+    body = [
+        [s, d, *(mean_ci(list(finals[c].get((s, d), {}).values())).format() for c in columns)]
+        for s in strategies
+        for d in distributions
+    ]
+    header = ["strategy", "distribution", *(c.removeprefix("harness/") for c in columns)]
+    return lines + markdown_table(header, body)
 
 
 def _invocation(x: Mapping[str, Any]) -> str:

@@ -463,12 +463,37 @@ class FederatedRun:
         """The run's configuration as JSON values (what a resume must find unchanged)."""
         return json.loads(json.dumps(to_dict(self.cfg)))
 
+    def score_harness(self, state: GlobalUpdate) -> dict[str, float]:
+        """lm-eval scores of the final global model (``eval.harness_tasks``), as
+        ``harness/<task>/<metric>`` keys of the last metrics row."""
+        from flexlora.evaluation.harness import flat_scores, score
+
+        ec = self.cfg.eval
+        t0 = time.perf_counter()
+        # the same global model as the Rouge-L evaluation: eval.global_rank's adapter on W0
+        factors = self.server.eval_factors(state)
+        with self.worker.host.global_model(factors) as model:
+            scores, _ = score(
+                model,
+                self.worker.tokenizer,
+                ec.harness_tasks,
+                include_path=ec.harness_include_path or None,
+                limit=ec.harness_limit,
+                batch_size=ec.harness_batch_size,
+            )
+        row = flat_scores(scores)
+        log.info("lm-eval %s (%.1fs)", row, time.perf_counter() - t0)
+        return {**row, "seconds_harness": round(time.perf_counter() - t0, 3)}
+
     def finish(self, state: GlobalUpdate, metrics: list[dict[str, Any]]) -> None:
         """Write the per-rank-type adapters (with model cards, see :mod:`.export`) and the
         report."""
         from flexlora.simulation.export import export_adapters, save_tiny_base
         from flexlora.simulation.report import write_report
 
+        if self.cfg.eval.harness_tasks and metrics:
+            metrics[-1].update(self.score_harness(state))
+            _write_metrics(self.out / "metrics.jsonl", metrics)
         if self.cfg.output.save_adapters:
             if self._tiny_base is not None:
                 save_tiny_base(*self._tiny_base, self.out)
