@@ -24,7 +24,8 @@ from flexlora.aggregation import AGGREGATORS
 from flexlora.client_state import CLIENT_STATE, LocalStore, with_local_B
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
-from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
+from flexlora.federation.round import INJECTED_FAILURE
 from flexlora.flower.records import (
     factors_to_record,
     record_to_factors,
@@ -75,7 +76,8 @@ class NodeRuntime:
             cfg = self.cfg
             model, tokenizer = load_model(cfg.model)
             self._shapes = target_linear_modules(model, cfg.lora.target_modules)
-            # Every configured type gets a slot: the server says which one a round uses.
+            # Every configured type's ranks; a slot is allocated only for the types this
+            # process trains (a node: its own one), at its first message.
             self._slot_ranks = {
                 t: module_ranks(list(self._shapes), ranks, cfg.lora.ffn_modules)
                 for t, ranks in cfg.federation.rank_types.items()
@@ -84,7 +86,7 @@ class NodeRuntime:
                 model,
                 tokenizer,
                 cfg.lora,
-                self._slot_ranks,
+                {},
                 cfg.train,
                 template=getattr(self.data, "template", None) or cfg.data.template,
             )
@@ -168,8 +170,19 @@ class NodeRuntime:
         slot = str(config["rank-type"])
         if slot not in self.slot_ranks:
             raise UsageError(f"the server asked for unknown rank type {slot!r}")
-        if config.get("stage") == "sparse":
-            return self.train_sparse(content, client, config)
+        self.worker.add_slot(slot, self.slot_ranks[slot])
+        try:
+            if config.get("stage") == "sparse":
+                return self.train_sparse(content, client, config)
+            return self.train_lora(content, client, config, slot)
+        except (RuntimeError, FlexLoRAError) as exc:
+            # a failed client, read by the server as the simulator reads one (federation.round)
+            return RecordDict({"failure": ConfigRecord({"reason": str(exc)})})
+
+    def train_lora(
+        self, content: RecordDict, client: str, config: ConfigRecord, slot: str
+    ) -> RecordDict:
+        """Train the client's adapter from the server's factors (on W0 + the merged part)."""
         lora = self.cfg.lora
         start = record_to_factors(
             content.array_records["arrays"], "server", lora.alpha, lora.use_rslora
@@ -182,7 +195,7 @@ class NodeRuntime:
             start = with_local_B(client, start, self.local.load(client, before_round=round_))
         self.worker.set_base_delta(record_to_state(base, aggregator) if base else None)
         if config.get("fail"):
-            raise RuntimeError("injected client failure (federation.fail_rate)")
+            raise RuntimeError(INJECTED_FAILURE)
         update, result = self.worker.train(
             client,
             slot,
@@ -203,7 +216,7 @@ class NodeRuntime:
             self._masks = make_masks(self.shapes, fed.slora_density, fed.seed)
         start = record_to_values(content.array_records["values"], "server")
         if config.get("fail"):
-            raise RuntimeError("injected client failure (federation.fail_rate)")
+            raise RuntimeError(INJECTED_FAILURE)
         update, result = self.worker.train_sparse(
             client, self._masks, start, self.data.train(client), seed=int(config["seed"])
         )

@@ -153,9 +153,6 @@ class FlowerRun(FederatedRun):
             sum(plan.wire_bytes_down.values()),
             row["bytes_down"],
         )
-        frozen = self.server.frozen_part(new_state)
-        if new_state is not state and frozen is not None:
-            self.worker.set_base_delta(frozen)
         return new_state, row
 
 

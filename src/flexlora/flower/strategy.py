@@ -17,12 +17,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flexlora.errors import InvalidUpdateError
+from flexlora.federation.round import (
+    ClientResult,
+    close_round,
+    injected_failures,
+    round_frozen,
+)
 from flexlora.flower.records import (
     factors_to_record,
     record_bytes,
@@ -39,8 +44,6 @@ from flexlora.types import ClientUpdate, GlobalUpdate
 log = logging.getLogger(__name__)
 
 __all__ = ["FlexLoRAStrategy", "RoundPlan", "decode_reply", "decode_sparse_reply"]
-
-INJECTED_FAILURE = "injected client failure (federation.fail_rate)"
 
 
 @dataclass
@@ -126,12 +129,7 @@ class FlexLoRAStrategy(Strategy):
     # ---------------------------------------------------------------- one round
     def injected_failures(self, round_: int, clients: Sequence[str]) -> set[str]:
         """The clients ``federation.fail_rate`` makes fail, drawn as the simulator does."""
-        fail_rate = self.coordinator.cfg.federation.fail_rate
-        if fail_rate <= 0:
-            return set()
-        n_fail = round(fail_rate * len(clients))
-        perm = torch.randperm(len(clients), generator=self.coordinator.generator(round_, "faults"))
-        return {clients[i] for i in perm[:n_fail].tolist()}
+        return injected_failures(self.coordinator, round_, clients)
 
     def plan(
         self, state: GlobalUpdate, round_: int, config: ConfigRecord | None = None
@@ -140,8 +138,8 @@ class FlexLoRAStrategy(Strategy):
         server = self.coordinator
         clients = server.sample(round_, self.pool)
         failing = self.injected_failures(round_, clients)
-        # FLoRA's global ΔW, FedEx-LoRA's residual: the clients add it to their frozen weights.
-        frozen = server.frozen_part(state, initial=round_ == 1)
+        # FLoRA's global ΔW, FedEx-LoRA's residual: the clients add it to their frozen base.
+        frozen = round_frozen(server, state, round_)
         base = state_to_record(frozen) if frozen is not None else None
         sparse = server.sparse_round(round_)
         plan = RoundPlan(round_, clients, {}, [], {}, {}, sparse=sparse)
@@ -182,49 +180,33 @@ class FlexLoRAStrategy(Strategy):
         server = self.coordinator
         lora = server.cfg.lora
         round_ = plan.round
-        failures: dict[str, str] = {}
-        rejected: dict[str, str] = {}
-        received: dict[str, Any] = {}
-        seconds: dict[str, float] = {}
+        results: dict[str, ClientResult] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             cid = plan.node_client.get(node)
-            if cid is None or cid in received or cid in failures or cid in rejected:
+            if cid is None or cid in results:
                 log.warning("round %d: unexpected reply from node %d ignored", round_, node)
                 continue
             if reply.has_error():
-                failures[cid] = reply.error.reason
-                log.warning("round %d: client %s failed: %s", round_, cid, reply.error.reason)
+                results[cid] = ClientResult(cid, error=reply.error.reason)
+                continue
+            failure = reply.content.config_records.get("failure")
+            if failure is not None:
+                results[cid] = ClientResult(cid, error=str(failure.get("reason")))
                 continue
             try:
                 if plan.sparse:
-                    received[cid], seconds[cid] = decode_sparse_reply(reply.content, cid)
+                    update, seconds = decode_sparse_reply(reply.content, cid)
                 else:
-                    received[cid], seconds[cid] = decode_reply(
-                        reply.content, cid, lora.alpha, lora.use_rslora
-                    )
+                    update, seconds = decode_reply(reply.content, cid, lora.alpha, lora.use_rslora)
             except InvalidUpdateError as exc:
-                rejected[cid] = str(exc)
-                log.warning("round %d: update of client %s rejected: %s", round_, cid, exc)
-        for cid in plan.clients:
-            if cid not in received and cid not in failures and cid not in rejected:
-                failures[cid] = "no reply before the round's timeout"
-                log.warning("round %d: client %s did not reply in time", round_, cid)
-        # The simulator's order, so the aggregate is the same sum in the same order.
-        updates = [received[c] for c in plan.clients if c in received]
-        aggregate = server.aggregate_sparse if plan.sparse else server.aggregate
-        new_state, row = aggregate(state, round_, plan.clients, updates, failures)
-        row["rejected"] = {**rejected, **row["rejected"]}
-        row.update(
-            {
-                "train_tokens": int(sum(u.metrics["tokens"] for u in updates)),
-                "seconds_train": round(sum(seconds.values()), 4),
-                "bytes_down": sum(plan.bytes_down.values()),
-                "bytes_up_per_client": {u.client_id: u.num_bytes() for u in updates},
-                "bytes_down_per_client": dict(plan.bytes_down),
-            }
+                results[cid] = ClientResult(cid, rejected=str(exc))
+                continue
+            tokens = int(update.metrics["tokens"])
+            results[cid] = ClientResult(cid, update, seconds, tokens)
+        return close_round(
+            server, state, round_, plan.clients, list(results.values()), plan.bytes_down
         )
-        return new_state, row
 
     # ---------------------------------------------------------------- Flower's Strategy API
     def configure_train(

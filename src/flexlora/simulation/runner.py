@@ -24,6 +24,13 @@ from flexlora.client_state import CLIENT_STATE, LocalStore, with_local_B
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import FlexLoRAError, UsageError
+from flexlora.federation.round import (
+    INJECTED_FAILURE,
+    ClientResult,
+    close_round,
+    injected_failures,
+    round_frozen,
+)
 from flexlora.models import TINY_LLAMA, target_linear_modules
 from flexlora.schedule import sample_clients
 from flexlora.server import Coordinator, resolve_client_types
@@ -37,7 +44,7 @@ from flexlora.simulation.checkpoint import (
 from flexlora.simulation.rundir import locked_run_folder
 from flexlora.training.capacity import auto_parallel_clients
 from flexlora.training.worker import ClientJob, ClientWorker
-from flexlora.types import ClientUpdate, GlobalUpdate
+from flexlora.types import GlobalUpdate
 
 log = logging.getLogger(__name__)
 
@@ -205,44 +212,32 @@ class FederatedRun:
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
         """Sample, train every sampled client at its rank, aggregate; return state and row.
 
-        In SLoRA's sparse stage a client trains the masked entries instead of its adapter.
+        The round's protocol (failure injection, the merge step, reading the results, the
+        row) is :mod:`flexlora.federation.round`'s, as in the Flower driver; this method is
+        only the transport: it trains the clients in process. In SLoRA's sparse stage a
+        client trains the masked entries instead of its adapter.
         """
-        fed = self.cfg.federation
         server = self.server
         sparse = server.sparse_round(round_)
         state = server.round_state(state, round_)  # SLoRA: the SVD initialisation
         clients = server.sample(round_)
-        failing: set[str] = set()
-        if fed.fail_rate > 0:
-            n_fail = round(fed.fail_rate * len(clients))
-            perm = torch.randperm(len(clients), generator=server.generator(round_, "faults"))
-            failing = {clients[i] for i in perm[:n_fail].tolist()}
-        updates: list[Any] = []
-        failures: dict[str, str] = {}
+        failing = injected_failures(server, round_, clients)
+        if not sparse:
+            self.worker.set_base_delta(round_frozen(server, state, round_))
+        results: list[ClientResult] = []
         bytes_down: dict[str, int] = {}
-        seconds_train = 0.0
-        tokens = 0
-        size = self.parallel_clients
-        groups = [clients[i : i + size] for i in range(0, len(clients), size)]
-        progress = tqdm(
-            total=len(clients), desc=f"round {round_} clients", leave=False, disable=not bar
-        )
-        for group in groups:
+        jobs: list[ClientJob] = []
+        for cid in clients:
             if sparse:
-                for cid in group:
-                    bytes_down[cid] = state.num_bytes()  # the values; the mask is the seed's
-                    group_seconds, group_tokens, done = self._train_sparse(
-                        cid, state, round_, failures, fail=cid in failing
-                    )
-                    seconds_train += group_seconds
-                    tokens += group_tokens
-                    updates.extend(done)
-                progress.update(len(group))
-                continue
-            jobs = []
-            for cid in group:
+                bytes_down[cid] = state.num_bytes()  # the values; the mask is the seed's
+            else:
                 start = server.start_factors(state, cid, round_)
                 bytes_down[cid] = server.download_bytes(start, state, round_)
+            if cid in failing:
+                results.append(ClientResult(cid, error=INJECTED_FAILURE))
+            elif sparse:
+                results.append(self._train_sparse(cid, state, round_))
+            else:
                 if self.local is not None:  # FedSA-LoRA: the client's own B, zeros at first
                     start = with_local_B(cid, start, self.local.load(cid, before_round=round_))
                 job = ClientJob(
@@ -253,43 +248,38 @@ class FederatedRun:
                     server.client_seed(round_, cid),
                 )
                 try:
-                    if cid in failing:
-                        raise RuntimeError("injected client failure (federation.fail_rate)")
                     self.worker.check(job)
                     jobs.append(job)
                 except (RuntimeError, FlexLoRAError) as exc:
-                    failures[cid] = str(exc)
-                    log.warning("round %d: client %s dropped: %s", round_, cid, exc)
-            group_seconds, group_tokens, done = self._train_group(jobs, round_, failures)
-            seconds_train += group_seconds
-            tokens += group_tokens
-            updates.extend(done)
-            progress.update(len(group))
-        progress.close()
-        aggregate = server.aggregate_sparse if sparse else server.aggregate
-        new_state, row = aggregate(state, round_, clients, updates, failures)
-        frozen = None if sparse else server.frozen_part(new_state)
-        if new_state is not state and frozen is not None:
-            self.worker.set_base_delta(frozen)
-        row.update(
-            {
-                "train_tokens": tokens,
-                "seconds_train": round(seconds_train, 4),
-                "bytes_down": sum(bytes_down.values()),
-                "bytes_up_per_client": {u.client_id: u.num_bytes() for u in updates},
-                "bytes_down_per_client": bytes_down,
-            }
-        )
+                    results.append(ClientResult(cid, error=str(exc)))
+        results.extend(self.train_clients(jobs, round_, bar))
+        new_state, row = close_round(server, state, round_, clients, results, bytes_down)
+        if self.local is not None:  # a client that replied in time keeps the B it trained
+            for r in results:
+                if r.update is not None and r.client not in row["failed"]:
+                    self.local.save(r.client, round_, {n: f.B for n, f in r.update.factors.items()})
         return new_state, row
 
-    def _train_sparse(
-        self, cid: str, state: Any, round_: int, failures: dict[str, str], fail: bool = False
-    ) -> tuple[float, int, list[Any]]:
-        """SLoRA's stage 1 for one client: (seconds, tokens, [its update]) or a failure."""
-        timeout = self.cfg.federation.client_timeout
+    def train_clients(
+        self, jobs: list[ClientJob], round_: int, bar: bool = False
+    ) -> list[ClientResult]:
+        """Train the round's clients, ``train.parallel_clients`` at a time in one batched pass;
+        the one place the simulator trains (the transport of :func:`close_round`)."""
+        size = self.parallel_clients
+        results: list[ClientResult] = []
+        progress = tqdm(
+            total=len(jobs), desc=f"round {round_} clients", leave=False, disable=not bar
+        )
+        for start in range(0, len(jobs), size):
+            group = jobs[start : start + size]
+            results.extend(self._train_group(group, batch=start if len(group) > 1 else None))
+            progress.update(len(group))
+        progress.close()
+        return results
+
+    def _train_sparse(self, cid: str, state: Any, round_: int) -> ClientResult:
+        """SLoRA's stage 1 for one client."""
         try:
-            if fail:
-                raise RuntimeError("injected client failure (federation.fail_rate)")
             t0 = time.perf_counter()
             update, result = self.worker.train_sparse(
                 cid,
@@ -299,61 +289,32 @@ class FederatedRun:
                 seed=self.server.client_seed(round_, cid),
             )
             took = time.perf_counter() - t0
-            if timeout and took > timeout:
-                raise RuntimeError(
-                    f"straggler: replied after {took:.2f}s > federation.client_timeout={timeout:g}s"
-                )
         except (RuntimeError, FlexLoRAError) as exc:
-            failures[cid] = str(exc)
-            log.warning("round %d: client %s dropped: %s", round_, cid, exc)
-            return 0.0, 0, []
-        return result.seconds, result.tokens, [update]
+            return ClientResult(cid, error=str(exc))
+        return ClientResult(cid, update, result.seconds, result.tokens, replied_after=took)
 
-    def _train_group(
-        self, jobs: list[ClientJob], round_: int, failures: dict[str, str]
-    ) -> tuple[float, int, list[ClientUpdate]]:
-        """Train clients together (``train.parallel_clients``); drop stragglers and failures.
-
-        Returns the group's training seconds (its last accepted client's: they trained at the
-        same time), their tokens and their updates.
-        """
+    def _train_group(self, jobs: list[ClientJob], batch: int | None) -> list[ClientResult]:
+        """Train clients together (one at a time when ``batch`` is ``None``)."""
         if not jobs:
-            return 0.0, 0, []
-        timeout = self.cfg.federation.client_timeout
+            return []
         try:
             t0 = time.perf_counter()
             trained = self.worker.train_many(jobs, train_A=self.server.trains_A)
             took = time.perf_counter() - t0
         except (RuntimeError, FlexLoRAError) as exc:
-            for job in jobs:
-                failures[job.client] = str(exc)
-                log.warning("round %d: client %s dropped: %s", round_, job.client, exc)
-            return 0.0, 0, []
-        updates, kept = [], []
-        for update, result in trained:
-            # alone: the call's time; batched: the time until the client left the batch
-            replied = took if len(jobs) == 1 else result.seconds
-            if timeout and replied > timeout:
-                # A straggler: a real server has stopped waiting, so its reply is ignored.
-                failures[update.client_id] = (
-                    f"straggler: replied after {replied:.2f}s > "
-                    f"federation.client_timeout={timeout:g}s"
-                )
-                log.warning(
-                    "round %d: client %s dropped: %s",
-                    round_,
-                    update.client_id,
-                    failures[update.client_id],
-                )
-                continue
-            updates.append(update)
-            kept.append(result)
-            if self.local is not None:  # the client keeps the B it trained
-                self.local.save(
-                    update.client_id, round_, {n: f.B for n, f in update.factors.items()}
-                )
-        seconds = max((r.seconds for r in kept), default=0.0)
-        return seconds, sum(r.tokens for r in kept), updates
+            return [ClientResult(job.client, error=str(exc)) for job in jobs]
+        return [
+            ClientResult(
+                update.client_id,
+                update,
+                result.seconds,
+                result.tokens,
+                # alone: the call's time; batched: the time until the client left the batch
+                replied_after=took if len(jobs) == 1 else result.seconds,
+                batch=batch,
+            )
+            for update, result in trained
+        ]
 
     # ---------------------------------------------------------------- the loop
     @locked_run_folder  # a second process writing this folder refuses (simulation.rundir)
@@ -376,9 +337,6 @@ class FederatedRun:
             bad = int(ckpt.extra.get("bad_evals", 0))
             stopped = bool(ckpt.extra.get("stopped", False))
             self.server.restore_extra(ckpt.extra)
-            frozen = self.server.frozen_part(state, initial=ckpt.round == 0)
-            if frozen is not None:
-                self.worker.set_base_delta(frozen)
             log.info("resuming %s after round %d", self.out, ckpt.round)
         else:
             (self.out / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""The model-free round logic both drivers share: :mod:`flexlora.federation.round`."""

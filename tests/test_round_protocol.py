@@ -1,0 +1,121 @@
+"""One round protocol for both drivers (flexlora.federation.round): the simulator and the
+Flower ServerApp differ only in transport, so failures, stragglers and rows are the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.supercore.task_identity import TaskIdentity
+
+from flexlora.federation.round import (
+    INJECTED_FAILURE,
+    NO_REPLY,
+    ClientResult,
+    close_round,
+    injected_failures,
+)
+from flexlora.flower.client_app import NodeRuntime, make_client_app
+from flexlora.flower.server_app import FlowerRun
+from flexlora.flower.settings import to_run_config
+from flexlora.flower.strategy import FlexLoRAStrategy
+from flexlora.server import Coordinator, resolve_client_types
+from flexlora.simulation.runner import FederatedRun
+from flexlora.types import ClientUpdate
+from tests.conftest import random_factors
+from tests.flower_helpers import (
+    LocalGrid,
+    assert_rows_match,
+    read_rows,
+    strip_timings,
+    toy_config,
+    write_tasks,
+)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are stamped with the current task's ids, which a real runtime sets."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tasks(tmp_path_factory.mktemp("protocol") / "tasks.jsonl")
+
+
+def update_for(server: Coordinator, cid: str, seed: int) -> ClientUpdate:
+    ranks = server.ranks_of(cid)
+    factors = {
+        name: random_factors(m, n, ranks[name], seed=seed + i, dtype=torch.float32)
+        for i, (name, (m, n)) in enumerate(server.shapes.items())
+    }
+    return ClientUpdate(cid, 4 + seed, factors, {"train_loss": 1.0, "tokens": 10.0})
+
+
+def test_close_round_reads_every_kind_of_result_once(tasks: Path, tmp_path: Path) -> None:
+    cfg = toy_config(tmp_path / "x", tasks, federation={"client_timeout": 30.0})
+    runtime = NodeRuntime(cfg)
+    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
+    a, b, c, d, e = runtime.data.seen[:5]
+    results = [
+        ClientResult(a, update_for(server, a, 1), seconds=2.0, tokens=5, batch=0),
+        ClientResult(b, update_for(server, b, 2), seconds=3.0, tokens=7, batch=0),
+        ClientResult(c, update_for(server, c, 3), seconds=31.0, tokens=9),  # too late
+        ClientResult(d, error=INJECTED_FAILURE),
+    ]
+    state = server.initial_state()
+    down = {x: 100 for x in (a, b, c, d, e)}
+    new_state, row = close_round(server, state, 1, [a, b, c, d, e], results, down)
+    assert row["aggregated"] == [a, b]
+    assert row["failed"][c].startswith("straggler: replied after 31.00s")
+    assert row["failed"][d] == INJECTED_FAILURE and row["failed"][e] == NO_REPLY
+    assert row["seconds_train"] == 3.0  # a and b trained together: their batch counts once
+    assert row["train_tokens"] == 12 and row["bytes_down"] == 500
+    assert set(row["bytes_up_per_client"]) == {a, b}
+    assert new_state is not state
+    rejected = [ClientResult(a, rejected="client a: bad arrays")]
+    _, row = close_round(server, state, 1, [a], rejected, {a: 1})
+    assert row["rejected"] == {a: "client a: bad arrays"} and row["kept_previous_state"]
+
+
+@pytest.mark.parametrize("strategy", ["flexlora", "flora"])
+def test_failures_and_rows_are_the_same_in_both_drivers(
+    tasks: Path, tmp_path: Path, strategy: str
+) -> None:
+    """fail_rate drops the same clients with the same message; rows equal key for key."""
+    small = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 4, "strategy": strategy, "fail_rate": 0.5},
+        "output": {"save_adapters": False},
+    }
+    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **small))
+    sim.run()
+    flower_cfg = toy_config(tmp_path / "flower", tasks, **small)
+    nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
+    FlowerRun(flower_cfg, LocalGrid(make_client_app(to_run_config(flower_cfg)), nodes)).run()
+    sim_rows = strip_timings(read_rows(tmp_path / "sim"))
+    assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
+    for r in sim_rows:
+        assert len(r["failed"]) == 2 and set(r["failed"].values()) == {INJECTED_FAILURE}
+        assert set(r["failed"]) == injected_failures(sim.server, r["round"], r["clients"])
+
+
+def test_a_node_allocates_only_its_own_rank_types_slot(tasks: Path, tmp_path: Path) -> None:
+    cfg = toy_config(tmp_path / "x", tasks)
+    runtime = NodeRuntime(cfg)
+    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
+    strategy = FlexLoRAStrategy(server, {100 + i: c for i, c in enumerate(runtime.data.seen)})
+    plan = strategy.plan(server.initial_state(), 1)
+    msg = plan.messages[0]
+    cid = plan.node_client[msg.metadata.dst_node_id]
+    reply = runtime.train(msg.content, cid)
+    assert "arrays" in reply.array_records
+    assert set(runtime.worker.host.slot_ranks) == {server.client_type[cid]}
+    assert len(runtime.slot_ranks) == len(cfg.federation.rank_types)  # ranks known, not built
+    # an injected failure comes back as the simulator's message, not as a crash
+    msg.content.config_records["config"]["fail"] = True
+    failed = runtime.train(msg.content, cid)
+    assert failed.config_records["failure"]["reason"] == INJECTED_FAILURE
