@@ -327,3 +327,24 @@ def test_runs_identical_to_another_are_copied_not_run(tmp_path: Path) -> None:
     (b / MARKER).unlink()
     third = bench()
     assert third.status[strong] == "copied" and third.status[light] == "skipped"
+
+
+def test_flowertune_preset_is_the_leaderboard_general_nlp_setting() -> None:
+    """Mistral-7B on 4 bits, alpaca-gpt4 in 20 clients, 2 a round, 200 rounds, MMLU by lm-eval;
+    FedAvg at the leaderboard's r = 32 (fedit-max) beside the heterogeneous-rank strategies."""
+    preset = get_preset("flowertune-general-nlp")
+    cfg = base_config(None, preset)
+    assert (cfg.model.name, cfg.model.quantization) == ("mistralai/Mistral-7B-v0.3", "4bit")
+    assert (cfg.data.source, cfg.data.path, cfg.data.num_clients) == (
+        "hub",
+        "vicgalle/alpaca-gpt4",
+        20,
+    )
+    assert (cfg.federation.rounds, cfg.federation.clients_per_round) == (200, 2)
+    assert max(max(r) for r in cfg.federation.rank_types.values()) == 32 and cfg.lora.alpha == 64
+    assert cfg.eval.harness_tasks == ["mmlu_stem", "mmlu_social_sciences", "mmlu_humanities"]
+    assert "fedit-max" in preset.strategies and "flexlora" in preset.strategies
+    keys = [RunKey(0, d, s) for s in preset.strategies for d in preset.distributions]
+    for key, run in run_configs(cfg, keys, Path("unused")).items():
+        types = {tuple(run.federation.rank_types[t]) for t in run.federation.rank_types}
+        assert run.federation.strategy == key.strategy and (32, 32) in types
