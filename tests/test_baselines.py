@@ -456,3 +456,37 @@ def test_rank_energy_by_hand() -> None:
     assert got["update_survival"] == {"1": pytest.approx(0.0)}
     assert effective_rank(torch.ones(4)) == pytest.approx(4.0)
     assert effective_rank(torch.tensor([1.0, 0.0])) == pytest.approx(1.0)
+
+
+# --- state types ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kind", "truncation"),
+    [
+        ("flexlora", "SVDState", "svd"),
+        ("hetlora", "FactorState", "prefix"),
+        ("ffa", "FactorState", "prefix"),
+        ("fedex", "FactorState", "prefix"),
+        ("fedsa", "FactorState", "prefix"),
+        ("fedit", "FactorState", "exact"),
+        ("flora", "FactorState", "exact"),  # round 1: the stacked factors themselves
+    ],
+)
+def test_each_kind_of_state_has_its_own_type_through_a_checkpoint(
+    strategy: str, kind: str, truncation: str
+) -> None:
+    from flexlora.types import FactorState, SVDState
+
+    ranks = [{Q: 2}, {Q: 2 if strategy == "fedit" else 3}]
+    updates = make_round(4, {Q: (6, 8)}, ranks, [1, 2], [8.0, 8.0], shared_A=strategy == "ffa")
+    state = get_aggregator(strategy, dtype=torch.float64).aggregate(updates)
+    back = GlobalUpdate.from_tensors(*state.to_tensors())
+    for d in (state[Q], back[Q]):
+        assert type(d).__name__ == kind and d.truncation == truncation
+        assert isinstance(d, ModuleDelta) and isinstance(d, SVDState)  # old name still works
+    if isinstance(state[Q], FactorState):
+        assert torch.equal(state[Q].B, state[Q].U) and torch.equal(state[Q].A, state[Q].Vh)
+        assert torch.allclose(state[Q].dense(), state[Q].B @ state[Q].A)
+    if strategy == "fedex":
+        assert type(state.frozen[Q]).__name__ == "SVDState"

@@ -21,9 +21,11 @@ from flexlora.errors import InvalidUpdateError, RankError
 
 __all__ = [
     "ClientUpdate",
+    "FactorState",
     "GlobalUpdate",
     "LoRAFactors",
     "ModuleDelta",
+    "SVDState",
     "lora_scaling",
     "match_pattern",
     "resolve_ranks",
@@ -147,21 +149,36 @@ TRUNCATIONS = ("svd", "prefix", "exact")
 
 
 @dataclass(frozen=True)
-class ModuleDelta:
+class SVDState:
     """One module's global update ``ΔW = U·diag(S)·Vh`` with ``U: (m, k)``, ``Vh: (k, n)``.
 
-    ``truncation`` says how a rank-r piece is cut from it:
+    Two kinds of state share this layout (and its serialization, ``U`` / ``S`` / ``Vh``), each
+    with its own type so that a name says what it holds:
 
-    - ``svd``: (U, S, Vh) is a thin SVD with S descending; the first r triplets are the best
-      rank-r approximation (Eckart–Young). Used by FlexLoRA and FLoRA.
-    - ``prefix``: the first r columns / rows, as HetLoRA and FFA-LoRA do; S is all ones.
-    - ``exact``: only r == k may be asked for (FedIT).
+    - :class:`SVDState` (``truncation="svd"``): a thin SVD with S descending; the first r
+      triplets are the best rank-r approximation (Eckart–Young). FlexLoRA, FLoRA, FedEx-LoRA's
+      residual.
+    - :class:`FactorState` (``truncation="prefix"`` or ``"exact"``): averaged LoRA factors,
+      ``B`` (m, k) in update units (the LoRA scaling folded in) and ``A`` (k, n), S all ones;
+      a rank-r piece is the first r columns / rows (HetLoRA, FFA-LoRA, FedEx-LoRA, FedSA-LoRA),
+      or only r == k may be asked for (``exact``: FedIT).
+
+    The common protocol: ``.rank``, ``.shape``, ``.dense()``, ``.factors(rank, alpha, ...)``.
+    Constructing ``SVDState`` (or its old name :data:`ModuleDelta`) with a ``prefix`` / ``exact``
+    truncation gives a :class:`FactorState`, so older code that builds states by truncation
+    gets the right type.
     """
 
     U: Tensor  # (m, k)
     S: Tensor  # (k,)
     Vh: Tensor  # (k, n)
     truncation: Truncation = "svd"
+
+    def __new__(cls, *args: object, **kwargs: object) -> SVDState:
+        truncation = kwargs.get("truncation", args[3] if len(args) > 3 else "svd")
+        if cls is SVDState and truncation in ("prefix", "exact"):
+            cls = FactorState
+        return object.__new__(cls)
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATIONS:
@@ -248,6 +265,38 @@ class ModuleDelta:
 
 #: Key prefix of the frozen part's tensors in :meth:`GlobalUpdate.to_tensors` and records.
 FROZEN_PREFIX = "frozen:"
+
+
+@dataclass(frozen=True)
+class FactorState(SVDState):
+    """Averaged LoRA factors of one module: ``ΔW = B·A``, B (m, k) with the scaling folded in.
+
+    Stored as ``U = B``, ``S = 1``, ``Vh = A`` (checkpoints and Flower records are those of
+    :class:`SVDState`); a client of rank r receives ``B[:, :r] / s_r`` and ``A[:r]``.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.truncation == "svd":
+            raise ValueError("a FactorState is cut by prefix or exact truncation, not svd")
+
+    @classmethod
+    def of(cls, B: Tensor, A: Tensor, *, exact: bool = False) -> FactorState:
+        """The state of factors ``B`` (m, k), in update units, and ``A`` (k, n)."""
+        ones = torch.ones(B.shape[1], dtype=B.dtype)
+        return cls(U=B, S=ones, Vh=A, truncation="exact" if exact else "prefix")
+
+    @property
+    def B(self) -> Tensor:
+        return self.U  # (m, k)
+
+    @property
+    def A(self) -> Tensor:
+        return self.Vh  # (k, n)
+
+
+#: The old name of :class:`SVDState` (and, by truncation, of :class:`FactorState`).
+ModuleDelta = SVDState
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch
 from flexlora.aggregation.base import Aggregator, check_updates, normalize_weights, register
 from flexlora.aggregation.hetlora import padded_average
 from flexlora.lora.svd import factored_svd
-from flexlora.types import ClientUpdate, GlobalUpdate, ModuleDelta
+from flexlora.types import ClientUpdate, FactorState, GlobalUpdate, SVDState
 
 
 @register
@@ -51,8 +51,8 @@ class FedExLoRA(Aggregator):
         updates = list(updates)
         shapes = check_updates(updates)
         p = normalize_weights(updates, weights)
-        modules: dict[str, ModuleDelta] = {}
-        frozen: dict[str, ModuleDelta] = {}
+        modules: dict[str, FactorState] = {}
+        frozen: dict[str, SVDState] = {}
         for name in shapes:
             modules[name] = self.aggregate_module(name, updates, p, previous)
             frozen[name] = self.residual(name, updates, p, modules[name], previous)
@@ -64,20 +64,19 @@ class FedExLoRA(Aggregator):
         updates: Sequence[ClientUpdate],
         p: Sequence[float],
         previous: GlobalUpdate | None,
-    ) -> ModuleDelta:
+    ) -> FactorState:
         factors = [u.factors[module] for u in updates]
         B, A = padded_average(factors, p, self.dtype)  # (m, r_max), (r_max, n)
-        ones = torch.ones(A.shape[0], dtype=self.dtype)
-        return ModuleDelta(U=B, S=ones, Vh=A, truncation="prefix")
+        return FactorState.of(B, A)
 
     def residual(
         self,
         module: str,
         updates: Sequence[ClientUpdate],
         p: Sequence[float],
-        averaged: ModuleDelta,
+        averaged: FactorState,
         previous: GlobalUpdate | None,
-    ) -> ModuleDelta:
+    ) -> SVDState:
         """R_prev + Σ p_i s_i B_i A_i − B̄·Ā as an exact thin SVD, from the stacked factors."""
         factors = [u.factors[module] for u in updates]
         Bs = [pi * f.scaling * f.B.to(self.dtype) for pi, f in zip(p, factors, strict=True)]
@@ -89,4 +88,4 @@ class FedExLoRA(Aggregator):
             Bs.append(prev.U.to(self.dtype) * prev.S.to(self.dtype))  # (m, k)
             As.append(prev.Vh.to(self.dtype))  # (k, n)
         U, S, Vh = factored_svd(torch.cat(Bs, dim=1), torch.cat(As, dim=0))
-        return ModuleDelta(U=U.contiguous(), S=S.contiguous(), Vh=Vh.contiguous(), truncation="svd")
+        return SVDState(U=U.contiguous(), S=S.contiguous(), Vh=Vh.contiguous())

@@ -26,7 +26,7 @@ import torch
 
 from flexlora.aggregation.base import Aggregator, register
 from flexlora.aggregation.hetlora import padded_average
-from flexlora.types import ClientUpdate, GlobalUpdate, ModuleDelta
+from flexlora.types import ClientUpdate, FactorState, GlobalUpdate
 
 
 @register
@@ -43,7 +43,7 @@ class FedSALoRA(Aggregator):
         updates: Sequence[ClientUpdate],
         p: Sequence[float],
         previous: GlobalUpdate | None,
-    ) -> ModuleDelta:
+    ) -> FactorState:
         factors = [u.factors[module] for u in updates]
         B, _ = padded_average(factors, p, self.dtype)  # (m, r_round) in update units
         prev = previous[module] if previous is not None and module in previous.modules else None
@@ -60,5 +60,4 @@ class FedSALoRA(Aggregator):
             A[r_round:] = prev.Vh[r_round:rank].to(self.dtype)  # rows nobody trained this round
         B_full = torch.zeros(m, rank, dtype=self.dtype)  # (m, rank)
         B_full[:, :r_round] = B
-        ones = torch.ones(rank, dtype=self.dtype)
-        return ModuleDelta(U=B_full, S=ones, Vh=A, truncation="prefix")
+        return FactorState.of(B_full, A)
