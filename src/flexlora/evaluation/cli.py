@@ -63,6 +63,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.limit < 0 or args.batch_size < 1:
         raise UsageError("--limit must be >= 0 and --batch-size >= 1")
+    if logging.getLogger().level > logging.DEBUG:  # lm-eval's per-step notes only with -v
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
     report = run_eval(
         args.target,
         args.tasks,
