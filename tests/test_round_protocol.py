@@ -119,3 +119,44 @@ def test_a_node_allocates_only_its_own_rank_types_slot(tasks: Path, tmp_path: Pa
     msg.content.config_records["config"]["fail"] = True
     failed = runtime.train(msg.content, cid)
     assert failed.config_records["failure"]["reason"] == INJECTED_FAILURE
+
+
+def test_the_server_app_plans_from_meta_shapes_and_loads_weights_only_to_evaluate(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flexlora.models import build_tiny_llama, target_linear_modules
+    from flexlora.models.meta import meta_model
+
+    meta = meta_model("tiny-llama")
+    assert all(p.is_meta for p in meta.parameters())
+    targets = ["q_proj", "v_proj", "up_proj"]
+    real, tok = build_tiny_llama(seed=0)
+    assert target_linear_modules(meta, targets) == target_linear_modules(real, targets)
+    real.save_pretrained(tmp_path / "folder")
+    tok.save_pretrained(tmp_path / "folder")
+    from_folder = target_linear_modules(meta_model(str(tmp_path / "folder")), targets)
+    assert from_folder == target_linear_modules(real, targets)
+
+    loads: list[str] = []
+    original = FlowerRun._load_model
+
+    def counting(self):  # type: ignore[no-untyped-def]
+        loads.append(self.cfg.model.name)
+        return original(self)
+
+    monkeypatch.setattr(FlowerRun, "_load_model", counting)
+    quiet = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 2, "rounds": 1},
+        "output": {"save_adapters": False},
+    }
+    cfg = toy_config(tmp_path / "noeval", tasks, **quiet)
+    nodes = {100 + i: {"partition-id": i} for i in range(6)}
+    grid = LocalGrid(make_client_app(to_run_config(cfg)), nodes)
+    FlowerRun(cfg, grid).run()
+    assert loads == []  # the server planned the round from the meta shapes alone
+    scored = toy_config(tmp_path / "eval", tasks, **{**quiet, "eval": {"at_start": False}})
+    run = FlowerRun(scored, LocalGrid(make_client_app(to_run_config(scored)), nodes))
+    rows = run.run()
+    assert loads == ["tiny-llama"] and "rouge_l_unseen" in rows[-1]
+    assert run.worker.host.slot_ranks == {}  # the server evaluates; it trains no slot

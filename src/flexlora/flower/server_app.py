@@ -102,9 +102,13 @@ def discover_nodes(
 class FlowerRun(FederatedRun):
     """A federated run whose clients are Flower nodes; the rest is the simulator's loop.
 
-    The server loads the model (for the adapted shapes and its own evaluation) and the data
-    configuration (for the population order and the held-out evaluation clients).
+    The server reads the adapted shapes from the model's config on the meta device and loads
+    the weights only when it evaluates (then with the evaluation adapter alone, no training
+    slot); it loads the data configuration for the population order and the held-out
+    evaluation clients.
     """
+
+    trains_in_process = False
 
     def __init__(
         self,

@@ -91,17 +91,21 @@ class FederatedRun:
         )
         if not self.data.seen:
             raise UsageError("the dataset has no seen (training) clients")
-        if model_and_tokenizer is None:
-            from flexlora.models import load_model
+        if model_and_tokenizer is None and self.trains_in_process:
+            model_and_tokenizer = self._load_model()
+        self._model = model_and_tokenizer
+        if model_and_tokenizer is not None:
+            model: Any = model_and_tokenizer[0]
+        else:  # the clients train elsewhere: the shapes come from the config alone
+            from flexlora.models.meta import meta_model
 
-            t0 = time.perf_counter()
-            model_and_tokenizer = load_model(cfg.model)
-            log.info("model %s loaded (%.1fs)", cfg.model.name, time.perf_counter() - t0)
-        model, tokenizer = model_and_tokenizer
+            model = meta_model(cfg.model.name)
         # tiny-llama exists only in memory: its export saves it (the worker wraps the model)
         self._tiny_base = (
-            (copy.deepcopy(model), tokenizer)
-            if cfg.output.save_adapters and cfg.model.name.strip().lower() == TINY_LLAMA
+            (copy.deepcopy(model), model_and_tokenizer[1])
+            if model_and_tokenizer is not None
+            and cfg.output.save_adapters
+            and cfg.model.name.strip().lower() == TINY_LLAMA
             else None
         )
 
@@ -111,22 +115,22 @@ class FederatedRun:
             target_linear_modules(model, cfg.lora.target_modules),
             client_types or resolve_client_types(cfg, list(self.data.seen)),
         )
-        self.worker = ClientWorker(
-            model,
-            tokenizer,
-            cfg.lora,
-            self.server.slot_ranks,
-            cfg.train,
-            template=getattr(self.data, "template", None) or cfg.data.template,
-        )
+        self._worker: ClientWorker | None = None
         pc = cfg.train.parallel_clients
-        self.parallel_clients = (
-            auto_parallel_clients(
-                model, self.server.shapes, self.server.slot_ranks, cfg.train, fed.clients_per_round
+        self.parallel_clients = 1
+        if self.trains_in_process:
+            self.parallel_clients = (
+                auto_parallel_clients(
+                    model,
+                    self.server.shapes,
+                    self.server.slot_ranks,
+                    cfg.train,
+                    fed.clients_per_round,
+                )
+                if pc == "auto"
+                else int(pc)
             )
-            if pc == "auto"
-            else int(pc)
-        )
+            _ = self.worker  # the slots are allocated before the first round
         self._eval_sets = self._choose_eval_sets()
         # FedSA-LoRA: the simulated clients' own B's, on disk under the run folder
         self.local = LocalStore(self.out / CLIENT_STATE) if self.server.keeps_local_B else None
@@ -136,6 +140,35 @@ class FederatedRun:
             len(self.server.client_type),
             dict(Counter(self.server.client_type.values())),
         )
+
+    #: Whether this driver's clients train in this process (the simulator) or elsewhere (a
+    #: Flower ServerApp: then the weights are loaded only to evaluate, with no training slot).
+    trains_in_process = True
+
+    def _load_model(self) -> tuple[Any, Any]:
+        from flexlora.models import load_model
+
+        t0 = time.perf_counter()
+        loaded = load_model(self.cfg.model)
+        log.info("model %s loaded (%.1fs)", self.cfg.model.name, time.perf_counter() - t0)
+        return loaded
+
+    @property
+    def worker(self) -> ClientWorker:
+        """The process's client side: the base model with its adapter slots (built once)."""
+        if self._worker is None:
+            if self._model is None:
+                self._model = self._load_model()
+            model, tokenizer = self._model
+            self._worker = ClientWorker(
+                model,
+                tokenizer,
+                self.cfg.lora,
+                self.server.slot_ranks if self.trains_in_process else {},
+                self.cfg.train,
+                template=getattr(self.data, "template", None) or self.cfg.data.template,
+            )
+        return self._worker
 
     @property
     def client_type(self) -> dict[str, str]:
@@ -453,6 +486,8 @@ class FederatedRun:
             metrics[-1].update(self.score_harness(state))
             _write_metrics(self.out / "metrics.jsonl", metrics)
         if self.cfg.output.save_adapters:
+            if self._tiny_base is None and self.cfg.model.name.strip().lower() == TINY_LLAMA:
+                self._tiny_base = self._load_model()  # built from its seed, never wrapped
             if self._tiny_base is not None:
                 save_tiny_base(*self._tiny_base, self.out)
             export_adapters(
