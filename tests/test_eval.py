@@ -174,7 +174,7 @@ def test_harness_tasks_score_the_final_global_model_of_each_bench_run(tmp_path: 
         },
     )
     result = run_bench(
-        ["flexlora", "fedit-min"],
+        ["flexlora"],
         ["heavy-tail-light"],
         [0],
         out,
