@@ -65,16 +65,15 @@ def test_adapters_load_with_peft_at_their_ranks(tmp_path: Path) -> None:
 def test_clients_really_train_at_their_own_ranks(tmp_path: Path, monkeypatch) -> None:
     """The reference never applied per-client ranks; ours must return rank-r factors."""
     seen: dict[str, dict[str, int]] = {}
-    from flexlora.aggregation.flexlora import FlexLoRA
+    from flexlora.aggregation.base import Accumulator
 
-    original = FlexLoRA.aggregate
+    original = Accumulator.add
 
-    def spy(self, updates, weights=None, previous=None):
-        for u in updates:
-            seen[u.client_id] = u.ranks
-        return original(self, updates, weights, previous)
+    def spy(self, update, weight=None):  # every reply the server folds
+        seen[update.client_id] = update.ranks
+        return original(self, update, weight)
 
-    monkeypatch.setattr(FlexLoRA, "aggregate", spy)
+    monkeypatch.setattr(Accumulator, "add", spy)
     sim, _ = run(tmp_path)
     assert seen
     for cid, ranks in seen.items():

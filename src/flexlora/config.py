@@ -58,7 +58,7 @@ class ModelConfig:
     threads: int = _help("torch CPU threads (0 = torch's default)", default=0)
     device: str = _help(
         "where clients train and evaluate: auto (cuda when available, else cpu), cpu, cuda, "
-        "cuda:N or mps; the server step always runs on the CPU",
+        "cuda:N or mps (the server step: federation.server_device)",
         default="auto",
     )
 
@@ -249,6 +249,17 @@ class FederationConfig:
         "slora: share of each adapted weight's entries the sparse stage trains", default=0.01
     )
     svd: str = _help("flexlora decomposition: auto, factored, dense, randomized", default="auto")
+    keep_rank: int | str = _help(
+        "singular triplets the flexlora state keeps per module: 'max' (the largest rank any "
+        "client receives there: every client gets what the whole state would give it), 'all' "
+        "(the exact dW), or a number",
+        default="max",
+    )
+    server_device: str = _help(
+        "where the server step runs: cpu, cuda, cuda:N or auto (cuda when torch sees one); "
+        "the state always comes back to the CPU",
+        default="cpu",
+    )
     split: str = _help(
         "singular values into B ('B') or sqrt(S) into both ('balanced')", default="B"
     )
@@ -294,6 +305,17 @@ class FederationConfig:
         if not 0 < self.slora_density <= 1:
             raise UsageError(
                 f"federation.slora_density must be in (0, 1], got {self.slora_density}"
+            )
+        if isinstance(self.keep_rank, str) and self.keep_rank not in ("max", "all"):
+            raise UsageError(
+                f"federation.keep_rank must be 'max', 'all' or a positive integer, "
+                f"got {self.keep_rank!r}"
+            )
+        if isinstance(self.keep_rank, int) and self.keep_rank <= 0:
+            raise UsageError(f"federation.keep_rank must be positive, got {self.keep_rank}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.server_device):
+            raise UsageError(
+                f"federation.server_device: {self.server_device!r} is not cpu, cuda, cuda:N or auto"
             )
         if not 0 <= self.fail_rate < 1:
             raise UsageError("federation.fail_rate must be in [0, 1)")

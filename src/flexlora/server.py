@@ -46,9 +46,32 @@ def plan_strategy(name: str) -> StrategyPlan:
     return parse_strategy(name)
 
 
-def build_aggregator(cfg: RunConfig) -> Aggregator:
-    plan = plan_strategy(cfg.federation.strategy)
-    options: dict[str, Any] = {"svd": cfg.federation.svd} if plan.aggregator == "flexlora" else {}
+def keep_ranks(cfg: RunConfig, max_ranks: Mapping[str, int] | None) -> int | dict[str, int] | None:
+    """``federation.keep_rank`` resolved: per module, a number, or ``None`` (keep all).
+
+    ``max`` needs ``max_ranks`` (module -> the largest rank a client receives there); without
+    them (a config check before the model is known) it resolves to ``None``.
+    """
+    keep = cfg.federation.keep_rank
+    if keep == "all":
+        return None
+    if keep == "max":
+        return dict(max_ranks) if max_ranks is not None else None
+    return int(keep)
+
+
+def build_aggregator(cfg: RunConfig, max_ranks: Mapping[str, int] | None = None) -> Aggregator:
+    """The run's aggregator; ``max_ranks`` (module -> largest client rank) caps FlexLoRA's state.
+
+    The server step computes on ``federation.server_device``.
+    """
+    fed = cfg.federation
+    plan = plan_strategy(fed.strategy)
+    options: dict[str, Any] = {}
+    if plan.aggregator == "flexlora":
+        options = {"svd": fed.svd, "keep_rank": keep_ranks(cfg, max_ranks)}
+    if fed.server_device != "cpu":
+        options["device"] = fed.server_device
     return get_aggregator(plan.aggregator, **options)
 
 
@@ -142,19 +165,19 @@ class Coordinator:
         self.cfg = cfg
         fed = cfg.federation
         self.plan = plan_strategy(fed.strategy)
-        self.aggregator = build_aggregator(cfg)
         self.shapes = dict(shapes)
         self.client_type = dict(client_types)
-        if self.aggregator.needs_uniform_rank and len(set(self.client_type.values())) > 1:
-            raise UsageError(
-                f"strategy {fed.strategy} needs one rank for every client but the clients mix "
-                f"types {sorted(set(self.client_type.values()))}; use fedit-min or fedit-max"
-            )
         used = sorted(set(self.client_type.values()), key=lambda t: sum(fed.rank_types[t]))
         modules = list(self.shapes)
         self.slot_ranks: dict[str, dict[str, int]] = {
             t: module_ranks(modules, fed.rank_types[t], cfg.lora.ffn_modules) for t in used
         }
+        self.aggregator = build_aggregator(cfg, self.max_ranks() if self.slot_ranks else None)
+        if self.aggregator.needs_uniform_rank and len(set(self.client_type.values())) > 1:
+            raise UsageError(
+                f"strategy {fed.strategy} needs one rank for every client but the clients mix "
+                f"types {sorted(set(self.client_type.values()))}; use fedit-min or fedit-max"
+            )
         self.validator = UpdateValidator(
             shapes=self.shapes,
             max_norm=fed.max_update_norm,
@@ -375,18 +398,15 @@ class Coordinator:
             new_state, dp_clipped = self.dp.aggregate(
                 valid,
                 self.shapes,
-                self.max_ranks(),
+                self.dp_keep_ranks(),
                 self.generator(round_, "dp-noise"),
                 self.aggregator.dtype,
             )
         else:
             reads = self.aggregator.reads_previous or (self.merges_into_base and round_ > 1)
             previous = state if reads else None
-            try:
-                new_state = self.aggregator.aggregate(valid, previous=previous)
-            except FlexLoRAError as exc:
-                log.warning("round %d: aggregation failed, state unchanged: %s", round_, exc)
-                kept_previous = True
+            valid, folded, kept_previous = self._fold(valid, previous, rejected, round_)
+            new_state = state if folded is None else folded
         row = self._row(
             round_, clients, valid, failures, rejected, kept_previous, time.perf_counter() - t0
         )
@@ -431,6 +451,51 @@ class Coordinator:
                 continue
             usable.append(u)
         return usable
+
+    def _fold(
+        self,
+        valid: Sequence[ClientUpdate],
+        previous: GlobalUpdate | None,
+        rejected: dict[str, str],
+        round_: int,
+    ) -> tuple[list[ClientUpdate], GlobalUpdate | None, bool]:
+        """Fold the validated replies one by one; (those folded, the new state, kept previous).
+
+        A reply the strategy refuses (FedIT's mixed ranks, FFA-LoRA's moved A) is rejected
+        alone, into ``rejected``; the accumulator is as if it had never arrived.
+        """
+        acc = self.aggregator.start(self.shapes, previous)
+        folded: list[ClientUpdate] = []
+        for u in valid:
+            try:
+                acc.add(u)
+            except InvalidUpdateError as exc:
+                log.warning("round %d: update of client %s rejected: %s", round_, u.client_id, exc)
+                rejected[u.client_id] = str(exc)
+                continue
+            folded.append(u)
+        if len(folded) < self.cfg.federation.min_clients:
+            log.warning(
+                "round %d: %d updates left after the strategy's checks < min_clients=%d; "
+                "the global state is unchanged",
+                round_,
+                len(folded),
+                self.cfg.federation.min_clients,
+            )
+            return folded, None, True
+        try:
+            return folded, acc.result(), False
+        except FlexLoRAError as exc:
+            log.warning("round %d: aggregation failed, state unchanged: %s", round_, exc)
+            return folded, None, True
+
+    def dp_keep_ranks(self) -> dict[str, int]:
+        """Triplets the DP state keeps per module: ``federation.keep_rank`` as resolved."""
+        keep = keep_ranks(self.cfg, self.max_ranks())
+        return {
+            m: min(m_n) if keep is None else keep if isinstance(keep, int) else keep[m]
+            for m, m_n in self.shapes.items()
+        }
 
     def _row(
         self,

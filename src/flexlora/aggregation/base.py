@@ -16,6 +16,9 @@ the drivers (simulator, Flower) read instead of special-casing names:
 Before aggregating, the drivers call :meth:`Aggregator.check` on each valid update: a strategy
 that cannot use one client's reply rejects that client (by name and reason) and the round goes
 on with the others, as validation failures do.
+
+Replies are folded one at a time (:meth:`Aggregator.start` -> :class:`Accumulator`): see
+:class:`ModuleAccumulator` for how a strategy implements the streaming protocol.
 """
 
 from __future__ import annotations
@@ -27,17 +30,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from flexlora.errors import InvalidUpdateError, UsageError
-from flexlora.types import ClientUpdate, GlobalUpdate, ModuleDelta
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
 __all__ = [
     "AGGREGATORS",
+    "Accumulator",
     "Aggregator",
+    "BufferedAccumulator",
+    "ModuleAccumulator",
     "check_updates",
     "get_aggregator",
     "normalize_weights",
     "register",
+    "resolve_device",
 ]
 
 AGGREGATORS: dict[str, type[Aggregator]] = {}
@@ -152,8 +160,217 @@ def check_updates(updates: Sequence[ClientUpdate]) -> dict[str, tuple[int, int]]
     return {name: shape for name, (shape, _) in shapes.items()}
 
 
-class Aggregator(ABC):
-    """One federated aggregation strategy for LoRA factors."""
+def check_factors(cid: str, module: str, f: object, shape: tuple[int, int]) -> None:
+    """One module of one reply fits the round: LoRA factors of ``shape``, float and finite."""
+    if not isinstance(f, LoRAFactors):
+        raise InvalidUpdateError(cid, module, "type", f"expected LoRAFactors, got {type(f)}")
+    for label, t in (("A", f.A), ("B", f.B)):
+        if not t.dtype.is_floating_point:
+            raise InvalidUpdateError(
+                cid, module, "dtype", f"lora_{label} has dtype {t.dtype}, not float"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidUpdateError(
+                cid, module, "nonfinite", f"lora_{label} holds NaN or Inf values"
+            )
+    if f.shape != tuple(shape):
+        raise InvalidUpdateError(
+            cid,
+            module,
+            "shape",
+            f"adapts a {f.shape[0]}x{f.shape[1]} weight (B {tuple(f.B.shape)}, A "
+            f"{tuple(f.A.shape)}) but the round adapts {shape[0]}x{shape[1]}",
+        )
+
+
+def check_weight(cid: str, weight: float) -> float:
+    """A client's raw aggregation weight: a finite number > 0."""
+    w = float(weight)
+    if not (math.isfinite(w) and w > 0):
+        raise InvalidUpdateError(cid, None, "weight", f"weight must be > 0, got {weight}")
+    return w
+
+
+class ModuleAccumulator(ABC):
+    """One module's aggregation in progress: what a strategy keeps of the replies folded so far.
+
+    The streaming protocol (fedjax's init / apply, Flower's ``aggregate_inplace``), per module:
+
+    1. :meth:`Aggregator.start_module` builds it (``init``), holding nothing client-sized;
+    2. :meth:`check` looks at one client's factors and raises
+       :class:`~flexlora.errors.InvalidUpdateError` for a strategy-level rejection (FedIT's
+       mixed ranks, FFA-LoRA's moved A). It must change nothing;
+    3. :meth:`fold` adds them with the client's *raw* weight ``w_i`` (an example count, or the
+       ``--client DIR:W`` weight): p_i = w_i / Σ w_j is known only at the end, so a strategy
+       accumulates unnormalised sums and divides once in :meth:`result`. After ``fold`` the
+       caller may drop the factors: an accumulator copies what it keeps;
+    4. :meth:`result` (``finalize``) gets ``total_weight = Σ w_j`` and returns the module's
+       :class:`~flexlora.types.ModuleDelta` (on any device; :class:`Accumulator` moves it to
+       the CPU).
+
+    What an accumulator holds must not grow with the number of clients beyond what the result
+    itself needs (a running sum, or FLoRA's stack, whose rank *is* Σ r_i). Say in the
+    subclass docstring what it holds. The tensors it keeps are in ``dtype`` on ``device``.
+    """
+
+    def __init__(
+        self, module: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.module = module
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = dtype
+        self.device = device
+
+    def check(self, client_id: str, f: LoRAFactors) -> None:  # noqa: B027 - optional hook
+        """Raise ``InvalidUpdateError`` if the strategy refuses these factors (no state change)."""
+
+    @abstractmethod
+    def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
+        """Add one client's factors with raw weight ``weight`` (checked before)."""
+
+    @abstractmethod
+    def result(self, total_weight: float) -> ModuleDelta:
+        """The module's global update; ``total_weight`` is the sum of the folded weights."""
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors this accumulator holds now (to report its memory)."""
+        held = [v for v in vars(self).values() if isinstance(v, Tensor)]
+        for v in vars(self).values():
+            if isinstance(v, list):
+                held += [t for t in v if isinstance(t, Tensor)]
+        return held
+
+    def num_bytes(self) -> int:
+        """Bytes held by :meth:`tensors`."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def load(self, f: LoRAFactors) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` of ``f`` in this accumulator's dtype and device (copies only if needed)."""
+        return (
+            f.A.to(device=self.device, dtype=self.dtype),  # (r, n)
+            f.B.to(device=self.device, dtype=self.dtype),  # (m, r)
+        )
+
+
+class Accumulator:
+    """A round's aggregation in progress: one :class:`ModuleAccumulator` per module.
+
+    ``add(update, weight)`` folds one reply as it arrives and the caller drops it; memory is
+    the module accumulators' (bounded by the adapted weights for the streaming strategies),
+    never the list of replies. A reply is checked whole before any module is folded (shape,
+    dtype, finite values, a module missing or extra, a client seen twice, then every module's
+    strategy-level :meth:`~ModuleAccumulator.check`), so a rejected reply raises
+    :class:`~flexlora.errors.InvalidUpdateError` and leaves the accumulator exactly as it was:
+    the caller records the rejection and goes on with the next reply.
+    """
+
+    def __init__(
+        self,
+        strategy: str,
+        shapes: Mapping[str, tuple[int, int]],
+        modules: Mapping[str, ModuleAccumulator],
+    ) -> None:
+        self.strategy = strategy
+        self.shapes = {name: (int(m), int(n)) for name, (m, n) in shapes.items()}
+        self.modules = dict(modules)
+        self.clients: list[str] = []
+        self.total_weight = 0.0
+
+    def add(self, update: ClientUpdate, weight: float | None = None) -> None:
+        """Fold one client's reply with raw weight ``weight`` (default: its example count)."""
+        if not isinstance(update, ClientUpdate):
+            raise InvalidUpdateError(None, None, "type", f"expected a ClientUpdate: {update!r}")
+        cid = update.client_id
+        w = check_weight(cid, update.num_examples if weight is None else weight)
+        if cid in self.clients:
+            raise InvalidUpdateError(cid, None, "duplicate", "client sent two updates")
+        if not update.factors:
+            raise InvalidUpdateError(cid, None, "empty", "update has no modules")
+        for name in self.shapes:
+            if name not in update.factors:
+                raise InvalidUpdateError(cid, name, "missing_module", "module is missing")
+        for name in update.factors:
+            if name not in self.shapes:
+                raise InvalidUpdateError(cid, name, "extra_module", "module is not adapted here")
+        for name, shape in self.shapes.items():
+            check_factors(cid, name, update.factors[name], shape)
+            if name in self.modules:
+                self.modules[name].check(cid, update.factors[name])
+        self.fold(update, w)
+        self.clients.append(cid)
+        self.total_weight += w
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        """Fold a checked reply into every module's accumulator."""
+        for name, acc in self.modules.items():
+            acc.fold(update.client_id, update.factors[name], weight)
+
+    def result(self) -> GlobalUpdate:
+        """The global update of everything folded, on the CPU."""
+        if not self.clients:
+            raise InvalidUpdateError(None, None, "empty", "no client updates to aggregate")
+        modules = {
+            name: _to_cpu(acc.result(self.total_weight)) for name, acc in self.modules.items()
+        }
+        return GlobalUpdate(modules=modules, strategy=self.strategy)
+
+    def num_bytes(self) -> int:
+        """Bytes the module accumulators hold now."""
+        return sum(acc.num_bytes() for acc in self.modules.values())
+
+
+class BufferedAccumulator(Accumulator):
+    """For a strategy that implements only the batch form (:meth:`Aggregator.aggregate_module`,
+    or its own :meth:`Aggregator.aggregate`): correct, but not streaming.
+
+    Holds every added reply (checked as :class:`Accumulator` does) and their raw weights until
+    :meth:`result`, which calls the strategy's ``aggregate``: memory grows with the clients.
+    Port such a strategy to :meth:`Aggregator.start_module` to stream.
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        shapes: Mapping[str, tuple[int, int]],
+        previous: GlobalUpdate | None,
+    ) -> None:
+        super().__init__(aggregator.name, shapes, {})
+        self.aggregator = aggregator
+        self.previous = previous
+        self.updates: list[ClientUpdate] = []
+        self.weights: list[float] = []
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        self.updates.append(update)
+        self.weights.append(weight)
+
+    def result(self) -> GlobalUpdate:
+        if not self.updates:
+            raise InvalidUpdateError(None, None, "empty", "no client updates to aggregate")
+        return self.aggregator.aggregate(self.updates, self.weights, self.previous)
+
+    def num_bytes(self) -> int:
+        return sum(u.num_bytes() for u in self.updates)
+
+
+def _to_cpu(d: ModuleDelta) -> ModuleDelta:
+    if d.U.device.type == "cpu":
+        return d
+    return ModuleDelta(U=d.U.cpu(), S=d.S.cpu(), Vh=d.Vh.cpu(), truncation=d.truncation)
+
+
+class Aggregator:
+    """One federated aggregation strategy for LoRA factors.
+
+    A strategy implements :meth:`start_module`, returning its :class:`ModuleAccumulator`
+    (the streaming protocol, documented there); :meth:`start` and :meth:`aggregate` are built
+    on it. A strategy that only implements the batch :meth:`aggregate_module` (or overrides
+    :meth:`aggregate`) still works: :meth:`start` then returns a
+    :class:`BufferedAccumulator`, which holds the round's replies until the end.
+
+    ``device`` is where the server step computes (``federation.server_device``); results are
+    always handed back on the CPU.
+    """
 
     name: ClassVar[str] = ""
     freeze_lora_A: ClassVar[bool] = False
@@ -162,8 +379,28 @@ class Aggregator(ABC):
     reads_previous: ClassVar[bool] = False
     keeps_local_B: ClassVar[bool] = False
 
-    def __init__(self, dtype: torch.dtype | str = torch.float32) -> None:
+    def __init__(
+        self, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+    ) -> None:
         self.dtype = _as_dtype(dtype)
+        self.device = resolve_device(device)
+
+    def start(
+        self, shapes: Mapping[str, tuple[int, int]], previous: GlobalUpdate | None = None
+    ) -> Accumulator:
+        """An empty round over modules ``shapes`` (name -> (m, n)); fold replies with ``add``.
+
+        ``previous`` is the last global update (only strategies that accumulate use it).
+        """
+        if not self.streams:
+            return BufferedAccumulator(self, shapes, previous)
+        modules = {name: self.start_module(name, shape, previous) for name, shape in shapes.items()}
+        return Accumulator(self.name, shapes, modules)
+
+    @property
+    def streams(self) -> bool:
+        """Whether this strategy folds replies as they come (it implements start_module)."""
+        return type(self).start_module is not Aggregator.start_module
 
     def check(self, update: ClientUpdate, state: GlobalUpdate | None) -> None:
         """Raise :class:`InvalidUpdateError` if this strategy cannot use ``update``.
@@ -173,29 +410,43 @@ class Aggregator(ABC):
         """
         return None
 
+    def start_module(
+        self, module: str, shape: tuple[int, int], previous: GlobalUpdate | None
+    ) -> ModuleAccumulator:
+        """The accumulator of one module: what a streaming strategy implements."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream (no start_module)")
+
     def aggregate(
         self,
         updates: Sequence[ClientUpdate],
         weights: Sequence[float] | None = None,
         previous: GlobalUpdate | None = None,
     ) -> GlobalUpdate:
-        """The new global update from this round's client updates.
+        """The new global update from this round's client updates (all at hand).
 
         ``weights`` default to the clients' example counts; they are normalised to sum to 1.
         ``previous`` is the last global update (only strategies that accumulate use it).
-        Nothing is modified in place: on error, the caller's state is untouched.
+        Nothing is modified in place: on error, the caller's state is untouched. The updates
+        are checked together first (so a shape error blames the odd client out), then folded
+        one by one through :meth:`start`: the same path as a streaming server.
         """
         updates = list(updates)
         shapes = check_updates(updates)
-        p = self.client_weights(updates, normalize_weights(updates, weights))
-        modules = {name: self.aggregate_module(name, updates, p, previous) for name in shapes}
-        return GlobalUpdate(modules=modules, strategy=self.name)
+        p = normalize_weights(updates, weights)  # also checks their count and signs
+        if not self.streams:
+            p = self.client_weights(updates, p)
+            modules = {name: self.aggregate_module(name, updates, p, previous) for name in shapes}
+            return GlobalUpdate(modules=modules, strategy=self.name)
+        raw = [u.num_examples for u in updates] if weights is None else list(weights)
+        acc = self.start(shapes, previous)
+        for u, w in zip(updates, raw, strict=True):
+            acc.add(u, w)
+        return acc.result()
 
     def client_weights(self, updates: Sequence[ClientUpdate], p: list[float]) -> list[float]:
-        """The per-client weights the modules are aggregated with (default: ``p`` itself)."""
+        """Batch form: the per-client weights the modules are aggregated with (default ``p``)."""
         return p
 
-    @abstractmethod
     def aggregate_module(
         self,
         module: str,
@@ -203,7 +454,13 @@ class Aggregator(ABC):
         p: Sequence[float],
         previous: GlobalUpdate | None,
     ) -> ModuleDelta:
-        """Aggregate one module; ``p`` are the normalised weights."""
+        """Batch form: aggregate one module; ``p`` are the normalised weights.
+
+        Only used by strategies without :meth:`start_module`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither start_module nor aggregate_module"
+        )
 
     def initial_state(
         self,
@@ -229,6 +486,23 @@ class Aggregator(ABC):
                 truncation="prefix",
             )
         return GlobalUpdate(modules=modules, strategy=self.name)
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``cpu``, ``cuda`` (an error without a GPU), ``cuda:N`` or ``auto`` (CUDA when present)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"server device must be cpu, cuda or auto, got {device!r}") from None
+    if out.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"server device {device!r}: torch sees no CUDA device")
+    if out.type not in ("cpu", "cuda"):
+        raise UsageError(f"server device must be cpu, cuda or auto, got {device!r}")
+    return out
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

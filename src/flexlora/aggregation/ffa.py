@@ -8,13 +8,83 @@ rows. The server averages the zero-padded, scaled B's, which is exact:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+from torch import Tensor
 
-from flexlora.aggregation.base import Aggregator, pad_columns, register
+from flexlora.aggregation.base import Aggregator, ModuleAccumulator, pad_columns, register
 from flexlora.errors import InvalidUpdateError
-from flexlora.types import ClientUpdate, GlobalUpdate, ModuleDelta
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
+
+
+def check_frozen_A(
+    client: str, module: str, A: Tensor, frozen: Tensor, whose: str, atol: float
+) -> None:
+    """Raise ``frozen_A`` unless ``A`` (r, n) is the first r rows of ``frozen`` (within atol)."""
+    r = A.shape[0]
+    frozen = frozen.to(A.device)
+    if r > frozen.shape[0] or not torch.allclose(A.to(frozen.dtype), frozen[:r], atol=atol, rtol=0):
+        raise InvalidUpdateError(
+            client,
+            module,
+            "frozen_A",
+            f"ffa needs every client to keep the shared frozen A; this client's A (rank {r}) "
+            f"differs from {whose} frozen A (rank {frozen.shape[0]})",
+        )
+
+
+class FFAModule(ModuleAccumulator):
+    """The reference A (r_ref, n) and the running Σ w_i s_i B_i zero-padded (m, r_ref).
+
+    The reference is the previous state's frozen A when there is one (the drivers always pass
+    it), else the widest client's A so far (``flexlora aggregate`` on loose adapters): a
+    wider A that agrees with it on their common rows replaces it.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        atol: float,
+        frozen: Tensor | None,
+    ) -> None:
+        super().__init__(module, shape, dtype, device)
+        self.atol = atol
+        self.fixed = frozen is not None
+        self.whose = "the server's"
+        self.A: Tensor | None = None  # (r_ref, n)
+        self.B: Tensor | None = None  # (m, r_ref)
+        if frozen is not None:
+            self.A = frozen.to(device=device, dtype=dtype).clone()
+            self.B = torch.zeros(self.shape[0], frozen.shape[0], dtype=dtype, device=device)
+
+    def check(self, client_id: str, f: LoRAFactors) -> None:
+        if self.A is None:
+            return
+        common = self.A[: f.rank] if self.fixed else self.A[: min(f.rank, self.A.shape[0])]
+        A = f.A if self.fixed else f.A[: common.shape[0]]
+        check_frozen_A(client_id, self.module, A.to(self.device), common, self.whose, self.atol)
+
+    def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
+        A, B = self.load(f)
+        if self.A is None or self.B is None:
+            self.A, self.whose = A.clone(), f"client {client_id}'s"
+            self.B = torch.zeros(self.shape[0], f.rank, dtype=self.dtype, device=self.device)
+        elif f.rank > self.A.shape[0]:  # only without a fixed reference (check refuses it)
+            self.A, self.whose = A.clone(), f"client {client_id}'s"
+            self.B = pad_columns(self.B, f.rank)  # (m, r_ref)
+        self.B[:, : f.rank].add_(B, alpha=weight * f.scaling)
+
+    def result(self, total_weight: float) -> ModuleDelta:
+        assert self.A is not None and self.B is not None
+        r_ref = self.A.shape[0]
+        return ModuleDelta(
+            U=self.B / total_weight,  # (m, r_ref)
+            S=torch.ones(r_ref, dtype=self.dtype, device=self.device),
+            Vh=self.A.contiguous(),  # (r_ref, n)
+            truncation="prefix",
+        )
 
 
 @register
@@ -31,8 +101,13 @@ class FFALoRA(Aggregator):
     freeze_lora_A = True
     reads_previous = True
 
-    def __init__(self, atol: float = 1e-6, dtype: torch.dtype | str = torch.float32) -> None:
-        super().__init__(dtype)
+    def __init__(
+        self,
+        atol: float = 1e-6,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(dtype, device)
         self.atol = atol
 
     def check(self, update: ClientUpdate, state: GlobalUpdate | None) -> None:
@@ -41,44 +116,12 @@ class FFALoRA(Aggregator):
             return
         for module, f in update.factors.items():
             if module in state.modules:
-                self._check_A(update.client_id, module, f.A, state[module].Vh, "the server's")
+                frozen = state[module].Vh.to(self.dtype)
+                check_frozen_A(update.client_id, module, f.A, frozen, "the server's", self.atol)
 
-    def _check_A(
-        self, client: str, module: str, A: torch.Tensor, frozen: torch.Tensor, whose: str
-    ) -> None:
-        r = A.shape[0]
-        if r > frozen.shape[0] or not torch.allclose(
-            A.to(self.dtype), frozen[:r].to(self.dtype), atol=self.atol, rtol=0
-        ):
-            raise InvalidUpdateError(
-                client,
-                module,
-                "frozen_A",
-                f"ffa needs every client to keep the shared frozen A; this client's A (rank {r}) "
-                f"differs from {whose} frozen A (rank {frozen.shape[0]})",
-            )
-
-    def aggregate_module(
-        self,
-        module: str,
-        updates: Sequence[ClientUpdate],
-        p: Sequence[float],
-        previous: GlobalUpdate | None,
-    ) -> ModuleDelta:
-        factors = [u.factors[module] for u in updates]
-        if previous is not None and module in previous.modules:
-            A = previous[module].Vh.to(self.dtype)  # (r_state, n): the frozen A of round 0
-            whose = "the server's"
-        else:
-            widest = max(range(len(factors)), key=lambda i: factors[i].rank)
-            A = factors[widest].A.to(self.dtype)  # (r_max, n)
-            whose = f"client {updates[widest].client_id}'s"
-        for u, f in zip(updates, factors, strict=True):
-            self._check_A(u.client_id, module, f.A, A, whose)
-        r_state = A.shape[0]
-        B = torch.zeros(factors[0].shape[0], r_state, dtype=self.dtype)  # (m, r_state)
-        for pi, f in zip(p, factors, strict=True):
-            B += pi * f.scaling * pad_columns(f.B.to(self.dtype), r_state)
-        return ModuleDelta(
-            U=B, S=torch.ones(r_state, dtype=self.dtype), Vh=A.contiguous(), truncation="prefix"
-        )
+    def start_module(
+        self, module: str, shape: tuple[int, int], previous: GlobalUpdate | None
+    ) -> ModuleAccumulator:
+        has = previous is not None and module in previous.modules
+        frozen = previous[module].Vh if has else None
+        return FFAModule(module, shape, self.dtype, self.device, self.atol, frozen)

@@ -2,20 +2,100 @@
 
 ΔW = Σ_i p_i·s_i·B_i·A_i with p_i ∝ example count and s_i the client's LoRA scaling. One thin
 SVD per module per round serves every rank asked for: the best rank-r approximation of ΔW is
-its first r singular triplets (Eckart–Young). The SVD is computed from the stacked factors
-without forming ΔW when Σ r_i < min(m, n) (see :mod:`flexlora.lora.svd`).
+its first r singular triplets (Eckart–Young). Replies are folded as they arrive: per module
+the server keeps either the stacked factors or a running dense sum, whichever is smaller
+(:class:`FlexLoRAModule`), and the SVD is computed from the stacks without forming ΔW while
+they are the smaller (see :mod:`flexlora.lora.svd`). The state keeps ``keep_rank`` triplets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
+from torch import Tensor
 
-from flexlora.aggregation.base import Aggregator, register
+from flexlora.aggregation.base import Aggregator, ModuleAccumulator, register
 from flexlora.errors import UsageError
-from flexlora.lora.svd import SVD_METHODS, low_rank_sum_svd
-from flexlora.types import ClientUpdate, GlobalUpdate, ModuleDelta
+from flexlora.lora.svd import SVD_METHODS, dense_svd, factored_svd, randomized_svd
+from flexlora.types import GlobalUpdate, LoRAFactors, ModuleDelta
+
+
+class FlexLoRAModule(ModuleAccumulator):
+    """One module's Σ w_i·s_i·B_i·A_i, exactly, in the smaller of two forms.
+
+    - stacks: the weighted B_i (m, r_i) and the A_i (r_i, n), R·(m + n) numbers for
+      R = Σ r_i; the SVD then comes from the factors (ΔW is never formed);
+    - dense: the running sum (m, n), m·n numbers, one client added at a time.
+
+    ``auto`` starts with stacks and switches to the dense sum (adding the stacks into it and
+    dropping them) when one more client would make R·(m + n) exceed m·n, so it never holds
+    more than the dense sum; nothing is approximated. ``factored`` always stacks, ``dense``
+    and ``randomized`` always sum.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        method: str,
+        keep: int | None,
+        niter: int,
+    ) -> None:
+        super().__init__(module, shape, dtype, device)
+        self.method = method
+        self.keep = keep
+        self.niter = niter
+        self.Bs: list[Tensor] = []  # (m, r_i) each, already times w_i·s_i
+        self.As: list[Tensor] = []  # (r_i, n) each
+        self.delta: Tensor | None = None  # (m, n) once dense
+        self.total_rank = 0
+
+    @property
+    def stacked(self) -> bool:
+        return self.delta is None
+
+    def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
+        m, n = self.shape
+        A, B = self.load(f)
+        w = weight * f.scaling
+        self.total_rank += f.rank
+        stacks_fit = self.total_rank * (m + n) <= m * n
+        if self.method == "factored" or (self.method == "auto" and stacks_fit):
+            self.Bs.append(B * w)  # (m, r_i), a new tensor: the client's is never kept
+            self.As.append(A if A is not f.A else A.clone())  # (r_i, n)
+            return
+        if self.delta is None:
+            self.delta = torch.zeros(m, n, dtype=self.dtype, device=self.device)  # (m, n)
+            for Bi, Ai in zip(self.Bs, self.As, strict=True):
+                self.delta.addmm_(Bi, Ai)
+            self.Bs, self.As = [], []
+        self.delta.addmm_(B, A, alpha=w)
+
+    def result(self, total_weight: float) -> ModuleDelta:
+        m, n = self.shape
+        keep = self.keep
+        if self.delta is None:
+            B = torch.cat(self.Bs, dim=1)  # (m, R)
+            A = torch.cat(self.As, dim=0)  # (R, n)
+            U, S, Vh = factored_svd(B, A)
+        elif self.method == "randomized":
+            U, S, Vh = randomized_svd(
+                self.delta, keep if keep is not None else min(self.total_rank, m, n), self.niter
+            )
+        else:
+            U, S, Vh = dense_svd(self.delta)
+        # rank(ΔW) <= R: a dense SVD's further triplets are zeros, cut so both forms agree
+        k = self.total_rank if keep is None else min(keep, self.total_rank)
+        U, S, Vh = U[:, :k], S[:k], Vh[:k]
+        return ModuleDelta(
+            U=U.contiguous(),
+            S=(S / total_weight).contiguous(),
+            Vh=Vh.contiguous(),
+            truncation="svd",
+        )
 
 
 @register
@@ -25,13 +105,16 @@ class FlexLoRA(Aggregator):
     Parameters
     ----------
     svd:
-        ``auto`` (factored when Σ r_i < min(m, n), else dense), ``factored``, ``dense`` or
-        ``randomized`` (``torch.svd_lowrank`` on the formed ΔW, keeping ``keep_rank``).
+        ``auto`` (stacks and the factored SVD while they are smaller than ΔW, else the dense
+        sum and SVD), ``factored``, ``dense`` or ``randomized`` (``torch.svd_lowrank`` on the
+        formed ΔW, keeping ``keep_rank``).
     keep_rank:
-        Keep only this many singular triplets in the global state (memory); ``None`` keeps
-        them all, so the state is exactly ΔW.
-    dtype:
-        Compute dtype of the server step (float32 or float64).
+        Keep only this many singular triplets per module in the global state: one number, or
+        a number per module (the largest rank any client can receive there: then every
+        client gets exactly what the full state would give it). ``None`` keeps them all, so
+        the state is exactly ΔW.
+    dtype, device:
+        Compute dtype (float32 or float64) and device of the server step.
     """
 
     name = "flexlora"
@@ -39,37 +122,33 @@ class FlexLoRA(Aggregator):
     def __init__(
         self,
         svd: str = "auto",
-        keep_rank: int | None = None,
+        keep_rank: int | Mapping[str, int] | None = None,
         niter: int = 4,
         dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
-        super().__init__(dtype)
+        super().__init__(dtype, device)
         if svd not in SVD_METHODS:
             raise UsageError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
-        if keep_rank is not None and keep_rank <= 0:
-            raise UsageError(f"keep_rank must be positive, got {keep_rank}")
+        values = keep_rank.values() if isinstance(keep_rank, Mapping) else [keep_rank]
+        for k in values:
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
+                raise UsageError(f"keep_rank must be a positive integer, got {k!r}")
         self.svd = svd
         self.keep_rank = keep_rank
         self.niter = niter
 
-    def aggregate_module(
-        self,
-        module: str,
-        updates: Sequence[ClientUpdate],
-        p: Sequence[float],
-        previous: GlobalUpdate | None,
-    ) -> ModuleDelta:
-        factors = [u.factors[module] for u in updates]
-        weights = [pi * f.scaling for pi, f in zip(p, factors, strict=True)]
-        U, S, Vh = low_rank_sum_svd(
-            [f.B for f in factors],
-            [f.A for f in factors],
-            weights,
-            method=self.svd,
-            dtype=self.dtype,
-            randomized_rank=self.keep_rank,
-            niter=self.niter,
+    def keep_for(self, module: str) -> int | None:
+        """How many triplets the state keeps for ``module`` (``None``: all)."""
+        if isinstance(self.keep_rank, Mapping):
+            if module not in self.keep_rank:
+                raise UsageError(f"keep_rank gives no rank for module {module}")
+            return int(self.keep_rank[module])
+        return self.keep_rank
+
+    def start_module(
+        self, module: str, shape: tuple[int, int], previous: GlobalUpdate | None
+    ) -> ModuleAccumulator:
+        return FlexLoRAModule(
+            module, shape, self.dtype, self.device, self.svd, self.keep_for(module), self.niter
         )
-        if self.keep_rank is not None:
-            U, S, Vh = U[:, : self.keep_rank], S[: self.keep_rank], Vh[: self.keep_rank]
-        return ModuleDelta(U=U.contiguous(), S=S.contiguous(), Vh=Vh.contiguous(), truncation="svd")

@@ -8,13 +8,48 @@ kept exact as a thin SVD computed from the stacked factors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+from torch import Tensor
 
-from flexlora.aggregation.base import Aggregator, register
+from flexlora.aggregation.base import Aggregator, ModuleAccumulator, register
 from flexlora.lora.svd import factored_svd
-from flexlora.types import ClientUpdate, GlobalUpdate, ModuleDelta
+from flexlora.types import GlobalUpdate, LoRAFactors, ModuleDelta
+
+
+class FLoRAModule(ModuleAccumulator):
+    """The stacks s_i·B_i (m, r_i) and w_i·A_i (r_i, n): the result itself has rank Σ r_i."""
+
+    def __init__(
+        self,
+        module: str,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        previous: GlobalUpdate | None,
+    ) -> None:
+        super().__init__(module, shape, dtype, device)
+        has_previous = previous is not None and module in previous.modules
+        self.previous = previous[module] if has_previous else None
+        self.Bs: list[Tensor] = []
+        self.As: list[Tensor] = []
+
+    def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
+        A, B = self.load(f)
+        self.Bs.append(f.scaling * B)  # (m, r_i)
+        self.As.append(weight * A)  # (r_i, n)
+
+    def result(self, total_weight: float) -> ModuleDelta:
+        B = torch.cat(self.Bs, dim=1)  # (m, R)
+        A = torch.cat(self.As, dim=0) / total_weight  # (R, n)
+        if self.previous is None:
+            S = torch.ones(B.shape[1], dtype=self.dtype, device=self.device)
+            return ModuleDelta(U=B, S=S, Vh=A, truncation="exact")
+        prev = self.previous
+        U, S, Vh = (t.to(device=self.device, dtype=self.dtype) for t in (prev.U, prev.S, prev.Vh))
+        B_all = torch.cat([U * S, B], dim=1)
+        A_all = torch.cat([Vh, A], dim=0)
+        U, S, Vh = factored_svd(B_all, A_all)  # exact; k <= min(m, n) components
+        return ModuleDelta(U=U, S=S, Vh=Vh, truncation="svd")
 
 
 @register
@@ -24,24 +59,7 @@ class FLoRA(Aggregator):
     name = "flora"
     merges_into_base = True
 
-    def aggregate_module(
-        self,
-        module: str,
-        updates: Sequence[ClientUpdate],
-        p: Sequence[float],
-        previous: GlobalUpdate | None,
-    ) -> ModuleDelta:
-        factors = [u.factors[module] for u in updates]
-        B = torch.cat([f.scaling * f.B.to(self.dtype) for f in factors], dim=1)  # (m, R)
-        A = torch.cat(
-            [pi * f.A.to(self.dtype) for pi, f in zip(p, factors, strict=True)], dim=0
-        )  # (R, n)
-        if previous is None or module not in previous.modules:
-            return ModuleDelta(
-                U=B, S=torch.ones(B.shape[1], dtype=self.dtype), Vh=A, truncation="exact"
-            )
-        prev = previous[module]
-        B_all = torch.cat([prev.U.to(self.dtype) * prev.S.to(self.dtype), B], dim=1)
-        A_all = torch.cat([prev.Vh.to(self.dtype), A], dim=0)
-        U, S, Vh = factored_svd(B_all, A_all)  # exact; k <= min(m, n) components
-        return ModuleDelta(U=U, S=S, Vh=Vh, truncation="svd")
+    def start_module(
+        self, module: str, shape: tuple[int, int], previous: GlobalUpdate | None
+    ) -> ModuleAccumulator:
+        return FLoRAModule(module, shape, self.dtype, self.device, previous)

@@ -1,0 +1,220 @@
+"""The streaming aggregation protocol: folding replies one by one is the batch aggregate.
+
+Every strategy's :class:`Accumulator` is checked against ``aggregate`` (and FlexLoRA's against
+a dense reference computed the slow way): in any order, with raw weights, with rejected
+replies in between that must leave no trace, across FlexLoRA's switch from factor stacks to
+a dense sum, and with the state capped at the largest client rank (``keep_rank``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+from flexlora.aggregation import get_aggregator
+from flexlora.config import load_config
+from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.server import Coordinator
+from flexlora.types import ClientUpdate, LoRAFactors
+from tests.test_aggregation import STRATEGIES, UP, Q, Round, make_round, rel_err, rounds
+
+
+def fold(strategy: str, case: Round, order: list[int], **options) -> object:
+    """Fold ``case`` client by client, in ``order``, with raw (unnormalised) weights."""
+    agg = get_aggregator(strategy, dtype=torch.float64, **options)
+    shapes = {name: f.shape for name, f in case.updates[0].factors.items()}
+    acc = agg.start(shapes)
+    for i in order:
+        u = case.updates[i]
+        acc.add(u, None if case.weights is None else case.weights[i])
+    return acc
+
+
+def assert_same_state(a, b, tol: float = 1e-9) -> None:
+    assert a.names() == b.names()
+    for name in a.names():
+        assert a[name].truncation == b[name].truncation and a[name].rank == b[name].rank
+        ref = b[name].dense().numpy()
+        assert rel_err(a[name].dense().numpy(), ref) <= tol
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    case=rounds(),
+    uniform=rounds(uniform=True),
+    shared=rounds(shared_A=True),
+    seed=st.integers(0, 99),
+)
+def test_streaming_in_any_order_equals_the_batch_aggregate(
+    case: Round, uniform: Round, shared: Round, seed: int
+) -> None:
+    for strategy in STRATEGIES:
+        c = {"fedit": uniform, "ffa": shared}.get(strategy, case)
+        order = list(range(len(c.updates)))
+        random.Random(seed).shuffle(order)
+        batch = get_aggregator(strategy, dtype=torch.float64).aggregate(c.updates, c.weights)
+        streamed = fold(strategy, c, order).result()
+        assert_same_state(streamed, batch)
+
+
+def _bad_replies(u: ClientUpdate) -> list[ClientUpdate]:
+    """Replies the accumulator must refuse: NaN, wrong shape, a module missing, a duplicate."""
+    f = u.factors[Q]
+    nan_A = f.A.clone()
+    nan_A[0, 0] = float("nan")
+    wide = LoRAFactors(torch.zeros(f.rank, f.shape[1] + 1, dtype=f.A.dtype), f.B, f.alpha)
+    return [
+        ClientUpdate("bad-nan", 5, {**u.factors, Q: LoRAFactors(nan_A, f.B, f.alpha)}),
+        ClientUpdate("bad-shape", 5, {**u.factors, Q: wide}),
+        ClientUpdate("bad-missing", 5, {UP: u.factors[UP]}),
+        u,  # the same client again
+    ]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_rejected_reply_leaves_the_accumulator_untouched(strategy: str) -> None:
+    shapes = {Q: (9, 7), UP: (11, 7)}
+    uniform = strategy == "fedit"
+    ranks = [{Q: 2, UP: 3}] * 3 if uniform else [{Q: 2, UP: 3}, {Q: 4, UP: 1}, {Q: 3, UP: 2}]
+    updates = make_round(3, shapes, ranks, [10, 20, 30], [8.0] * 3, shared_A=strategy == "ffa")
+    agg = get_aggregator(strategy, dtype=torch.float64)
+    clean = agg.start(shapes)
+    dirty = agg.start(shapes)
+    for u in updates[:2]:
+        clean.add(u)
+        dirty.add(u)
+    for bad in _bad_replies(updates[0]):
+        before = dirty.num_bytes()
+        with pytest.raises(InvalidUpdateError):
+            dirty.add(bad)
+        assert dirty.num_bytes() == before
+    clean.add(updates[2])
+    dirty.add(updates[2])
+    assert dirty.clients == clean.clients and dirty.total_weight == clean.total_weight
+    assert_same_state(dirty.result(), clean.result(), tol=0.0)
+
+
+def test_strategy_level_rejection_is_per_client() -> None:
+    """FedIT refuses a client of another rank; the others still aggregate."""
+    shapes = {Q: (6, 6)}
+    updates = make_round(1, shapes, [{Q: 2}, {Q: 3}, {Q: 2}], [1, 2, 3], [8.0] * 3)
+    acc = get_aggregator("fedit", dtype=torch.float64).start(shapes)
+    acc.add(updates[0])
+    with pytest.raises(InvalidUpdateError) as info:
+        acc.add(updates[1])
+    assert (info.value.client, info.value.reason) == ("client-1", "rank")
+    acc.add(updates[2])
+    want = get_aggregator("fedit", dtype=torch.float64).aggregate([updates[0], updates[2]])
+    assert_same_state(acc.result(), want, tol=1e-12)
+
+
+def dense_reference(updates: list[ClientUpdate], module: str, weights: list[float]) -> np.ndarray:
+    """Σ p_i·s_i·B_i·A_i in float64 numpy, written out."""
+    total = math.fsum(weights)
+    out = 0.0
+    for u, w in zip(updates, weights, strict=True):
+        f = u.factors[module]
+        out = out + (w / total) * f.scaling * (f.B.double().numpy() @ f.A.double().numpy())
+    return out
+
+
+def test_flexlora_switches_from_stacks_to_a_dense_sum_exactly() -> None:
+    """20×16 holds 320 numbers; each rank-3 client's factors 3·36 = 108: the third switches."""
+    m, n = 20, 16
+    updates = make_round(5, {Q: (m, n)}, [{Q: 3}] * 7, [3, 1, 4, 1, 5, 9, 2], [8.0] * 7)
+    acc = get_aggregator("flexlora", dtype=torch.float64).start({Q: (m, n)})
+    forms = []
+    for u in updates:
+        acc.add(u)
+        forms.append(acc.modules[Q].stacked)
+        assert acc.num_bytes() <= m * n * 8  # never more than the dense sum
+    assert forms == [True, True, False, False, False, False, False]
+    state = acc.result()
+    W = dense_reference(updates, Q, [float(u.num_examples) for u in updates])
+    assert rel_err(state[Q].dense().numpy(), W) <= 1e-12
+    assert state[Q].rank == min(m, n)  # rank(ΔW) <= min(R, m, n) = 16
+    stacked = get_aggregator("flexlora", svd="factored", dtype=torch.float64).aggregate(updates)
+    for r in (1, 5, 16):
+        got = state.factors(r, 8.0)[Q].delta().numpy()
+        assert rel_err(got, stacked.factors(r, 8.0)[Q].delta().numpy()) <= 1e-9
+
+
+def test_accumulator_memory_does_not_grow_with_the_clients() -> None:
+    shapes = {Q: (24, 16), UP: (40, 16)}
+    updates = make_round(8, shapes, [{Q: 4, UP: 6}] * 40, [1] * 40, [8.0] * 40)
+    acc = get_aggregator("flexlora").start(shapes)
+    sizes = []
+    for u in updates:
+        acc.add(u)
+        sizes.append(acc.num_bytes())
+    bound = sum(m * n * 4 for m, n in shapes.values())
+    assert max(sizes) <= bound and sizes[-1] == sizes[10] == bound
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=rounds())
+def test_capped_state_gives_every_client_what_the_full_state_gives(case: Round) -> None:
+    """keep_rank = the largest rank per module: every rank <= the cap gets the same factors."""
+    cap = {name: max(u.factors[name].rank for u in case.updates) for name in (Q, UP)}
+    full = get_aggregator("flexlora", keep_rank=None, dtype=torch.float64)
+    capped = get_aggregator("flexlora", keep_rank=cap, dtype=torch.float64)
+    a = full.aggregate(case.updates, case.weights)
+    b = capped.aggregate(case.updates, case.weights)
+    for name in (Q, UP):
+        assert b[name].rank == min(cap[name], a[name].rank)
+        for r in range(1, b[name].rank + 1):
+            fa = a[name].factors(r, 8.0)
+            fb = b[name].factors(r, 8.0)
+            torch.testing.assert_close(fb.A, fa.A, rtol=0, atol=0)
+            torch.testing.assert_close(fb.B, fa.B, rtol=0, atol=0)
+
+
+def coordinator(keep_rank: int | str) -> Coordinator:
+    """Clients of rank types 2/3 and 4/1 (attention / FFN) on two modules."""
+    fed = {"keep_rank": keep_rank, "rank_types": {"2-3": [2, 3], "4-1": [4, 1]}}
+    cfg = load_config(values={"federation": fed, "lora": {"ffn_modules": ["up_proj"]}})
+    types = {"client-0": "2-3", "client-1": "4-1", "client-2": "2-3"}
+    return Coordinator(cfg, {Q: (9, 7), UP: (11, 7)}, types)
+
+
+@pytest.mark.parametrize(("keep", "want"), [("max", {Q: 4, UP: 3}), ("all", None), (2, 2)])
+def test_coordinator_caps_the_flexlora_state_by_federation_keep_rank(
+    keep: int | str, want: dict[str, int] | int | None
+) -> None:
+    coord = coordinator(keep)
+    assert coord.max_ranks() == {Q: 4, UP: 3}
+    clients = list(coord.client_type)
+    ranks = [coord.ranks_of(c) for c in clients]
+    alpha = coord.cfg.lora.alpha
+    updates = make_round(4, coord.shapes, ranks, [1, 2, 3], [alpha] * 3, dtype=torch.float32)
+    state, row = coord.aggregate(coord.initial_state(), 1, clients, updates)
+    assert not row["rejected"] and not row["kept_previous_state"]
+    for name, total in ((Q, min(2 + 4 + 2, 7)), (UP, min(3 + 1 + 3, 7))):  # rank(ΔW) <= n = 7
+        expected = total if want is None else want if isinstance(want, int) else want[name]
+        assert state[name].rank == expected
+    if keep == "max":  # every client starts round 2 from what the whole ΔW would give it
+        full = get_aggregator("flexlora", keep_rank=None).aggregate(updates)
+        for c in clients:
+            got = coord.start_factors(state, c, 2)
+            for name, f in full.factors(coord.ranks_of(c), alpha).items():
+                torch.testing.assert_close(got[name].B, f.B, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(got[name].A, f.A, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("keep_rank", "most", "keep_rank"),
+        ("keep_rank", 0, "keep_rank"),
+        ("server_device", "tpu", "server_device"),
+    ],
+)
+def test_bad_server_settings_are_refused(key: str, value: object, needle: str) -> None:
+    with pytest.raises(UsageError, match=needle):
+        load_config(values={"federation": {key: value}})
