@@ -133,9 +133,10 @@ PRESETS: dict[str, BenchPreset] = {
             name="paper-grid-2core",
             description=(
                 "paper-grid at the smallest budget that finishes on 2 shared CPU cores in about "
-                "a quarter of an hour: 2 seeds, 2 rounds (SLoRA: 1 sparse + 1 LoRA) x 2 clients "
-                "x 1 local step, 4 test examples per unseen client, 16 new tokens; a smoke test "
-                "of the grid, too small to rank methods"
+                "a quarter of an hour with --jobs 2: 2 seeds, 2 rounds (SLoRA: 1 sparse + 1 "
+                "LoRA) x 2 clients x 1 local step of 4 examples <= 64 tokens, 2 test examples "
+                "per unseen client, 12 new tokens; a smoke test of the grid, too small to rank "
+                "methods"
             ),
             strategies=PAPER_GRID,
             distributions=ALL_DISTRIBUTIONS,
@@ -147,8 +148,8 @@ PRESETS: dict[str, BenchPreset] = {
                     "slora_rounds": 1,
                     "slora_density": 0.01,
                 },
-                "train": {"local_steps": 1, "lr": 1e-3},
-                "eval": {"every": 0, "max_examples_per_client": 4, "max_new_tokens": 16},
+                "train": {"local_steps": 1, "lr": 1e-3, "cutoff_len": 64},
+                "eval": {"every": 0, "max_examples_per_client": 2, "max_new_tokens": 12},
             },
         ),
         BenchPreset(

@@ -4,11 +4,11 @@ The model-free half: masks, messages, the server's streaming average and the SVD
 initialisation. The client half (training a sparse additive delta) is
 :mod:`flexlora.training.sparse`; the round logic is the :class:`~flexlora.server.Coordinator`.
 
-What the paper does, and what we follow:
+What the paper does as we read it (its abstract reports updates of ~1 % density), and what we
+follow:
 
-1. **Stage 1, federated sparse fine-tuning.** A random sparse mask of density d (the paper's
-   best results use d ≈ 1 % and a *random* mask, fixed for the whole stage and the same for
-   every client) selects the entries of the weights that clients train. Each round a client
+1. **Stage 1, federated sparse fine-tuning.** A random sparse mask of density d (≈ 1 %, a
+   *random* mask fixed for the whole stage and the same for every client) selects the entries of the weights that clients train. Each round a client
    starts from the global sparse update, trains only the masked entries, and sends them; the
    server averages them, weighted by example counts (FedAvg over the masked entries). We run
    ``federation.slora_rounds`` such rounds.
