@@ -8,9 +8,10 @@ What the paper does as we read it (its abstract reports updates of ~1 % density)
 follow:
 
 1. **Stage 1, federated sparse fine-tuning.** A random sparse mask of density d (≈ 1 %, a
-   *random* mask fixed for the whole stage and the same for every client) selects the entries of the weights that clients train. Each round a client
-   starts from the global sparse update, trains only the masked entries, and sends them; the
-   server averages them, weighted by example counts (FedAvg over the masked entries). We run
+   *random* mask fixed for the whole stage and the same for every client) selects the
+   entries of the weights that clients train. Each round a client starts from the global
+   sparse update, trains only the masked entries, and sends them; the server averages them,
+   weighted by example counts (FedAvg over the masked entries). We run
    ``federation.slora_rounds`` such rounds.
 2. **Initialisation.** ΔW = W_{T1} − W_0 (the accumulated sparse update) is decomposed by SVD
    and the LoRA factors start from its truncated SVD: a client of rank r starts from the best
