@@ -171,8 +171,9 @@ def test_capped_state_gives_every_client_what_the_full_state_gives(case: Round) 
         for r in range(1, b[name].rank + 1):
             fa = a[name].factors(r, 8.0)
             fb = b[name].factors(r, 8.0)
-            torch.testing.assert_close(fb.A, fa.A, rtol=0, atol=0)
-            torch.testing.assert_close(fb.B, fa.B, rtol=0, atol=0)
+            # the same core SVD; the capped path forms only its columns (rounding apart)
+            torch.testing.assert_close(fb.A, fa.A, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(fb.B, fa.B, rtol=1e-9, atol=1e-12 * float(fa.B.abs().max()))
 
 
 def coordinator(keep_rank: int | str) -> Coordinator:

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexlora.lora.svd import dense_svd, factored_svd, low_rank_sum_svd, randomized_svd
+from flexlora.lora.svd import dense_svd, factored_svd, gram_svd, low_rank_sum_svd, randomized_svd
 
 # In float32 a rank-k truncation is only well defined to ~eps·σ1/(σk − σk+1) (Davis–Kahan);
 # compare truncations only where the spectral gap makes 1e-4 a fair demand.
@@ -151,3 +151,40 @@ def test_factored_svd_of_rank_deficient_factors() -> None:
     M = (B @ A).numpy()
     assert rel_err(truncate(U.numpy(), S.numpy(), Vh.numpy(), 3), M) <= 1e-10
     assert float(S[3:].abs().max()) <= 1e-10 * float(S[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.integers(1, 12))
+def test_gram_svd_top_k_equals_dense_truncation(case, k: int) -> None:
+    """The fast path's top-k triplets: ≤1e-5 relative in float64, ≤1e-4 in float32 (gap ok)."""
+    m, n, ranks, seed = case
+    R = sum(ranks)
+    if min(m, n) <= R:
+        return
+    Bs, As, weights, M = random_stack(m, n, ranks, seed)
+    B = torch.cat([w * b for w, b in zip(weights, Bs, strict=True)], dim=1)  # (m, R)
+    A = torch.cat(As, dim=0)  # (R, n)
+    U0, S0, Vh0 = reference(M)
+    k = min(k, R)
+    want = truncate(U0, S0, Vh0, k)
+    U, S, Vh = (t.numpy() for t in gram_svd(B, A, k))
+    assert U.shape == (m, k) and S.shape == (k,) and Vh.shape == (k, n)
+    assert rel_err(truncate(U, S, Vh, k), want) <= 1e-5
+    np.testing.assert_allclose(U.T @ U, np.eye(k), atol=1e-8)  # orthonormal
+    gap = (S0[k - 1] - (S0[k] if k < S0.shape[0] else 0.0)) / S0[0]
+    if gap >= F32_MIN_GAP:
+        U, S, Vh = (t.double().numpy() for t in gram_svd(B.float(), A.float(), k))
+        assert rel_err(truncate(U, S, Vh, k), want) <= 1e-4
+
+
+def test_gram_svd_falls_back_to_qr_on_rank_deficient_stacks() -> None:
+    """Two clients sending the same B: BᵀB is singular; the result is still the exact SVD."""
+    g = torch.Generator().manual_seed(0)
+    B1 = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    A = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    B = torch.cat([B1, B1], dim=1)  # (30, 6), rank 3
+    U, S, Vh = gram_svd(B, A, 4)
+    M = (B @ A).numpy()
+    U0, S0, Vh0 = reference(M)
+    assert rel_err(truncate(U.numpy(), S.numpy(), Vh.numpy(), 3), truncate(U0, S0, Vh0, 3)) <= 1e-10
+    assert abs(float(S[3])) <= 1e-10 * float(S[0])

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from flexlora.aggregation.base import Aggregator, ModuleAccumulator, register
 from flexlora.errors import UsageError
-from flexlora.lora.svd import SVD_METHODS, dense_svd, factored_svd, randomized_svd
+from flexlora.lora.svd import SVD_METHODS, dense_svd, factored_svd, gram_svd, randomized_svd
 from flexlora.types import GlobalUpdate, LoRAFactors, ModuleDelta
 
 
@@ -80,7 +80,10 @@ class FlexLoRAModule(ModuleAccumulator):
         if self.delta is None:
             B = torch.cat(self.Bs, dim=1)  # (m, R)
             A = torch.cat(self.As, dim=0)  # (R, n)
-            U, S, Vh = factored_svd(B, A)
+            if self.total_rank < min(m, n):
+                U, S, Vh = gram_svd(B, A, keep)  # only the kept triplets are formed
+            else:  # svd="factored" past min(m, n)
+                U, S, Vh = factored_svd(B, A)
         elif self.method == "randomized":
             U, S, Vh = randomized_svd(
                 self.delta, keep if keep is not None else min(self.total_rank, m, n), self.niter

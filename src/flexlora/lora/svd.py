@@ -9,8 +9,11 @@ factors stacked, ``ΔW = Bs·As`` where ``Bs = [w_1 B_1 … w_K B_K]`` is (m, R)
     Rb·Raᵀ = Uc·diag(S)·Vcᵀ           (O(R³))
     ΔW = (Qb·Uc)·diag(S)·(Vcᵀ·Qaᵀ)    an exact thin SVD of ΔW
 
-which never materialises the m×n matrix. Otherwise ΔW is formed (streaming over clients) and
-decomposed densely, or approximately with ``torch.svd_lowrank``.
+which never materialises the m×n matrix. :func:`gram_svd` gets the same triplets faster, and
+only the top ``k`` of them: the R×R Grams ``BsᵀBs`` and ``As·Asᵀ`` (float64) give Rb and Ra by
+Cholesky, and only ``k`` columns of U and rows of Vh are formed (two (m, R)·(R, k) products
+instead of two Householder QRs with their explicit Q). Otherwise ΔW is formed (streaming over
+clients) and decomposed densely, or approximately with ``torch.svd_lowrank``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["SVD", "dense_svd", "factored_svd", "low_rank_sum_svd", "randomized_svd"]
+__all__ = [
+    "SVD",
+    "dense_svd",
+    "factored_svd",
+    "gram_svd",
+    "low_rank_sum_svd",
+    "randomized_svd",
+]
+
+#: gram_svd falls back to Householder QR when a Cholesky factor's diagonal spans more than
+#: this ratio (cond(Bs) above ~1e6: the Gram would lose digits a float32 result needs)
+GRAM_MAX_COND = 1e6
 
 SVD_METHODS = ("auto", "factored", "dense", "randomized")
 
@@ -41,6 +55,43 @@ def factored_svd(B: Tensor, A: Tensor) -> SVD:
     U = Qb @ Uc  # (m, k)
     Vh = Vhc @ Qa.T  # (k, n)
     return SVD(U, S, Vh)
+
+
+def _gram_factor(X: Tensor) -> Tensor | None:
+    """Upper-triangular Rx with XᵀX = RxᵀRx, from the float64 Gram; None if ill-conditioned."""
+    Xd = X.double()  # (rows, R): products of float32 entries are exact in float64
+    L, info = torch.linalg.cholesky_ex(Xd.T @ Xd)  # (R, R) lower
+    if int(info) != 0:
+        return None
+    d = torch.diagonal(L).abs()
+    if not bool(d.min() * GRAM_MAX_COND > d.max()):
+        return None
+    return L.T  # (R, R) upper
+
+
+def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
+    """The top ``k`` (default all R) triplets of the thin SVD of ``B·A``; ``B: (m, R)``,
+    ``A: (R, n)``, R < min(m, n).
+
+    Rb, Ra are the Cholesky factors of the float64 Grams BᵀB and AAᵀ, so B = Qb·Rb and
+    Aᵀ = Qa·Ra with Qb = B·Rb⁻¹ never formed: core = Rb·Raᵀ = Uc·S·Vcᵀ (R×R) and
+    U_k = B·(Rb⁻¹·Uc[:, :k]), Vh_k = (Aᵀ·(Ra⁻¹·Vc[:, :k]))ᵀ. The cost is two Gram products and
+    two (·, R)·(R, k) products. Falls back to :func:`factored_svd` (Householder QR) when either
+    stack is rank-deficient or too ill-conditioned for the Gram route (see GRAM_MAX_COND).
+    """
+    R = B.shape[1]
+    k = R if k is None else min(k, R)
+    Rb = _gram_factor(B)
+    Ra = _gram_factor(A.T) if Rb is not None else None
+    if Rb is None or Ra is None:
+        U, S, Vh = factored_svd(B, A)
+        return SVD(U[:, :k], S[:k], Vh[:k])
+    Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.T)  # (R, R), (R,), (R, R) in float64
+    left = torch.linalg.solve_triangular(Rb, Uc[:, :k], upper=True)  # (R, k)
+    right = torch.linalg.solve_triangular(Ra, Vhc[:k].T, upper=True)  # (R, k)
+    U = B @ left.to(B.dtype)  # (m, k)
+    Vh = (A.T @ right.to(A.dtype)).T  # (k, n)
+    return SVD(U, S[:k].to(B.dtype), Vh)
 
 
 def dense_svd(delta: Tensor) -> SVD:
