@@ -286,3 +286,53 @@ def test_gpu_preset_is_the_full_grid_with_batched_clients() -> None:
     for key in ("rounds", "clients_per_round"):
         assert getattr(cfg.federation, key) == getattr(ref.federation, key)
     assert (cfg.train.local_steps, cfg.train.lr) == (ref.train.local_steps, ref.train.lr)
+
+
+def _jobs_on(host, ranks: dict[str, int], count: int) -> list[ClientJob]:
+    """``count`` clients with non-zero start factors and 3 + 2i random-token examples."""
+    from flexlora.training.client import IGNORE_INDEX, TokenizedExample
+
+    gen = torch.Generator().manual_seed(3)
+    jobs = []
+    for i in range(count):
+        start = {
+            name: LoRAFactors(
+                A=torch.randn(ranks[name], n, generator=gen) * 0.2,  # (r, n)
+                B=torch.randn(m, ranks[name], generator=gen) * 0.2,  # (m, r)
+                alpha=host.alpha,
+            )
+            for name, (m, n) in host.shapes().items()
+        }
+        examples = []
+        for _ in range(3 + 2 * i):
+            ids = torch.randint(5, 250, (12 + i,), generator=gen).tolist()
+            examples.append(TokenizedExample(ids, [IGNORE_INDEX] * 4 + ids[4:]))
+        jobs.append(ClientJob(f"c{i}", "t", start, examples, 10 + i))
+    return jobs
+
+
+def test_gpt2_conv1d_base_batched_equals_sequential_and_base_dropout_is_refused() -> None:
+    from flexlora.training.adapters import AdapterHost
+    from flexlora.training.client import train_local
+    from tests.test_scale_loading import _gpt2
+
+    targets = ["c_attn", "c_proj", "c_fc"]
+    with_dropout = _gpt2()  # GPT-2's own dropouts (0.1) would mix the clients' randomness
+    ranks = dict.fromkeys(target_linear_modules(with_dropout, targets), 4)
+    host = AdapterHost(with_dropout, targets, {"t": ranks}, alpha=8)
+    cfg = TrainConfig(local_steps=1, batch_size=2)
+    with pytest.raises(UsageError, match=r"without dropout of its own \(transformer\.drop\)"):
+        train_many(host, _jobs_on(host, ranks, 2), cfg, pad_id=0)
+    model = _gpt2()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ranks = dict.fromkeys(target_linear_modules(model, targets), 4)
+    host = AdapterHost(model, targets, {"t": ranks}, alpha=8)
+    cfg = TrainConfig(local_steps=0, local_epochs=2.0, batch_size=2, lr=1e-2, max_grad_norm=0.1)
+    jobs = _jobs_on(host, ranks, 3)
+    alone = [train_local(host, "t", dict(j.start), j.examples, cfg, j.seed, 0) for j in jobs]
+    together = train_many(host, jobs, cfg, pad_id=0)
+    for r1, r2 in zip(alone, together, strict=True):
+        assert r1.steps == r2.steps
+        assert_same(r2.factors, r1.factors, 1e-5)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from flexlora.config import TrainConfig
+from flexlora.errors import UsageError
 from flexlora.training.adapters import AdapterHost
 from flexlora.training.client import (
     IGNORE_INDEX,
@@ -109,6 +110,7 @@ def train_many(
     until it left the stack.
     """
     t0 = time.perf_counter()
+    _check_no_base_dropout(host)
     for job in jobs:
         if not job.examples:
             raise RuntimeError(f"client {job.client} has no training examples")
@@ -201,6 +203,25 @@ def train_many(
     finally:
         model.eval()
     return [r for r in results if r is not None]
+
+
+def _check_no_base_dropout(host: AdapterHost) -> None:
+    """Dropout inside the base model would draw one mask stream across all clients' rows."""
+    net = host.model.get_base_model()
+    lora = {id(d) for layer in host.layers.values() for d in layer.lora_dropout.values()}
+    active = [
+        name
+        for name, mod in net.named_modules()
+        if isinstance(mod, torch.nn.Dropout) and mod.p > 0 and id(mod) not in lora
+    ]
+    p_attn = float(getattr(net.config, "attention_dropout", 0.0) or 0.0)
+    if active or p_attn > 0:
+        where = active[0] if active else f"config.attention_dropout={p_attn}"
+        raise UsageError(
+            f"batched clients (train.parallel_clients > 1) need a base model without dropout "
+            f"of its own ({where}): its masks could not follow each client's seed; set the "
+            f"model's dropout to 0 or use train.parallel_clients = 1"
+        )
 
 
 def _result(p: _Progress, multi: MultiLoRA, s: int, host: AdapterHost, t0: float) -> LocalResult:
