@@ -490,3 +490,14 @@ def test_each_kind_of_state_has_its_own_type_through_a_checkpoint(
         assert torch.allclose(state[Q].dense(), state[Q].B @ state[Q].A)
     if strategy == "fedex":
         assert type(state.frozen[Q]).__name__ == "SVDState"
+
+
+def test_bench_and_run_help_list_the_new_strategies(capsys) -> None:
+    from flexlora.cli import main
+
+    for command in ("bench", "run"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "fedex" in text and "fedsa" in text, command

@@ -64,7 +64,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--preset",
         default=None,
         choices=list(PRESETS),
-        help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
+        # argparse %-formats help strings: a description's "10 %" must reach it as "10 %%"
+        help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()).replace("%", "%%"),
     )
     p.add_argument(
         "--strategies",
