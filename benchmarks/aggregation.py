@@ -25,7 +25,17 @@ cannot hide another's growth; torch keeps its default thread count):
 - ``load``: the machine's 1-minute load average just before the run (on a 2-core machine
   shared with other jobs, anything above ~2 means the timings are inflated).
 
-Usage: ``.venv/bin/python benchmarks/aggregation.py [--quick] [--seed N] [--repeat N]``.
+A second part, the **whole adapter set** (``--whole``; ``--only-whole`` skips the per-module
+table): all 32 layers × 7 modules of LLaMA-7B, the same 10 clients, through the streaming
+server step (``FlexLoRA(keep_rank=max client rank).start`` / ``add`` / ``result``, layer by
+layer, the clients' factors made before each layer and not timed) against the old path in the
+same process (``low_rank_sum_svd``: concatenated stacks, Householder QR with explicit Q, the
+full R×R SVD, then the cut), with one 4096³ float32 matmul timed in the same process as the
+yardstick (the goal: ≤ 40 of them, ≈ 15 s on 2 quiet cores). ``max err@r`` is the largest
+``‖T_r − T*_r‖_F / ‖T*_r‖_F`` over layer 0's q_proj and down_proj (a float64 LAPACK SVD of
+each ΔW is the reference; all seven would take minutes).
+
+Usage: ``.venv/bin/python benchmarks/aggregation.py [--quick] [--seed N] [--repeat N] [--whole]``.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexlora.aggregation import FlexLoRA
+from flexlora.lora.svd import low_rank_sum_svd
 from flexlora.types import ClientUpdate, LoRAFactors
 
 PATHS = ("factored", "dense")
@@ -221,11 +232,108 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="time each path N times and keep the fastest (default 3; 1 with --quick)",
     )
+    parser.add_argument("--whole", action="store_true", help="also the whole 7B adapter set")
+    parser.add_argument("--only-whole", action="store_true", help="only the whole adapter set")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
         return 0
+    if args.only_whole:
+        return whole_set(args.quick, args.seed)
+    status = per_module(args)
+    if args.whole or args.quick:
+        whole_set(args.quick, args.seed)
+    return status
+
+
+def old_path(updates: list[ClientUpdate], module: str, keep: int) -> tuple:
+    """The server step before streaming: stacks concatenated, QR with explicit Q, full SVD."""
+    total = sum(u.num_examples for u in updates)
+    fs = [u.factors[module] for u in updates]
+    U, S, Vh = low_rank_sum_svd(
+        [f.B for f in fs],
+        [f.A for f in fs],
+        [u.num_examples / total * f.scaling for u, f in zip(updates, fs, strict=True)],
+    )
+    return U[:, :keep], S[:keep], Vh[:keep]
+
+
+def whole_set(quick: bool, seed: int) -> int:
+    """Every module of every layer: new streaming path vs the old one, in this process."""
+    setup = QUICK if quick else LLAMA_7B
+    layers = 2 if quick else 32
+    ranks, _ = client_plan(setup, seed)
+    keep = max(ranks)
+    n0 = 512 if quick else 4096
+    a, b = torch.randn(n0, n0), torch.randn(n0, n0)
+    a @ b
+    start = time.perf_counter()
+    a @ b
+    matmul = time.perf_counter() - start
+    del a, b
+    print(
+        f"# whole adapter set: {layers} layers x {len(setup.modules)} modules, "
+        f"{setup.clients} clients, ranks {ranks}, keep_rank {keep}; "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; "
+        f"one {n0}^3 float32 matmul: {matmul:.3f} s"
+    )
+    times = {"new": 0.0, "old": 0.0}
+    peaks = {"new": 0, "old": 0}
+    worst = 0.0
+    for layer in range(layers):
+        per_layer = {m: make_updates(setup, m, seed + 7919 * layer) for m in setup.modules}
+        for path in ("new", "old"):
+            baseline = reset_peak()
+            t0 = time.perf_counter()
+            if path == "new":
+                agg = FlexLoRA(keep_rank=keep)
+                acc = agg.start(setup.modules)
+                for i in range(setup.clients):
+                    acc.add(
+                        ClientUpdate(
+                            f"client-{i}",
+                            per_layer[next(iter(setup.modules))][i].num_examples,
+                            {m: per_layer[m][i].factors[m] for m in setup.modules},
+                        )
+                    )
+                state = acc.result()
+                out = {m: (state[m].U, state[m].S, state[m].Vh) for m in setup.modules}
+            else:
+                out = {m: old_path(per_layer[m], m, keep) for m in setup.modules}
+            times[path] += time.perf_counter() - t0
+            peaks[path] = max(peaks[path], peak_since(baseline))
+            if layer == 0:
+                for m in ("q_proj", "down_proj"):  # one square and one wide shape
+                    delta = reference_delta(per_layer[m], m)  # (m, n) float64
+                    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+                    best = (U[:, :keep] * S[:keep]) @ Vh[:keep]
+                    Un, Sn, Vhn = out[m]
+                    ours = (Un.double() * Sn.double()) @ Vhn.double()
+                    worst = max(worst, rel_fro(ours, best)) if path == "new" else worst
+                    del delta, U, Vh, best, ours
+            del out
+        del per_layer
+    budget = 40 * matmul
+    print(f"{'whole-set':<10} {'path':>6} {'time s':>8} {'x matmul':>9} {'peak MiB':>9}")
+    for path in ("new", "old"):
+        print(
+            f"{'whole-set':<10} {path:>6} {times[path]:>8.2f} {times[path] / matmul:>9.1f} "
+            f"{fmt_mib(peaks[path]):>9}"
+        )
+    print(
+        f"whole set: new path {times['old'] / times['new']:.1f}x faster than the old one; "
+        f"max err@{keep} (layer 0 q/down, vs float64 dense SVD) {worst:.2e}; "
+        f"load average at the end {os.getloadavg()[0]:.2f}"
+    )
+    met = times["new"] <= budget and worst <= GOAL_ERROR
+    verdict = "not judged in --quick mode" if quick else ("met" if met else "NOT met")
+    print(f"goal (<= 40 matmuls = {budget:.1f} s, err <= {GOAL_ERROR:g}): {verdict}")
+    return 0
+
+
+def per_module(args: argparse.Namespace) -> int:
+    """The per-module table (one fresh process per module and path)."""
     setup = QUICK if args.quick else LLAMA_7B
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     ranks, examples = client_plan(setup, args.seed)
