@@ -2,22 +2,35 @@
 
 Needs only the adapter folders: no base model, no network. All inputs are read and checked and
 every output is computed before anything is written, so bad input writes nothing.
+
+For a streaming strategy (FlexLoRA, FLoRA, FedIT, FFA-LoRA) the folders are read module by
+module (safetensors ``safe_open``): the peak memory is one module's accumulator (for FlexLoRA
+its factor stacks or dense sum, whichever is smaller) plus the outputs, whatever the number of
+clients. Other strategies load every adapter first.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flexlora.aggregation import get_aggregator
+from flexlora.aggregation import Aggregator, get_aggregator
+from flexlora.aggregation.base import check_factors
 from flexlora.errors import InvalidUpdateError, RankError, UsageError
-from flexlora.lora.peft_io import LoadedAdapter, load_adapter, write_adapters_atomically
-from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
+from flexlora.lora.peft_io import (
+    AdapterReader,
+    LoadedAdapter,
+    load_adapter,
+    open_adapter,
+    write_adapters_atomically,
+)
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +55,18 @@ def parse_client(spec: str) -> ClientSpec:
     return ClientSpec(spec)
 
 
-def output_alphas(adapters: Sequence[LoadedAdapter], alpha: float | None) -> dict[str, float]:
+def output_alphas(
+    adapters: Sequence[LoadedAdapter | AdapterReader], alpha: float | None
+) -> dict[str, float]:
     """Per-module output alpha: ``alpha`` if given, else the inputs' (which must agree)."""
-    modules = list(adapters[0].factors)
+    modules = list(_modules(adapters[0]))
     if alpha is not None:
         if not (math.isfinite(alpha) and alpha > 0):
             raise UsageError(f"--alpha must be a positive number, got {alpha}")
         return dict.fromkeys(modules, float(alpha))
     out: dict[str, float] = {}
     for module in modules:
-        values = {a.source: a.factors[module].alpha for a in adapters if module in a.factors}
+        values = {a.source: a.meta.alpha_for(module) for a in adapters if module in _modules(a)}
         if len(set(values.values())) > 1:
             listing = ", ".join(f"{src}: {v:g}" for src, v in values.items())
             raise UsageError(
@@ -62,13 +77,24 @@ def output_alphas(adapters: Sequence[LoadedAdapter], alpha: float | None) -> dic
     return out
 
 
+def _modules(adapter: LoadedAdapter | AdapterReader) -> Mapping[str, object]:
+    return adapter.factors if isinstance(adapter, LoadedAdapter) else adapter.shapes
+
+
 def energy_kept(state: GlobalUpdate, rank: int) -> float:
     """Share of ‖ΔW‖²_F kept by the rank-``rank`` truncation, over all modules."""
+    return spectrum_energy_kept(
+        {n: d.S if d.truncation == "svd" else None for n, d in state.modules.items()}, rank
+    )
+
+
+def spectrum_energy_kept(spectra: Mapping[str, torch.Tensor | None], rank: int) -> float:
+    """As :func:`energy_kept`, from the singular values alone (``None``: not an SVD: NaN)."""
     total = kept = 0.0
-    for d in state.modules.values():
-        if d.truncation != "svd":
+    for S in spectra.values():
+        if S is None:
             return float("nan")
-        s2 = d.S.double() ** 2
+        s2 = S.double() ** 2
         total += float(s2.sum())
         kept += float(s2[:rank].sum())
     return kept / total if total > 0 else 1.0
@@ -103,8 +129,8 @@ def run_aggregate(
             raise UsageError(f"--rank must be positive, got {r}")
     check_out(Path(out))
     specs = [parse_client(c) for c in clients]
-    adapters = [load_adapter(s.folder) for s in specs]
-    bases = {str(a.meta.raw.get("base_model_name_or_path")) for a in adapters}
+    readers = [open_adapter(s.folder) for s in specs]
+    bases = {str(a.meta.raw.get("base_model_name_or_path")) for a in readers}
     if len(bases) > 1:
         raise UsageError(f"the adapters were trained on different base models: {sorted(bases)}")
     options: dict[str, object] = {}
@@ -114,30 +140,75 @@ def run_aggregate(
         # HetLoRA weighs clients by ||s*B*A||_F; the --client weights multiply those
         options["weight_by_examples"] = True
     aggregator = get_aggregator(strategy, dtype=dtype, **options)
-    updates = [
-        ClientUpdate(client_id=a.source, num_examples=1, factors=a.factors) for a in adapters
-    ]
-    alphas = output_alphas(adapters, alpha)
-    state = aggregator.aggregate(updates, weights=[s.weight for s in specs])
-    out_dtype = next(iter(adapters[0].factors.values())).A.dtype
-    outputs: dict[str, dict[str, LoRAFactors]] = {}
-    for r in dict.fromkeys(ranks):
-        try:
-            outputs[f"rank-{r}"] = state.factors(
-                r,
-                alphas,
-                use_rslora=adapters[0].meta.use_rslora,
-                split=split,
-                dtype=torch.float32,
-            )
-        except RankError as exc:
-            raise UsageError(f"--rank {r}: {exc}") from None
-    template = dict(adapters[0].meta.raw)
+    alphas = output_alphas(readers, alpha)
+    use_rslora = readers[0].meta.use_rslora
+    weights = [s.weight for s in specs]
+    outputs: dict[str, dict[str, LoRAFactors]] = {f"rank-{r}": {} for r in dict.fromkeys(ranks)}
+    spectra: dict[str, torch.Tensor | None] = {}  # S per module (None: not an SVD state)
+    if aggregator.streams:
+        deltas = stream_modules(aggregator, readers, weights)
+    else:
+        adapters = [load_adapter(s.folder) for s in specs]
+        updates = [ClientUpdate(a.source, 1, a.factors) for a in adapters]
+        deltas = iter(aggregator.aggregate(updates, weights=weights).modules.items())
+    for module, delta in deltas:
+        for r in dict.fromkeys(ranks):
+            try:
+                outputs[f"rank-{r}"][module] = delta.factors(
+                    r,
+                    alphas[module],
+                    use_rslora=use_rslora,
+                    split=split,
+                    dtype=torch.float32,
+                    module=module,
+                )
+            except RankError as exc:
+                raise UsageError(f"--rank {r}: {exc}") from None
+        spectra[module] = delta.S if delta.truncation == "svd" else None
+    out_dtype = readers[0].factors(next(iter(readers[0].shapes))).A.dtype
+    template = dict(readers[0].meta.raw)
     template.pop("rank_pattern", None)
     template.pop("alpha_pattern", None)
     written = write_adapters_atomically(out, outputs, template, dtype=out_dtype)
     for r, path in zip(dict.fromkeys(ranks), written, strict=True):
-        kept = energy_kept(state, r)
-        note = "" if math.isnan(kept) else f", keeps {100 * kept:.2f}% of ||dW||^2"
+        share = spectrum_energy_kept(spectra, r)
+        note = "" if math.isnan(share) else f", keeps {100 * share:.2f}% of ||dW||^2"
         print(f"wrote {path} (rank {r}{note})")
     return written
+
+
+def stream_modules(
+    aggregator: Aggregator, readers: Sequence[AdapterReader], weights: Sequence[float]
+) -> Iterator[tuple[str, ModuleDelta]]:
+    """Each module's global update in turn, reading one module of one client at a time.
+
+    Every client must adapt the same modules; a module's shape is the one most clients
+    agree on (an odd one out is blamed by name). Holds one module's accumulator at a time.
+    """
+    owners: dict[str, str] = {}  # module -> the first client that sent it
+    for a in readers:
+        for module in a.shapes:
+            owners.setdefault(module, a.source)
+    for a in readers:
+        for module, owner in owners.items():
+            if module not in a.shapes:
+                raise InvalidUpdateError(
+                    a.source,
+                    module,
+                    "missing_module",
+                    f"module is missing here but client {owner} sent it",
+                )
+    if len({a.source for a in readers}) < len(readers):
+        raise InvalidUpdateError(None, None, "duplicate", "a client folder is given twice")
+    total = math.fsum(weights)
+    for module in owners:
+        shape = Counter(a.shapes[module] for a in readers).most_common(1)[0][0]
+        acc = aggregator.start_module(module, shape, None)
+        for a, w in zip(readers, weights, strict=True):
+            f = a.factors(module)
+            check_factors(a.source, module, f, shape)
+            acc.check(a.source, f)
+            acc.fold(a.source, f, w)
+            del f
+        yield module, acc.result(total)
+        del acc

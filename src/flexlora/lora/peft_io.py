@@ -15,13 +15,13 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -32,9 +32,11 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "AdapterMeta",
+    "AdapterReader",
     "LoadedAdapter",
     "factors_from_state_dict",
     "load_adapter",
+    "open_adapter",
     "state_dict_from_factors",
     "write_adapter",
     "write_adapters_atomically",
@@ -105,12 +107,10 @@ def _module_name(key_module: str) -> str:
     return key_module[len(PEFT_PREFIX) :] if key_module.startswith(PEFT_PREFIX) else key_module
 
 
-def factors_from_state_dict(
-    state: Mapping[str, Tensor], meta: AdapterMeta, source: str
-) -> dict[str, LoRAFactors]:
-    """Group a PEFT LoRA state dict into factors per module, checking shapes and ranks."""
-    parts: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in state.items():
+def group_keys(keys: Iterable[str], source: str) -> dict[str, dict[str, str]]:
+    """PEFT keys grouped per module: module -> {"A": key, "B": key}; other keys are errors."""
+    parts: dict[str, dict[str, str]] = {}
+    for key in keys:
         match = _KEY.match(key)
         if match is None:
             raise InvalidUpdateError(
@@ -124,45 +124,65 @@ def factors_from_state_dict(
         slot = parts.setdefault(module, {})
         if match["which"] in slot:
             raise InvalidUpdateError(source, module, "duplicate", f"two lora_{match['which']}")
-        slot[match["which"]] = tensor
+        slot[match["which"]] = key
     if not parts:
         raise InvalidUpdateError(source, None, "empty", "the adapter holds no LoRA weights")
-    out: dict[str, LoRAFactors] = {}
     for module, slot in parts.items():
         for which in "AB":
             if which not in slot:
                 raise InvalidUpdateError(source, module, "missing_factor", f"no lora_{which}")
-        A, B = slot["A"], slot["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise InvalidUpdateError(
-                source,
-                module,
-                "shape",
-                f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, n) and (m, r)",
-            )
-        declared = meta.rank_for(module)
-        if A.shape[0] != declared:
-            raise InvalidUpdateError(
-                source,
-                module,
-                "rank",
-                f"tensors have rank {A.shape[0]} but {ADAPTER_CONFIG} declares r={declared}",
-            )
-        for which, t in (("A", A), ("B", B)):
-            if not t.dtype.is_floating_point:
-                raise InvalidUpdateError(source, module, "dtype", f"lora_{which} is {t.dtype}")
-            if not bool(torch.isfinite(t).all()):
-                raise InvalidUpdateError(
-                    source, module, "nonfinite", f"lora_{which} holds NaN or Inf values"
-                )
-        out[module] = LoRAFactors(
-            A=A, B=B, alpha=meta.alpha_for(module), use_rslora=meta.use_rslora
+    return parts
+
+
+def check_pair_shapes(
+    source: str, module: str, a: Sequence[int], b: Sequence[int], meta: AdapterMeta
+) -> None:
+    """lora_A (r, n) and lora_B (m, r) shapes, and r as the config declares."""
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        raise InvalidUpdateError(
+            source,
+            module,
+            "shape",
+            f"lora_A {tuple(a)} and lora_B {tuple(b)} are not (r, n) and (m, r)",
         )
+    declared = meta.rank_for(module)
+    if a[0] != declared:
+        raise InvalidUpdateError(
+            source,
+            module,
+            "rank",
+            f"tensors have rank {a[0]} but {ADAPTER_CONFIG} declares r={declared}",
+        )
+
+
+def checked_factors(
+    source: str, module: str, A: Tensor, B: Tensor, meta: AdapterMeta
+) -> LoRAFactors:
+    """One module's factors after the value checks (float dtype, finite)."""
+    for which, t in (("A", A), ("B", B)):
+        if not t.dtype.is_floating_point:
+            raise InvalidUpdateError(source, module, "dtype", f"lora_{which} is {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidUpdateError(
+                source, module, "nonfinite", f"lora_{which} holds NaN or Inf values"
+            )
+    return LoRAFactors(A=A, B=B, alpha=meta.alpha_for(module), use_rslora=meta.use_rslora)
+
+
+def factors_from_state_dict(
+    state: Mapping[str, Tensor], meta: AdapterMeta, source: str
+) -> dict[str, LoRAFactors]:
+    """Group a PEFT LoRA state dict into factors per module, checking shapes and ranks."""
+    out: dict[str, LoRAFactors] = {}
+    for module, keys in group_keys(state, source).items():
+        A, B = state[keys["A"]], state[keys["B"]]
+        check_pair_shapes(source, module, A.shape, B.shape, meta)
+        out[module] = checked_factors(source, module, A, B, meta)
     return out
 
 
-def load_adapter(folder: str | os.PathLike[str]) -> LoadedAdapter:
-    """Read a PEFT LoRA adapter folder (safetensors only) into factors per module."""
+def _open_folder(folder: str | os.PathLike[str]) -> tuple[str, Path, AdapterMeta]:
+    """(source, weights file, meta) of an adapter folder, after the folder and config checks."""
     path = Path(folder)
     source = str(folder)
     if not path.is_dir():
@@ -187,14 +207,73 @@ def load_adapter(folder: str | os.PathLike[str]) -> LoadedAdapter:
         ) from None
     if not isinstance(cfg, dict):
         raise InvalidUpdateError(source, None, "config", f"{ADAPTER_CONFIG} is not an object")
-    meta = AdapterMeta.from_json(cfg, source)
+    return source, weights_path, AdapterMeta.from_json(cfg, source)
+
+
+def _unreadable(source: str, exc: Exception) -> InvalidUpdateError:
+    return InvalidUpdateError(
+        source, None, "unreadable", f"{ADAPTER_WEIGHTS} cannot be read: {exc}"
+    )
+
+
+_READ_ERRORS = (OSError, SafetensorError, ValueError, RuntimeError)
+
+
+def load_adapter(folder: str | os.PathLike[str]) -> LoadedAdapter:
+    """Read a PEFT LoRA adapter folder (safetensors only) into factors per module."""
+    source, weights_path, meta = _open_folder(folder)
     try:
         state = load_file(str(weights_path))
-    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
-        raise InvalidUpdateError(
-            source, None, "unreadable", f"{ADAPTER_WEIGHTS} cannot be read: {exc}"
-        ) from None
+    except _READ_ERRORS as exc:
+        raise _unreadable(source, exc) from None
     return LoadedAdapter(source, meta, factors_from_state_dict(state, meta, source))
+
+
+@dataclass(frozen=True)
+class AdapterReader:
+    """An adapter folder opened for reading one module at a time (safetensors ``safe_open``).
+
+    Holds only the config and the file's header (keys, shapes): :meth:`factors` reads one
+    module's two tensors when asked, so a server aggregating module by module holds one
+    module of each client at most, never whole adapters.
+    """
+
+    source: str
+    meta: AdapterMeta
+    path: Path
+    keys: Mapping[str, Mapping[str, str]]  # module -> {"A": key, "B": key}
+    shapes: Mapping[str, tuple[int, int]]  # module -> (m, n) of the adapted weight
+
+    def factors(self, module: str) -> LoRAFactors:
+        """The module's factors, value-checked (float dtype, finite)."""
+        keys = self.keys[module]
+        try:
+            with safe_open(str(self.path), framework="pt") as fh:
+                A, B = fh.get_tensor(keys["A"]), fh.get_tensor(keys["B"])
+        except _READ_ERRORS as exc:
+            raise _unreadable(self.source, exc) from None
+        return checked_factors(self.source, module, A, B, self.meta)
+
+
+def open_adapter(folder: str | os.PathLike[str]) -> AdapterReader:
+    """Open a PEFT LoRA adapter folder for :class:`AdapterReader` (reads no tensor data).
+
+    The structural checks of :func:`load_adapter` (keys, factor pairs, shapes, declared
+    ranks) run here from the header; the value checks when a module is read.
+    """
+    source, weights_path, meta = _open_folder(folder)
+    try:
+        with safe_open(str(weights_path), framework="pt") as fh:
+            shapes_of = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except _READ_ERRORS as exc:
+        raise _unreadable(source, exc) from None
+    keys = group_keys(shapes_of, source)
+    shapes: dict[str, tuple[int, int]] = {}
+    for module, pair in keys.items():
+        a, b = shapes_of[pair["A"]], shapes_of[pair["B"]]
+        check_pair_shapes(source, module, a, b, meta)
+        shapes[module] = (int(b[0]), int(a[1]))
+    return AdapterReader(source, meta, weights_path, keys, shapes)
 
 
 def state_dict_from_factors(
