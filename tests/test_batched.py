@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -336,3 +337,36 @@ def test_gpt2_conv1d_base_batched_equals_sequential_and_base_dropout_is_refused(
     for r1, r2 in zip(alone, together, strict=True):
         assert r1.steps == r2.steps
         assert_same(r2.factors, r1.factors, 1e-5)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (quant extra)"
+)
+def test_4bit_base_runs_its_own_forward_once_and_matches_sequential() -> None:
+    import bitsandbytes as bnb
+
+    from flexlora.models import load_model
+
+    cfg = load_config(
+        values={
+            "model": {
+                "name": "tiny-llama",
+                "quantization": "4bit",
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_compute_dtype": "float32",
+            }
+        }
+    )
+    model, tok = load_model(cfg.model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    shapes = target_linear_modules(model, TARGETS)
+    slot_ranks = {
+        slot: {m: (ra if ("q_" in m or "v_" in m) else rf) for m in shapes}
+        for slot, (ra, rf) in TYPES.items()
+    }
+    lora = LoRASettings(target_modules=TARGETS, dropout=0.0)
+    worker = ClientWorker(model, tok, lora, slot_ranks, TrainConfig(local_steps=2, batch_size=2))
+    jobs = jobs_for(worker, 3)
+    alone = [worker.train(j.client, j.slot, j.start, j.examples, j.seed) for j in jobs]
+    for (u1, _), (u2, _) in zip(alone, worker.train_many(jobs), strict=True):
+        assert_same(u2.factors, u1.factors, 1e-5)
