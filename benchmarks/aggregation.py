@@ -35,7 +35,14 @@ yardstick (the goal: ≤ 40 of them, ≈ 15 s on 2 quiet cores). ``max err@r`` i
 ``‖T_r − T*_r‖_F / ‖T*_r‖_F`` over layer 0's q_proj and down_proj (a float64 LAPACK SVD of
 each ΔW is the reference; all seven would take minutes).
 
-Usage: ``.venv/bin/python benchmarks/aggregation.py [--quick] [--seed N] [--repeat N] [--whole]``.
+A third part, **server memory** (``--server-memory``): peak RSS of ``flexlora aggregate`` (a
+fresh subprocess, ``ru_maxrss`` of the child) on a 2-layer LLaMA-7B slice (14 modules), clients
+of rank 128 written as PEFT folders in a temporary folder, for 8, 16 and 32 clients, output
+at rank 128. ``--old-src DIR`` also runs another checkout's ``src`` (e.g. from
+``git archive 618803c src | tar -x -C /tmp/old``) on the same folders: before and after.
+
+Usage: ``.venv/bin/python benchmarks/aggregation.py [--quick] [--seed N] [--repeat N] [--whole]
+[--only-whole] [--server-memory [--old-src DIR]]``.
 """
 
 from __future__ import annotations
@@ -234,11 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--whole", action="store_true", help="also the whole 7B adapter set")
     parser.add_argument("--only-whole", action="store_true", help="only the whole adapter set")
+    parser.add_argument("--server-memory", action="store_true", help="peak RSS of aggregate")
+    parser.add_argument("--old-src", help="another checkout's src/ to compare (--server-memory)")
+    parser.add_argument(
+        "--clients", default="8,16,32", help="client counts of --server-memory (comma-separated)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
         return 0
+    if args.server_memory:
+        counts = tuple(int(c) for c in args.clients.split(","))
+        return server_memory(args.quick, counts, args.old_src)
     if args.only_whole:
         return whole_set(args.quick, args.seed)
     status = per_module(args)
@@ -329,6 +344,74 @@ def whole_set(quick: bool, seed: int) -> int:
     met = times["new"] <= budget and worst <= GOAL_ERROR
     verdict = "not judged in --quick mode" if quick else ("met" if met else "NOT met")
     print(f"goal (<= 40 matmuls = {budget:.1f} s, err <= {GOAL_ERROR:g}): {verdict}")
+    return 0
+
+
+def write_clients(setup: Setup, tmp: Path, count: int, rank: int, layers: int) -> list[str]:
+    """``count`` PEFT adapter folders of ``rank`` on ``layers`` layers of ``setup``'s modules."""
+    from flexlora.lora.peft_io import write_adapter
+
+    folders = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(1_000 + i)
+        factors = {}
+        for layer in range(layers):
+            for module, (m, n) in setup.modules.items():
+                name = f"model.layers.{layer}.{module}"
+                A = torch.randn(rank, n, generator=g) / math.sqrt(n)  # (r, n)
+                B = torch.randn(m, rank, generator=g) * 1e-2  # (m, r)
+                factors[name] = LoRAFactors(A, B, setup.alpha)
+        folders.append(str(write_adapter(tmp / f"client-{i}", factors)))
+        del factors
+    return folders
+
+
+def aggregate_peak(folders: list[str], rank: int, out: Path, src: str | None) -> tuple[float, int]:
+    """(seconds, peak RSS bytes) of one ``flexlora aggregate`` subprocess."""
+    code = (
+        "import resource, sys, time; t = time.perf_counter(); "
+        "from flexlora.cli import main; rc = main(sys.argv[1:]); "
+        "print('SECONDS', time.perf_counter() - t); "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)"
+    )
+    argv = ["aggregate", *[a for f in folders for a in ("--client", f)]]
+    argv += ["--rank", str(rank), "--out", str(out)]
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = src
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"flexlora aggregate failed:\n{done.stderr[-2000:]}")
+    values = dict(line.split() for line in done.stdout.splitlines() if line[:4] in ("SECO", "PEAK"))
+    return float(values["SECONDS"]), int(values["PEAK"])
+
+
+def server_memory(quick: bool, counts: tuple[int, ...], old_src: str | None) -> int:
+    """Peak RSS of ``flexlora aggregate`` for 8, 16 and 32 clients (new, and old if given)."""
+    setup = QUICK if quick else LLAMA_7B
+    counts, rank = ((2, 4) if quick else counts), (4 if quick else 128)
+    print(
+        f"# flexlora aggregate, {setup.name} x 2 layers ({2 * len(setup.modules)} modules), "
+        f"rank-{rank} clients, output rank {rank}; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{'memory':<8} {'clients':>7} {'path':>5} {'seconds':>8} {'peak MiB':>9} {'input MiB':>9}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = write_clients(setup, Path(tmp), max(counts), rank, layers=2)
+        size = Path(folders[0], "adapter_model.safetensors").stat().st_size
+        for count in counts:
+            paths = [("new", None)] + ([("old", old_src)] if old_src else [])
+            for label, src in paths:
+                out = Path(tmp) / f"out-{label}-{count}"
+                seconds, peak = aggregate_peak(folders[:count], rank, out, src)
+                print(
+                    f"{'memory':<8} {count:>7} {label:>5} {seconds:>8.1f} {fmt_mib(peak):>9} "
+                    f"{fmt_mib(size * count):>9}"
+                )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 
