@@ -27,9 +27,13 @@ from tests.sim_helpers import make_dataset, tiny_config
 IDS = torch.tensor([[1, 40, 77, 90, 12, 33, 101, 7], [1, 5, 6, 9, 200, 150, 2, 3]])
 
 
-def coordinator(tmp_path: Path, strategy: str = "flexlora", **eval_keys) -> Coordinator:
+def coordinator(
+    tmp_path: Path, strategy: str = "flexlora", keep_rank: str = "max", **eval_keys
+) -> Coordinator:
     cfg = tiny_config(
-        str(tmp_path / "out"), federation={"strategy": strategy}, eval=dict(eval_keys)
+        str(tmp_path / "out"),
+        federation={"strategy": strategy, "keep_rank": keep_rank},
+        eval=dict(eval_keys),
     )
     model, _ = build_tiny_llama(seed=0)
     shapes = target_linear_modules(model, cfg.lora.target_modules)
@@ -88,7 +92,8 @@ def test_adapter_evaluation_equals_merged_weights_in_float32(tmp_path: Path, rul
 
 def test_global_rank_rules(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     top = coordinator(tmp_path).max_ranks()
-    state = global_state(coordinator(tmp_path))  # stores the sum of 4 clients' ranks
+    # keep_rank=all: the state stores the sum of 4 clients' ranks, more than any client gets
+    state = global_state(coordinator(tmp_path, keep_rank="all"))
     stored = {m: d.rank for m, d in state.modules.items()}
     assert all(stored[m] > top[m] for m in top)
     assert coordinator(tmp_path, global_rank="max").eval_ranks(state) == top
@@ -97,8 +102,11 @@ def test_global_rank_rules(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     big = coordinator(tmp_path, global_rank=10_000).eval_ranks(state)
     assert big == stored and "hold fewer components" in caplog.text
     assert set(coordinator(tmp_path, global_rank="5").eval_ranks(state).values()) == {5}
+    # the default keep_rank=max state holds exactly the top rank: "full" is then "max"
+    capped = global_state(coordinator(tmp_path))
+    assert coordinator(tmp_path, global_rank="full").eval_ranks(capped) == top
     # the max rule is the top exported adapter, factor for factor
-    server = coordinator(tmp_path)
+    server = coordinator(tmp_path, keep_rank="all")
     exported = server.export_factors(state)["rank-8"]
     for name, f in server.eval_factors(state).items():
         assert torch.equal(f.A, exported[name].A) and torch.equal(f.B, exported[name].B)
