@@ -209,6 +209,44 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="memory a run needs on each client and on the server, before loading anything",
+        description=(
+            "Estimate the memory of every rank type's client (base weights at the chosen dtype "
+            "or quantization, adapter, gradients, optimizer, activations with and without "
+            "gradient checkpointing) and of the server, from the model's config on the meta "
+            "device: no weight is loaded or downloaded."
+        ),
+    )
+    p.add_argument("config", nargs="?", default=None, help="TOML config file")
+    p.add_argument(
+        "--device-memory",
+        default=None,
+        metavar="SIZE",
+        help="a device's memory (24GiB, 80GB): say which rank types fit",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="dotted.key=value",
+        help="override any config key, as for run; repeat",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from flexlora.config import load_config
+        from flexlora.plan import format_plan, parse_size
+
+        cfg = load_config(args.config, args.set)
+        size = parse_size(args.device_memory) if args.device_memory else None
+        print(format_plan(cfg, size))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     from flexlora.data.cli import add_data_command  # the loader is imported when it runs
 
@@ -232,6 +270,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_run,
     _add_resume,
     _add_report,
+    _add_plan,
     _add_data,
     _add_bench,
     _add_eval,

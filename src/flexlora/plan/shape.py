@@ -1,0 +1,132 @@
+"""A model's shape for the memory planner, read from its config on the meta device.
+
+No weight is ever allocated: the config is read (a ``config.json``, a folder, a hub id's
+config only, or a GGUF file's metadata) and the model is built with
+``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``, which gives every
+module's class and shape, so an 8B model is planned on a laptop in a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+from flexlora.errors import UsageError
+from flexlora.models.gguf import SMOLLM2, SMOLLM2_DIRNAME, SMOLLM2_GGUF, cache_dir
+from flexlora.models.targets import layer_shape, target_linear_modules
+from flexlora.models.tiny import TINY_LLAMA, tiny_config
+
+__all__ = ["ModelShape", "model_config", "model_shape"]
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs to know about a causal LM."""
+
+    architecture: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    gated_mlp: bool
+    params: int  # unique parameters (tied embeddings counted once)
+    quantizable: dict[str, tuple[int, int]]  # linears bitsandbytes would quantize: (m, n)
+    targets: dict[str, tuple[int, int]]  # the adapted modules: (m, n)
+    checkpoint_dtype: str  # the config's own dtype (what model.dtype = "auto" loads)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    @property
+    def quantizable_params(self) -> int:
+        return sum(m * n for m, n in self.quantizable.values())
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """The config of ``model.name`` without loading any weight."""
+    key = name.strip().lower()
+    if key == TINY_LLAMA:
+        return tiny_config()
+    if key == SMOLLM2:
+        folder = cache_dir() / "models" / SMOLLM2_DIRNAME
+        if (folder / "config.json").is_file():
+            return AutoConfig.from_pretrained(folder)
+        from flexlora.models.gguf import find_smollm2_gguf
+
+        gguf = find_smollm2_gguf()
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=SMOLLM2_GGUF)
+    path = Path(name).expanduser()
+    try:
+        if key.endswith(".gguf"):
+            if not path.is_file():
+                raise UsageError(f"GGUF file {name!r} does not exist")
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if path.is_file():  # a config.json
+            return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(name)  # a folder, or a hub id (its config only)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not read the config of model {name!r}: {exc}") from exc
+
+
+def model_shape(name: str, target_modules: list[str]) -> ModelShape:
+    """Build the model on the meta device and read its shape (no weight is allocated)."""
+    config = model_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert all(p.is_meta for p in model.parameters())
+    skip = _not_quantized(model)
+    quantizable = {
+        n: layer_shape(m)
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D))
+        and not any(n == k or n.startswith(k + ".") for k in skip)
+    }
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = _first(c, "hidden_size", "n_embd", "d_model")
+    heads = _first(c, "num_attention_heads", "n_head")
+    names = {n.rsplit(".", 1)[-1] for n in quantizable}
+    dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None) or "float32"
+    return ModelShape(
+        architecture=type(model).__name__,
+        hidden=hidden,
+        layers=_first(c, "num_hidden_layers", "n_layer", "num_layers"),
+        intermediate=_first(c, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        heads=heads,
+        kv_heads=_first(c, "num_key_value_heads", default=heads),
+        vocab=_first(c, "vocab_size"),
+        gated_mlp=bool(names & {"gate_proj", "gate_up_proj", "w1", "w3"}),
+        params=int(params),
+        quantizable=quantizable,
+        targets=target_linear_modules(model, target_modules),
+        checkpoint_dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def _not_quantized(model: Any) -> list[str]:
+    """The modules bitsandbytes leaves alone (the output head and tied weights)."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # older transformers
+        return ["lm_head"]
+    return list(get_keys_to_not_convert(model))
+
+
+def _first(config: Any, *names: str, default: int | None = None) -> int:
+    for n in names:
+        value = getattr(config, n, None)
+        if value:
+            return int(value)
+    if default is None:
+        raise UsageError(f"model config {type(config).__name__} has none of {names}")
+    return int(default)

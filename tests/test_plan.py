@@ -1,0 +1,165 @@
+"""`flexlora plan`: an 8B config planned on the meta device, sizes by hand, and the estimate
+against the measured peak of a real (small) client."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flexlora.cli import main
+from flexlora.config import load_config
+from flexlora.errors import UsageError
+from flexlora.models import build_tiny_llama
+from flexlora.plan import (
+    base_weight_bytes,
+    client_memory,
+    model_shape,
+    parse_size,
+    server_memory,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture
+def llama_8b(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    return tmp_path
+
+
+def test_plan_of_an_8b_config_allocates_no_weights(
+    llama_8b: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rss = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    shape = model_shape(str(llama_8b), ["q_proj", "v_proj", "up_proj", "down_proj"])
+    assert time.perf_counter() - start < 20
+    assert psutil.Process().memory_info().rss - rss < 300 * 2**20  # 8B weights: 16 GB in bf16
+    assert shape.params == 8_030_261_248  # LLaMA-3-8B's count
+    assert len(shape.targets) == 4 * 32 and shape.kv_dim == 1024
+    assert "lm_head" not in shape.quantizable and len(shape.quantizable) == 7 * 32
+
+    cfg = load_config(values={"model": {"name": str(llama_8b), "dtype": "bfloat16"}})
+    assert base_weight_bytes(shape, cfg) == 2 * shape.params
+    q = shape.quantizable_params
+    cfg4 = load_config(values={"model": {"name": str(llama_8b), "quantization": "4bit"}})
+    # NF4: half a byte a weight, 8-bit absmax per 64 and a float32 per 256 of those; the rest
+    # (embeddings, norms, lm_head) is float32 after the k-bit preparation
+    assert base_weight_bytes(shape, cfg4) == int(q / 2 + q / 64 + 4 * q / 64 / 256) + 4 * (
+        shape.params - q
+    )
+
+    code = main(
+        [
+            "plan",
+            "--set",
+            f"model.name={str(llama_8b)!r}",
+            "--set",
+            "model.quantization='4bit'",
+            "--device-memory",
+            "24GiB",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "8.030 B parameters" in out and "fits 24.00 GiB" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"8", "30", "30-200", "200"} <= rows.keys()
+    assert rows["8"].rstrip(" |").endswith("yes")
+    assert "state (U, S, Vh float32)" in out
+
+
+def test_activations_and_fit_follow_checkpointing_and_batch(llama_8b: Path) -> None:
+    shape = model_shape(str(llama_8b), ["q_proj", "v_proj"])
+    small = load_config(values={"model": {"name": str(llama_8b)}})
+    big = load_config(values={"model": {"name": str(llama_8b)}, "train": {"batch_size": 8}})
+    (a,) = [c for c in client_memory(shape, small) if c.rank_type == "8"]
+    (b,) = [c for c in client_memory(shape, big) if c.rank_type == "8"]
+    assert b.activations == 2 * a.activations  # linear in tokens
+    assert a.activations_checkpointed < a.activations / 3  # the logits stay
+    assert a.total(True) < a.total(False) and a.gradients == a.adapter
+    assert a.optimizer == 2 * a.adapter  # AdamW's two float32 moments
+
+
+def test_server_state_is_capped_at_the_largest_client_rank() -> None:
+    cfg = load_config(
+        values={
+            "model": {"name": "tiny-llama"},
+            "lora": {"target_modules": ["q_proj", "up_proj"]},
+            "federation": {"rank_types": {"a": [2, 4], "b": [8, 100]}, "clients_per_round": 3},
+        }
+    )
+    shape = model_shape("tiny-llama", ["q_proj", "up_proj"])
+    server = server_memory(shape, cfg)
+    # q_proj (64, 64): k = 8; up_proj (128, 64): k = min(100, 64) = 64
+    assert set(server.keep_rank.values()) == {8, 64}
+    per_layer = 8 * (64 + 64 + 1) + 64 * (128 + 64 + 1)
+    assert server.state == 4 * 2 * per_layer
+    # stacks of 3 clients (3 * 8 * 128 < 64 * 64) vs the dense sum (3 * 100 * 192 > 128 * 64)
+    assert server.accumulators == 4 * 2 * (3 * 8 * 128 + 128 * 64)
+
+
+def test_parse_size() -> None:
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("80 GB") == 80 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    with pytest.raises(UsageError, match="not a size"):
+        parse_size("lots")
+
+
+def test_estimate_is_close_to_the_measured_peak_of_a_small_client(tmp_path: Path) -> None:
+    """A 4-layer LLaMA, 2,048 tokens a micro-batch: peak RSS of one client's training."""
+    model, tokenizer = build_tiny_llama(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4
+    )
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "plan_check.py"),
+            "--steps",
+            "2",
+            "--set",
+            f"model.name={str(tmp_path / 'm')!r}",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "train.cutoff_len=256",
+            "--set",
+            "model.device='cpu'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ratio = float(re.search(r"estimate / measured: ([0-9.]+)", done.stdout).group(1))
+    assert 0.7 <= ratio <= 1.3, done.stdout
