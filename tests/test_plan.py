@@ -163,3 +163,16 @@ def test_estimate_is_close_to_the_measured_peak_of_a_small_client(tmp_path: Path
     assert done.returncode == 0, done.stderr[-2000:]
     ratio = float(re.search(r"estimate / measured: ([0-9.]+)", done.stdout).group(1))
     assert 0.7 <= ratio <= 1.3, done.stdout
+
+
+def test_server_keep_rank_all_and_a_number() -> None:
+    shape = model_shape("tiny-llama", ["q_proj"])
+    for keep, k in (("all", 64), (5, 5)):
+        cfg = load_config(
+            values={
+                "model": {"name": "tiny-llama"},
+                "lora": {"target_modules": ["q_proj"]},
+                "federation": {"keep_rank": keep},
+            }
+        )
+        assert set(server_memory(shape, cfg).keep_rank.values()) == {k}

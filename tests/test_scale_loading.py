@@ -79,9 +79,7 @@ def test_bf16_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
 def test_4bit_nf4_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    # TODO(issue 11 part 2): evaluate too once evaluation goes through adapters (today it
-    # writes ΔW into the frozen weights, which a 4-bit layer cannot take)
-    evaluate = False
+    evaluate = True  # through an evaluation adapter: nothing is written into 4-bit weights
     cfg = tiny_config(
         str(tmp_path / "run"),
         model={
@@ -100,7 +98,8 @@ def test_4bit_nf4_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
     assert q.compute_dtype == torch.bfloat16
     assert target_linear_modules(model, ["q_proj"])["model.layers.0.self_attn.q_proj"] == (64, 64)
     quantized = [m for m in model.modules() if hasattr(m, "quant_state")]
-    packed = [m.weight.detach().clone() for m in quantized]  # (numel / 2, 1) uint8 each
+    # state_dict: bitsandbytes repacks 4-bit weights for its CPU inference kernel (reversibly)
+    packed = [m.state_dict()["weight"].clone() for m in quantized]  # (numel / 2, 1) uint8
     sim = FederatedRun(
         cfg,
         dataset=make_dataset(n_seen=4, n_unseen=1, per_client=6),
@@ -112,7 +111,8 @@ def test_4bit_nf4_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
     # k-bit preparation: what is not quantized is float32, as QLoRA trains
     assert sim.worker.host.model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
     assert len(quantized) == 14  # 2 layers x 7 projections; lm_head stays unquantized
-    assert all(torch.equal(p, m.weight) for p, m in zip(packed, quantized, strict=True))
+    after = [m.state_dict()["weight"] for m in quantized]
+    assert all(torch.equal(p, a) for p, a in zip(packed, after, strict=True))  # untouched
     _check_run(sim, rows, tmp_path, evaluate)
 
 

@@ -117,8 +117,8 @@ def format_plan(cfg: RunConfig, device_memory: int | None = None) -> str:
     fed = cfg.federation
     lines += [
         "",
-        f"server memory ({s_name}; {fed.strategy}, keep_rank = the largest rank a client "
-        f"receives per module, up to {max(server.keep_rank.values())}; "
+        f"server memory ({s_name}; {fed.strategy}, keep_rank = {fed.keep_rank}: up to "
+        f"{max(server.keep_rank.values())} singular triplets a module; "
         f"{fed.clients_per_round} clients a round):",
     ]
     lines += markdown_table(

@@ -217,16 +217,18 @@ def client_memory(shape: ModelShape, cfg: RunConfig) -> list[ClientMemory]:
 
 
 def server_memory(shape: ModelShape, cfg: RunConfig) -> ServerMemory:
-    """FlexLoRA's server: the state at ``keep_rank`` (the largest rank any client receives,
-    per module), and per module the cheaper of the round's factor stacks and a dense sum."""
+    """FlexLoRA's server: the state at ``federation.keep_rank`` (``max``: the largest rank any
+    client receives, per module; ``all``: min(m, n); or a number), and per module the cheaper
+    of the round's factor stacks and a dense sum."""
     ranks_by_type = slot_ranks(shape, cfg)
-    keep_all = str(getattr(cfg.federation, "keep_rank", "max")) == "all"
+    keep_rank = getattr(cfg.federation, "keep_rank", "max")
     clients = cfg.federation.clients_per_round
     keep: dict[str, int] = {}
     state = accumulators = 0
     for name, (m, n) in shape.targets.items():
         r_max = max(r[name] for r in ranks_by_type.values())
-        k = min(m, n) if keep_all else min(r_max, m, n)
+        cap = {"all": min(m, n), "max": r_max}.get(keep_rank, keep_rank)  # type: ignore[arg-type]
+        k = min(int(cap), m, n)
         keep[name] = k
         state += F32 * k * (m + n + 1)  # U (m, k), S (k), Vh (k, n)
         accumulators += F32 * min(clients * r_max * (m + n), m * n)
