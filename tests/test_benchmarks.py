@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +64,33 @@ def test_gpu_throughput_benchmark_exits_cleanly_without_cuda() -> None:
         pytest.skip("a GPU is present: the benchmark would run for real")
     done = run_script("gpu_throughput.py", timeout=120)
     assert "CUDA is not available: nothing measured" in done.stdout
+
+
+def test_gpu_check_tiny_mode_runs_a_bf16_and_a_4bit_round_on_the_cpu() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| client-")]
+    kinds = ["(none)", "(4bit)"] if importlib.util.find_spec("bitsandbytes") else ["(none)"]
+    assert len(rows) == 4 * len(kinds) and all(any(k in r for k in kinds) for r in rows)
+    assert all(float(r.split("|")[2].replace(",", "")) > 0 for r in rows)  # tokens/s
+    assert done.stdout.count("| server step") == len(kinds)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_without_cuda_says_so_and_exits_cleanly() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0 and "no CUDA device" in done.stdout
