@@ -6,7 +6,9 @@ clients of mixed rank types (8, 30, 30/200, 200) each train a few steps through 
 ``Coordinator`` and ``ClientWorker``, then the server step aggregates them. The round runs
 twice: on a bf16 base and on a 4-bit NF4 base (bitsandbytes; skipped with a message if it does
 not import). It prints tokens/s and peak GPU memory per client
-(``torch.cuda.max_memory_allocated``, reset per client) and the server step's seconds.
+(``torch.cuda.max_memory_allocated``, reset per client) and the server step's seconds. Then it
+runs ``gpu_throughput.py``'s comparison: K = 1 and 8 SmolLM2-shaped clients trained one at a
+time and together in one batched pass (issue 12).
 
     python benchmarks/gpu_check.py            # CUDA; target < 5 minutes on one H200
     python benchmarks/gpu_check.py --tiny     # the same code path on the CPU, a tiny model
@@ -19,6 +21,7 @@ import importlib.util
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,20 +152,29 @@ def one_round(folder: str, cfg: RunConfig) -> list[dict[str, Any]]:
             "seconds": time.perf_counter() - t0,
         }
     )
-    rows += batched_comparison(worker, server, cfg)
     del worker, model
     if cuda:
         torch.cuda.empty_cache()
     return rows
 
 
-# ---- hook for issue 12 (throughput): a K-clients-batched comparison --------------------------
-def batched_comparison(worker: ClientWorker, server: Coordinator, cfg: RunConfig) -> list[dict]:
-    """Rows comparing K clients trained in one batched pass with the sequential ones above.
+# ---- issue 12 (throughput): K clients in one batched pass vs one at a time --------------------
+def batched_comparison(tiny: bool) -> int:
+    """Run benchmarks/gpu_throughput.py in this process: K = 1 and 8 SmolLM2-shaped clients.
 
-    Left empty here: the throughput work (issue 12) adds it, on the same model and clients.
+    On the GPU: the 30-layer SmolLM2-135M shapes, bf16 autocast, 8 steps of 4 x 128 tokens
+    (goal >= 3x for K = 8). With ``--tiny``: 2 layers on the CPU, only to keep the path alive.
     """
-    return []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_throughput
+
+    if tiny:
+        argv = ["--device", "cpu", "--layers", "2", "--ks", "1", "2", "--steps", "1"]
+        argv += ["--batch", "2", "--cutoff", "16", "--reps", "1"]
+    else:
+        argv = ["--ks", "1", "8", "--precision", "bf16", "--reps", "2"]
+    print("\n== batched clients (train.parallel_clients): K together vs one at a time")
+    return gpu_throughput.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| what | tokens/s | peak GPU GiB | seconds |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['what']} | {r['tokens/s']:,.0f} | {r['peak GiB']:.2f} | {r['seconds']:.2f} |")
+    batched_comparison(args.tiny)
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -50,7 +50,7 @@ def random_examples(n: int, length: int, vocab: int, seed: int) -> list[Tokenize
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ks", type=int, nargs="+", default=[8], help="clients trained together")
     p.add_argument("--steps", type=int, default=8)
@@ -61,7 +61,7 @@ def main() -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script only")
     p.add_argument("--layers", type=int, default=30, help="fewer layers for a smoke test")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available: nothing measured (this benchmark needs a GPU)")

@@ -81,6 +81,7 @@ def test_gpu_check_tiny_mode_runs_a_bf16_and_a_4bit_round_on_the_cpu() -> None:
     assert len(rows) == 4 * len(kinds) and all(any(k in r for k in kinds) for r in rows)
     assert all(float(r.split("|")[2].replace(",", "")) > 0 for r in rows)  # tokens/s
     assert done.stdout.count("| server step") == len(kinds)
+    assert "batched clients" in done.stdout and "goal: >= 3x for K=8" in done.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
