@@ -80,9 +80,9 @@ class FlexLoRAModule(ModuleAccumulator):
         if self.delta is None:
             B = torch.cat(self.Bs, dim=1)  # (m, R)
             A = torch.cat(self.As, dim=0)  # (R, n)
-            if self.total_rank < min(m, n):
+            if keep is not None and keep < self.total_rank < min(m, n):
                 U, S, Vh = gram_svd(B, A, keep)  # only the kept triplets are formed
-            else:  # svd="factored" past min(m, n)
+            else:  # every triplet is kept: Householder QR and a float32 core SVD are cheaper
                 U, S, Vh = factored_svd(B, A)
         elif self.method == "randomized":
             U, S, Vh = randomized_svd(
