@@ -104,13 +104,7 @@ class ClientWorker:
             train_A=train_A,
             client=client,
         )
-        update = ClientUpdate(
-            client_id=client,
-            num_examples=len(examples),
-            factors=result.factors,
-            metrics={"train_loss": result.train_loss, "tokens": float(result.tokens)},
-        )
-        return update, result
+        return _update(client, len(examples), result), result
 
     def check(self, job: ClientJob) -> None:
         """Raise if ``job`` cannot train: no examples, or start factors that miss its slot."""
@@ -135,16 +129,7 @@ class ClientWorker:
         ]
         results = train_many(self.host, tokenized, self.train_cfg, self.pad_id, train_A=train_A)
         return [
-            (
-                ClientUpdate(
-                    client_id=j.client,
-                    num_examples=len(j.examples),
-                    factors=r.factors,
-                    metrics={"train_loss": r.train_loss, "tokens": float(r.tokens)},
-                ),
-                r,
-            )
-            for j, r in zip(jobs, results, strict=True)
+            (_update(j.client, len(j.examples), r), r) for j, r in zip(jobs, results, strict=True)
         ]
 
     def train_sparse(
@@ -221,3 +206,13 @@ class ClientWorker:
                 if results:
                     out[f"rouge_l_{kind}"] = float(weighted_mean(results))
         return out
+
+
+def _update(client: str, num_examples: int, result: LocalResult) -> ClientUpdate:
+    """The reply of one client's local LoRA training (sequential or batched alike)."""
+    return ClientUpdate(
+        client_id=client,
+        num_examples=num_examples,
+        factors=result.factors,
+        metrics={"train_loss": result.train_loss, "tokens": float(result.tokens)},
+    )
