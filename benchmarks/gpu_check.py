@@ -21,6 +21,7 @@ import importlib.util
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexlora.config import RunConfig, load_config
 from flexlora.data.types import Example
-from flexlora.models import build_byte_tokenizer, load_base_model, target_linear_modules
+from flexlora.models import build_byte_tokenizer, load_model, target_linear_modules
 from flexlora.server import Coordinator
 from flexlora.training.worker import ClientWorker
 
@@ -107,14 +108,8 @@ def run_config(args: argparse.Namespace, quantization: str) -> RunConfig:
 def one_round(folder: str, cfg: RunConfig) -> list[dict[str, Any]]:
     """One round of four clients, one per rank type; a row per client and one for the server."""
     cuda = torch.device(cfg.model.device).type == "cuda"
-    mc = cfg.model
-    model, tokenizer = load_base_model(
-        folder,
-        mc.dtype,
-        mc.device,
-        quantization=mc.quantization,
-        bnb_4bit_compute_dtype=mc.bnb_4bit_compute_dtype,
-    )
+    mc = replace(cfg.model, name=folder)
+    model, tokenizer = load_model(mc)  # every [model] setting, as a run loads it
     shapes = target_linear_modules(model, cfg.lora.target_modules)
     clients = {f"client-{t}": t for t in RANK_TYPES}
     server = Coordinator(cfg, shapes, clients)
