@@ -334,20 +334,40 @@ def test_a_killed_server_app_resumes_from_its_checkpoint_like_an_uninterrupted_r
     assert_same_outputs(tmp_path / "killed", tmp_path / "whole")
 
 
+#: SLoRA with a stage-1 density per rank type (nested masks, a union sent to every node)
+TYPED_DENSITY = {"2": 0.02, "4": 0.05, "2-8": 0.1, "8": 0.2}
+
+
 @pytest.mark.parametrize(
-    "strategy", ["flora", "fedit-min", "hetlora", "ffa", "fedex", "fedsa", "slora+flexlora"]
+    ("strategy", "density"),
+    [
+        ("flora", None),
+        ("fedit-min", None),
+        ("hetlora", None),
+        ("ffa", None),
+        ("fedex", None),
+        ("fedsa", None),
+        ("fedavg+flexlora", None),
+        ("slora+flexlora", None),
+        ("slora+flexlora", TYPED_DENSITY),
+    ],
+    ids=lambda v: "per-type" if isinstance(v, dict) else ("" if v is None else v),
 )
 def test_every_strategy_trains_on_flower_as_in_the_simulator(
-    job, tmp_path: Path, strategy: str
+    job, tmp_path: Path, strategy: str, density: dict[str, float] | None
 ) -> None:
     """FLoRA (its nodes merge the global ΔW), FedIT held to one rank, HetLoRA, FFA-LoRA,
     FedEx-LoRA (its nodes hold the residual in their frozen weights), FedSA-LoRA (its nodes
-    keep their own B on disk) and SLoRA + FlexLoRA (a sparse first round, then mixed-rank LoRA
+    keep their own B on disk), FedAvg + FlexLoRA (its nodes train with SGD) and SLoRA +
+    FlexLoRA (a sparse first round, one density or one per rank type, then mixed-rank LoRA
     from its SVD)."""
     cfg, _values, runtime = job
+    fed: dict[str, object] = {"clients_per_round": 2, "strategy": strategy}
+    if density is not None:
+        fed.update(slora_density=density, clients_per_round=4)  # mixed types in round 1
     small = {
         "eval": {"at_start": False, "unseen": False},
-        "federation": {"clients_per_round": 2, "strategy": strategy},
+        "federation": fed,
         "output": {"save_adapters": False},
     }
     sim_cfg = toy_config(tmp_path / "sim", Path(cfg.data.path), **small)
@@ -359,6 +379,10 @@ def test_every_strategy_trains_on_flower_as_in_the_simulator(
     sim_rows = strip_timings(read_rows(tmp_path / "sim"))
     assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
     assert all(r["aggregated"] for r in sim_rows)
+    if density is not None:  # some node sent only its own type's share of the union mask
+        first = sim_rows[0]
+        assert first["stage"] == "sparse"
+        assert first["bytes_up"] < 4 * first["sparse_nnz"] * len(first["aggregated"])
     got = load_checkpoint(tmp_path / "flower" / "checkpoint").global_update
     want = load_checkpoint(tmp_path / "sim" / "checkpoint").global_update
     assert got is not None and want is not None

@@ -12,7 +12,9 @@ import pytest
 from flexlora.bench.paper_grid import grid_cell, paper_grid_section
 from flexlora.bench.presets import PAPER_GRID, PRESETS
 from flexlora.bench.runner import MARKER, RunKey, run_bench
+from flexlora.bench.settings import config_changes, config_json, run_configs
 from flexlora.bench.stats import paired_t_test
+from flexlora.errors import UsageError
 from flexlora.training.model import build_tiny_llama
 from tests.sim_helpers import make_dataset, tiny_config
 
@@ -71,7 +73,11 @@ def test_paper_grid_section_has_tables_2_3_and_11() -> None:
     assert paper_grid_section(finals, ["fedit+flexlora"], ["uniform"]) == []
 
 
-def test_a_small_grid_runs_copies_fedavg_from_fedit_and_writes_the_tables(tmp_path: Path) -> None:
+def test_a_small_grid_runs_fedavg_apart_copies_true_aliases_and_writes_the_tables(
+    tmp_path: Path,
+) -> None:
+    """FedAvg (SGD) and FedIT (AdamW) both run; ``flexlora`` (= fedit+flexlora) is copied;
+    SLoRA's sparse stage uses the reference code's density per rank type."""
     out = tmp_path / "grid"
     lines: list[str] = []
     base = tiny_config(
@@ -80,7 +86,7 @@ def test_a_small_grid_runs_copies_fedavg_from_fedit_and_writes_the_tables(tmp_pa
             "rounds": 2,
             "distribution": "heavy-tail-light",
             "rank_types": {"8": [2, 2], "30": [4, 4], "30-200": [4, 8], "200": [8, 8]},
-            "slora_density": 0.05,
+            "slora_density": "paper",
         },
         train={"local_steps": 1},
         eval={"every": 0, "max_examples_per_client": 1},
@@ -90,7 +96,7 @@ def test_a_small_grid_runs_copies_fedavg_from_fedit_and_writes_the_tables(tmp_pa
         return build_tiny_llama(seed=0)
 
     result = run_bench(
-        ["fedavg+flexlora", "fedit+flexlora", "slora+flexlora", "slora+homogeneous"],
+        ["fedavg+flexlora", "fedit+flexlora", "flexlora", "slora+flexlora", "slora+homogeneous"],
         ["heavy-tail-light"],
         [0],
         out,
@@ -99,22 +105,57 @@ def test_a_small_grid_runs_copies_fedavg_from_fedit_and_writes_the_tables(tmp_pa
         model_factory=model,
         echo=lines.append,
     )
-    for seed in (0,):
-        fedavg = RunKey(seed, "heavy-tail-light", "fedavg+flexlora")
-        fedit = RunKey(seed, "heavy-tail-light", "fedit+flexlora")
-        assert {result.status[fedavg], result.status[fedit]} == {"ran", "copied"}
-        a, b = fedavg.folder(out), fedit.folder(out)
-        assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-        copied = b if result.status[fedit] == "copied" else a
-        assert json.loads((copied / MARKER).read_text())["same_as"]
-        # SLoRA's first round is its sparse stage, counted as values only
-        key = RunKey(seed, "heavy-tail-light", "slora+flexlora")
-        rows = [json.loads(x) for x in (key.folder(out) / "metrics.jsonl").read_text().splitlines()]
-        first = next(r for r in rows if r["round"] == 1)
-        assert first["stage"] == "sparse"
-        assert first["bytes_up"] == 4 * first["sparse_nnz"] * len(first["aggregated"])
+    seed = 0
+    fedavg, fedit, alias = (
+        RunKey(seed, "heavy-tail-light", s)
+        for s in ("fedavg+flexlora", "fedit+flexlora", "flexlora")
+    )
+    assert result.status[fedavg] == "ran"
+    assert {result.status[fedit], result.status[alias]} == {"ran", "copied"}
+    copied = alias if result.status[alias] == "copied" else fedit
+    assert json.loads((copied.folder(out) / MARKER).read_text())["same_as"]
+    assert (fedit.folder(out) / "metrics.jsonl").read_text() == (
+        alias.folder(out) / "metrics.jsonl"
+    ).read_text()
+    done = {k: json.loads((k.folder(out) / MARKER).read_text()) for k in (fedavg, fedit)}
+    assert "same_as" not in done[fedavg]
+    assert done[fedavg]["config"]["train"]["optimizer"] == "sgd"
+    assert done[fedit]["config"]["train"]["optimizer"] == "adamw"
+
+    def rows(key: RunKey) -> list[dict[str, Any]]:
+        text = (key.folder(out) / "metrics.jsonl").read_text()
+        return [json.loads(x) for x in text.splitlines()]
+
+    # round 1's loss is measured before any step; round 2 starts from different global models
+    loss = {k: next(r for r in rows(k) if r["round"] == 2)["train_loss"] for k in (fedavg, fedit)}
+    assert loss[fedavg] != loss[fedit]
+    # SLoRA's first round is its sparse stage, counted as values only: each client is sent the
+    # whole union mask's values and sends back its own type's (no more than the union's)
+    first = next(
+        r for r in rows(RunKey(seed, "heavy-tail-light", "slora+flexlora")) if r["round"] == 1
+    )
+    assert first["stage"] == "sparse"
+    assert first["bytes_down"] == 4 * first["sparse_nnz"] * len(first["clients"])
+    assert 0 < first["bytes_up"] <= 4 * first["sparse_nnz"] * len(first["aggregated"])
     summary = result.summary
     assert "## The paper's grid (Table 2's form)" in summary
     for row in ("FedAvg + FlexLoRA", "FedIT + FlexLoRA", "SLoRA homogeneous rank"):
         assert f"| {row} | " in summary
     assert "| SLoRA | " in summary and "Table 11's form" in summary
+
+
+def test_a_fedavg_run_finished_with_adamw_is_not_taken_for_one_with_sgd(tmp_path: Path) -> None:
+    """DONE.json records the optimizer the clients used, so an old FedAvg run (a copy of FedIT,
+    AdamW) is refused by a repeated bench call instead of mixed with new SGD runs."""
+    base = tiny_config(str(tmp_path / "unused"))
+    keys = [RunKey(0, "uniform", "fedavg+flexlora"), RunKey(0, "uniform", "fedit+flexlora")]
+    configs = run_configs(base, keys, tmp_path)
+    now = {k.strategy: config_json(c) for k, c in configs.items()}
+    assert now["fedavg+flexlora"]["train"]["optimizer"] == "sgd"
+    assert now["fedit+flexlora"]["train"]["optimizer"] == "adamw"
+    old = json.loads(json.dumps(now["fedavg+flexlora"]))
+    old["train"]["optimizer"] = "adamw"
+    assert config_changes(old, now["fedavg+flexlora"]) == ["train.optimizer: 'adamw' -> 'sgd'"]
+    base.train.optimizer = "adamw"  # contradicts FedAvg: refused before anything runs
+    with pytest.raises(UsageError, match=r"write fedit\+flexlora"):
+        run_configs(base, keys, tmp_path)

@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from flexlora.config_io import apply_overrides, from_dict, load_toml, to_toml
 from flexlora.data.config import DataConfig
 from flexlora.errors import UsageError
+from flexlora.methods.compose import OPTIMIZERS, local_optimizer
 
 __all__ = [
     "PAPER_RANK_TYPES",
+    "PAPER_SLORA_DENSITIES",
     "EvalConfig",
     "FederationConfig",
     "LoRASettings",
@@ -29,6 +31,15 @@ __all__ = [
     "TrainConfig",
     "load_config",
 ]
+
+#: SLoRA's stage-1 density per paper rank type in the FlexLoRA reference code (``get_density``;
+#: 0.0012 for everyone at a homogeneous rank, which is rank 8 there).
+PAPER_SLORA_DENSITIES: dict[str, float] = {
+    "8": 0.0012,
+    "30": 0.0246,
+    "30-200": 0.0822,
+    "200": 0.1222,
+}
 
 #: The paper's four client resource types: (attention rank, feed-forward rank).
 PAPER_RANK_TYPES: dict[str, list[int]] = {
@@ -168,7 +179,11 @@ class TrainConfig:
     train_on_inputs: bool = _help(
         "also train on the prompt tokens (off: response only)", default=False
     )
-    optimizer: str = _help("adamw or sgd", default="adamw")
+    optimizer: str = _help(
+        "auto (the strategy's method decides: sgd for fedavg, adamw for fedit and slora, "
+        "adamw for the others), adamw or sgd; a value that contradicts the method is refused",
+        default="auto",
+    )
     lr: float = _help("learning rate", default=3e-4)
     lr_schedule: str = _help(
         "constant, linear or cosine decay over the local steps", default="constant"
@@ -196,8 +211,8 @@ class TrainConfig:
             raise UsageError(
                 f"train.parallel_clients must be an integer >= 1 or 'auto', got {pc!r}"
             )
-        if self.optimizer not in ("adamw", "sgd"):
-            raise UsageError(f"train.optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"train.optimizer must be auto, adamw or sgd, got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise UsageError(
                 f"train.lr_schedule must be constant/linear/cosine, got {self.lr_schedule!r}"
@@ -216,10 +231,10 @@ class TrainConfig:
 @dataclass
 class FederationConfig:
     strategy: str = _help(
-        "METHOD+AGGREGATION (method fedavg, fedit or slora; aggregation homogeneous, flexlora "
-        "or hetlora), or one of flexlora, fedit, hetlora, flora, ffa, fedex, fedsa, slora; "
-        "fedit-min / "
-        "fedit-max hold every client to the smallest / largest rank type",
+        "METHOD+AGGREGATION (method fedavg: local SGD, fedit: AdamW, or slora; aggregation "
+        "homogeneous, flexlora or hetlora), or one of flexlora, fedit, fedavg, hetlora, flora, "
+        "ffa, fedex, fedsa, slora; fedit-min / fedit-max hold every client to the smallest / "
+        "largest rank type",
         default="flexlora",
     )
     rounds: int = _help("communication rounds", default=3)
@@ -245,8 +260,11 @@ class FederationConfig:
     slora_rounds: int = _help(
         "slora: rounds of the sparse first stage (counted within rounds)", default=1
     )
-    slora_density: float = _help(
-        "slora: share of each adapted weight's entries the sparse stage trains", default=0.01
+    slora_density: float | dict[str, float] | str = _help(
+        "slora: share of each adapted weight's entries the sparse stage trains: one number "
+        "for every client, a table rank type -> number, or 'paper' (the FlexLoRA reference "
+        "code's: 8 -> 0.0012, 30 -> 0.0246, 30-200 -> 0.0822, 200 -> 0.1222)",
+        default=0.01,
     )
     svd: str = _help("flexlora decomposition: auto, factored, dense, randomized", default="auto")
     keep_rank: int | str = _help(
@@ -302,10 +320,7 @@ class FederationConfig:
             raise UsageError("federation.min_clients must be >= 1")
         if self.slora_rounds < 0:
             raise UsageError(f"federation.slora_rounds must be >= 0, got {self.slora_rounds}")
-        if not 0 < self.slora_density <= 1:
-            raise UsageError(
-                f"federation.slora_density must be in (0, 1], got {self.slora_density}"
-            )
+        self._check_slora_density()
         if isinstance(self.keep_rank, str) and self.keep_rank not in ("max", "all"):
             raise UsageError(
                 f"federation.keep_rank must be 'max', 'all' or a positive integer, "
@@ -322,6 +337,55 @@ class FederationConfig:
         for name in ("max_update_norm", "dp_clip", "dp_noise_multiplier", "client_timeout"):
             if getattr(self, name) < 0:
                 raise UsageError(f"federation.{name} must be >= 0")
+
+    def slora_densities(self, types: Sequence[str]) -> dict[str, float]:
+        """``slora_density`` resolved for each of ``types`` (rank type names)."""
+        d = self.slora_density
+        table = PAPER_SLORA_DENSITIES if d == "paper" else d
+        if isinstance(table, dict):
+            unknown = sorted(set(types) - set(table))
+            if unknown:
+                raise UsageError(
+                    f"federation.slora_density gives no density for rank type(s) "
+                    f"{', '.join(unknown)}"
+                )
+            return {t: float(table[t]) for t in types}
+        return dict.fromkeys(types, float(table))  # type: ignore[arg-type]
+
+    def _check_slora_density(self) -> None:
+        """A number in (0, 1], ``paper`` with the paper's type names, or a table of every type."""
+        d = self.slora_density
+        if isinstance(d, str):
+            if d != "paper":
+                raise UsageError(
+                    f"federation.slora_density: {d!r} is not a number, a table or 'paper'"
+                )
+            missing = sorted(set(self.rank_types) - set(PAPER_SLORA_DENSITIES))
+            if missing:
+                raise UsageError(
+                    "federation.slora_density = 'paper' gives the reference code's density of "
+                    f"the paper's rank types {', '.join(PAPER_SLORA_DENSITIES)}; rank type(s) "
+                    f"{', '.join(missing)} have none: give a table rank type -> density"
+                )
+            return
+        table = d if isinstance(d, dict) else {"": d}
+        if isinstance(d, dict):
+            unknown = sorted(set(d) - set(self.rank_types))
+            missing = sorted(set(self.rank_types) - set(d))
+            if unknown:
+                raise UsageError(
+                    f"federation.slora_density names rank type(s) {', '.join(unknown)} that "
+                    f"federation.rank_types does not define ({', '.join(self.rank_types)})"
+                )
+            if missing:
+                raise UsageError(
+                    f"federation.slora_density gives no density for rank type(s) "
+                    f"{', '.join(missing)}"
+                )
+        for name, value in table.items():
+            if not (math.isfinite(value) and 0 < value <= 1):
+                key = f"federation.slora_density.{name}" if name else "federation.slora_density"
+                raise UsageError(f"{key} must be in (0, 1], got {value}")
 
 
 @dataclass
@@ -394,6 +458,15 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def client_train(self) -> TrainConfig:
+        """``train`` as the clients use it: the optimizer resolved by the strategy's method.
+
+        Raises ``UsageError`` when ``train.optimizer`` contradicts the method (see
+        :func:`flexlora.methods.compose.local_optimizer`).
+        """
+        opt = local_optimizer(self.federation.strategy, self.train.optimizer)
+        return self.train if opt == self.train.optimizer else replace(self.train, optimizer=opt)
 
     def to_toml(self) -> str:
         return to_toml(self)

@@ -29,6 +29,8 @@ from flexlora.methods.slora import (
     SparseState,
     SparseUpdate,
     make_masks,
+    sub_masks,
+    sub_positions,
     svd_init,
     validate_sparse,
 )
@@ -165,6 +167,7 @@ class Coordinator:
         self.cfg = cfg
         fed = cfg.federation
         self.plan = plan_strategy(fed.strategy)
+        self.optimizer = cfg.client_train().optimizer  # refuses one the method contradicts
         self.shapes = dict(shapes)
         self.client_type = dict(client_types)
         used = sorted(set(self.client_type.values()), key=lambda t: sum(fed.rank_types[t]))
@@ -185,11 +188,18 @@ class Coordinator:
             use_rslora=cfg.lora.use_rslora,
         )
         self.dp = _client_dp(cfg, len(self.client_type))
+        #: SLoRA: the union of the types' masks (the global update's), each present type's
+        #: density and where its nested sub-masks sit in the union (None: all of it)
         self.masks: dict[str, SparseMask] | None = None
+        self.sparse_density: dict[str, float] = {}
+        self.type_positions: dict[str, dict[str, torch.Tensor] | None] = {}
         if self.plan.sparse_first:
             if fed.slora_rounds < 1:
                 raise UsageError(f"strategy {fed.strategy} needs federation.slora_rounds >= 1")
-            self.masks = make_masks(self.shapes, fed.slora_density, fed.seed)
+            self.sparse_density = fed.slora_densities(used)
+            self.masks = make_masks(self.shapes, self.union_density, fed.seed)
+            for t, d in self.sparse_density.items():
+                self.type_positions[t] = sub_positions(self.masks, d)
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -239,6 +249,25 @@ class Coordinator:
         return self.aggregator.initial_state(self.shapes, self.max_ranks(), self.generator("init"))
 
     # ------------------------------------------------------------------ SLoRA's sparse stage
+    @property
+    def union_density(self) -> float:
+        """The largest stage-1 density of the run's types: that of the union mask."""
+        return max(self.sparse_density.values())
+
+    def type_masks(self, rank_type: str) -> dict[str, SparseMask]:
+        """The entries a client of ``rank_type`` trains in stage 1: its nested sub-masks
+        (built on demand, O(nnz) each: the server keeps only their positions)."""
+        assert self.masks is not None
+        return sub_masks(self.masks, self.sparse_density[rank_type])
+
+    def sparse_masks_of(self, client: str) -> dict[str, SparseMask]:
+        """The entries ``client`` trains in stage 1 (its type's sub-masks)."""
+        return self.type_masks(self.client_type[client])
+
+    def sparse_positions_of(self, client: str) -> dict[str, torch.Tensor] | None:
+        """Where ``client``'s entries sit in the union mask (``None``: it trains all of it)."""
+        return self.type_positions[self.client_type[client]]
+
     def sparse_round(self, round_: int) -> bool:
         """Whether ``round_`` belongs to SLoRA's sparse first stage."""
         return self.masks is not None and round_ <= self.cfg.federation.slora_rounds
@@ -285,7 +314,10 @@ class Coordinator:
         assert self.masks is not None
         failures = dict(failures or {})
         expected = [cid for cid in clients if cid not in failures]
-        valid, rejected = validate_sparse(updates, self.masks, expected)
+        masks_of = {t: self.type_masks(t) for t in {self.client_type[c] for c in expected}}
+        valid, rejected = validate_sparse(
+            updates, self.masks, expected, {c: masks_of[self.client_type[c]] for c in expected}
+        )
         for cid, reason in rejected.items():
             log.warning("round %d: update of client %s rejected: %s", round_, cid, reason)
         t0 = time.perf_counter()
@@ -294,16 +326,16 @@ class Coordinator:
         if kept_previous:
             log.warning("round %d: too few valid updates; the sparse state is unchanged", round_)
         else:
-            acc = SparseAverage(self.masks)
+            acc = SparseAverage(self.masks, previous=state)
             for u in valid:
-                acc.add(u)
+                acc.add(u, positions=self.sparse_positions_of(u.client_id))
             new_state = acc.result(self.cfg.federation.strategy)
         row = self._row(
             round_, clients, valid, failures, rejected, kept_previous, time.perf_counter() - t0
         )
         row["bytes_up"] = sum(u.num_bytes() for u in updates if isinstance(u, SparseUpdate))
         row["stage"] = "sparse"
-        row["sparse_nnz"] = sum(k.nnz for k in self.masks.values())
+        row["sparse_nnz"] = sum(k.nnz for k in self.masks.values())  # the union's
         return new_state, row
 
     def sample(self, round_: int, clients: Sequence[str] | None = None) -> list[str]:

@@ -146,9 +146,10 @@ def identical_runs(
     A run is determined by its config and its clients' resource types; the distribution only
     matters through those types. Strategies that hold every client to one type (``fedit-min``,
     ``fedit-max``) therefore give the same run under every distribution in which that type is
-    the smallest (largest) present; names of one computation (``fedavg+flexlora`` and
+    the smallest (largest) present; names of one computation (``fedit+flexlora`` and
     ``flexlora``, see :mod:`flexlora.methods.compose`) give the same run under one
-    distribution. Other runs are never merged.
+    distribution. Other runs are never merged: ``fedavg+X`` (local SGD) and ``fedit+X``
+    (AdamW) are two computations.
     """
     from flexlora.server import plan_strategy, resolve_client_types
 
@@ -156,7 +157,7 @@ def identical_runs(
     names: dict[str, set[str]] = {}  # canonical computation -> the names it runs under
     for k, p in plans.items():
         names.setdefault(p.canonical, set()).add(k.strategy)
-    # aliases of one computation (fedavg+flexlora, flexlora) are the same run too
+    # aliases of one computation (fedit+flexlora, flexlora) are the same run too
     aliased = [k for k, p in plans.items() if len(names[p.canonical]) > 1]
     held = [k for k, p in plans.items() if p.hold_to]
     if len({k.distribution for k in held}) < 2 and not aliased:

@@ -111,9 +111,10 @@ PRESETS: dict[str, BenchPreset] = {
             description=(
                 "the paper's Table 2 grid: FedAvg, FedIT and SLoRA, each at a homogeneous rank, "
                 "+ FlexLoRA and + HetLoRA, under the four distributions, 3 seeds, on the "
-                "offline default, at the full preset's budget (SLoRA: 1 of 6 rounds sparse, "
-                "density 1 %); FedAvg is FedIT's computation, so its runs are copies, as are "
-                "homogeneous runs repeated across distributions; summary in Tables 2/3/11's form"
+                "offline default, at the full preset's budget (FedAvg: local SGD, FedIT and "
+                "SLoRA: AdamW; SLoRA: 1 of 6 rounds sparse at the reference code's density per "
+                "rank type); homogeneous runs repeated across distributions are copies; summary "
+                "in Tables 2/3/11's form"
             ),
             strategies=PAPER_GRID,
             distributions=ALL_DISTRIBUTIONS,
@@ -123,7 +124,7 @@ PRESETS: dict[str, BenchPreset] = {
                     "rounds": 6,
                     "clients_per_round": 6,
                     "slora_rounds": 1,
-                    "slora_density": 0.01,
+                    "slora_density": "paper",
                 },
                 "train": {"local_steps": 12, "lr": 1e-3},
                 "eval": {"every": 0, "max_examples_per_client": 16},
@@ -132,8 +133,8 @@ PRESETS: dict[str, BenchPreset] = {
         BenchPreset(
             name="paper-grid-2core",
             description=(
-                "paper-grid at the smallest budget that finishes on 2 shared CPU cores in about "
-                "a quarter of an hour with --jobs 2: 2 seeds, 2 rounds (SLoRA: 1 sparse + 1 "
+                "paper-grid at the smallest budget for 2 shared CPU cores with --jobs 2 (run "
+                "one distribution at a time there): 2 seeds, 2 rounds (SLoRA: 1 sparse + 1 "
                 "LoRA) x 2 clients x 1 local step of 4 examples <= 64 tokens, 2 test examples "
                 "per unseen client, 12 new tokens; a smoke test of the grid, too small to rank "
                 "methods"
@@ -146,7 +147,7 @@ PRESETS: dict[str, BenchPreset] = {
                     "rounds": 2,
                     "clients_per_round": 2,
                     "slora_rounds": 1,
-                    "slora_density": 0.01,
+                    "slora_density": "paper",
                 },
                 "train": {"local_steps": 1, "lr": 1e-3, "cutoff_len": 64},
                 "eval": {"every": 0, "max_examples_per_client": 2, "max_new_tokens": 12},

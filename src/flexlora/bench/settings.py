@@ -67,6 +67,7 @@ def run_configs(
     for key in keys:
         cfg = copy.deepcopy(base)
         cfg.federation.strategy = key.strategy
+        cfg.client_train()  # an optimizer the strategy's method contradicts: refused here
         cfg.federation.distribution = key.distribution
         cfg.federation.seed = key.seed
         if vary_data:
@@ -81,8 +82,14 @@ def run_configs(
 
 
 def config_json(cfg: RunConfig) -> dict[str, Any]:
-    """The config as plain JSON values (what ``DONE.json`` records)."""
-    return json.loads(json.dumps(to_dict(cfg)))
+    """The config as plain JSON values (what ``DONE.json`` records).
+
+    ``train.optimizer`` is the one the clients used (``auto`` resolved by the strategy's
+    method), so a run finished before FedAvg trained with SGD is told apart from one now.
+    """
+    d = json.loads(json.dumps(to_dict(cfg)))
+    d["train"]["optimizer"] = cfg.client_train().optimizer
+    return d
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

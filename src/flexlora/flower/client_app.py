@@ -34,7 +34,7 @@ from flexlora.flower.records import (
     values_to_record,
 )
 from flexlora.flower.settings import load_run_config
-from flexlora.methods.slora import SparseMask, make_masks
+from flexlora.methods.slora import SparseMask, make_masks, sub_positions
 from flexlora.schedule import module_ranks
 from flexlora.server import plan_strategy, resolve_client_types
 from flexlora.training.worker import ClientWorker
@@ -63,7 +63,7 @@ class NodeRuntime:
         self._shapes: dict[str, tuple[int, int]] = {}
         self._slot_ranks: dict[str, dict[str, int]] = {}
         self._drawn: dict[str, str] | None = None
-        self._masks: dict[str, SparseMask] | None = None
+        self._masks: tuple[float, dict[str, SparseMask]] | None = None  # (density, masks)
         # FedSA-LoRA: each client's own B stays on its node, in the node's output folder
         chosen = AGGREGATORS.get(plan_strategy(cfg.federation.strategy).aggregator)
         keeps_B = bool(getattr(chosen, "keeps_local_B", False))
@@ -87,7 +87,7 @@ class NodeRuntime:
                 tokenizer,
                 cfg.lora,
                 {},
-                cfg.train,
+                cfg.client_train(),
                 template=getattr(self.data, "template", None) or cfg.data.template,
             )
         return self._worker
@@ -210,15 +210,32 @@ class NodeRuntime:
         return RecordDict({"arrays": factors_to_record(update.factors), "metrics": metrics})
 
     def train_sparse(self, content: RecordDict, client: str, config: ConfigRecord) -> RecordDict:
-        """SLoRA's stage 1: train the masked entries from the server's values."""
+        """SLoRA's stage 1: train the masked entries from the server's values.
+
+        The values sit on the union mask of the server's ``sparse-density``; this node trains
+        and sends its own rank type's nested sub-mask (keyed on the same seed and shapes).
+        """
         fed = self.cfg.federation
-        if self._masks is None:  # the server's masks: keyed on the same seed and shapes
-            self._masks = make_masks(self.shapes, fed.slora_density, fed.seed)
+        union = float(config["sparse-density"])
+        if self._masks is None or self._masks[0] != union:
+            self._masks = (union, make_masks(self.shapes, union, fed.seed))
+        masks = self._masks[1]
+        own = fed.slora_densities([str(config["rank-type"])])[str(config["rank-type"])]
+        if own > union:
+            raise UsageError(
+                f"rank type {config['rank-type']}: stage-1 density {own} above the server's "
+                f"union mask ({union})"
+            )
         start = record_to_values(content.array_records["values"], "server")
         if config.get("fail"):
             raise RuntimeError(INJECTED_FAILURE)
         update, result = self.worker.train_sparse(
-            client, self._masks, start, self.data.train(client), seed=int(config["seed"])
+            client,
+            masks,
+            start,
+            self.data.train(client),
+            seed=int(config["seed"]),
+            positions=sub_positions(masks, own),
         )
         metrics = _reply_metrics(update.num_examples, result)
         return RecordDict({"values": values_to_record(update.values), "metrics": metrics})

@@ -163,6 +163,8 @@ class FlexLoRAStrategy(Strategy):
                     "stage": "sparse" if sparse else "lora",
                 }
             )
+            if sparse:  # the union mask's density: the node rebuilds the masks from it
+                settings["sparse-density"] = server.union_density
             content = RecordDict({"values" if sparse else "arrays": arrays, "config": settings})
             if base is not None:
                 content["base"] = base

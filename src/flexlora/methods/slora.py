@@ -8,11 +8,10 @@ What the paper does as we read it (its abstract reports updates of ~1 % density)
 follow:
 
 1. **Stage 1, federated sparse fine-tuning.** A random sparse mask of density d (≈ 1 %, a
-   *random* mask fixed for the whole stage and the same for every client) selects the
-   entries of the weights that clients train. Each round a client starts from the global
-   sparse update, trains only the masked entries, and sends them; the server averages them,
-   weighted by example counts (FedAvg over the masked entries). We run
-   ``federation.slora_rounds`` such rounds.
+   *random* mask fixed for the whole stage) selects the entries of the weights that clients
+   train. Each round a client starts from the global sparse update, trains only the masked
+   entries, and sends them; the server averages them, weighted by example counts (FedAvg
+   over the masked entries). We run ``federation.slora_rounds`` such rounds.
 2. **Initialisation.** ΔW = W_{T1} − W_0 (the accumulated sparse update) is decomposed by SVD
    and the LoRA factors start from its truncated SVD: a client of rank r starts from the best
    rank-r approximation of ΔW (B = U_r·S_r / s, A = Vh_r; the base stays W_0).
@@ -29,14 +28,27 @@ Where we choose:
 - the mask is keyed on ``(federation.seed, module)``: server and clients rebuild it from the
   seed, so a stage-1 message holds the **values only** (4 bytes per masked entry, counted so
   in ``bytes_up`` / ``bytes_down``); sending the int32 indices once would add 4·nnz bytes per
-  module for a deployment that cannot trust both sides to rebuild it;
+  module for a deployment that cannot trust both sides to rebuild it. The FlexLoRA reference
+  code draws a fresh mask for every client and round instead;
+- a density per rank type (``federation.slora_density`` as a table, or ``"paper"``: the
+  FlexLoRA reference code's ``get_density``, 0.0012 / 0.0246 / 0.0822 / 0.1222 for the rank 8
+  / 30 / 30-200 / 200 types) gives nested masks: one random draw per module at the largest
+  density present, each type's mask the first round(d·m·n) entries of that draw (a uniformly
+  random subset of its density), so the union is the densest type's mask. The global update
+  lives on the union: every client is sent all of it (its model is the global model, as the
+  reference code's clients load the whole global model), trains and sends back only its own
+  type's entries; the server averages the clients' models (:class:`SparseAverage`): at an
+  entry outside its mask a client counts the value it started from, with its full weight
+  (the reference code's FedAvg of whole weights), not only the clients covering the entry;
 - stage 1 uses the run's ``train`` settings (the paper tunes a separate learning rate);
 - the rounds of stage 1 count within ``federation.rounds``;
 - the SVD is dense and exact, one module at a time, once per run (``federation.svd =
   "randomized"`` uses ``torch.svd_lowrank`` on the sparse matrix instead, for large layers).
 
-Memory: the server holds one sparse update (nnz values per module) and one accumulator of
-the same size, whatever the number of clients; nothing dense is sent or kept per client.
+Memory: the server holds one sparse update (nnz values per module of the union mask), one
+accumulator of the same size and the masks (int64 indices and int32 draw order per union
+entry, plus each smaller type's int64 positions in the union), whatever the number of clients;
+nothing dense is sent or kept per client.
 """
 
 from __future__ import annotations
@@ -60,6 +72,9 @@ __all__ = [
     "SparseState",
     "SparseUpdate",
     "make_masks",
+    "mask_nnz",
+    "sub_masks",
+    "sub_positions",
     "svd_init",
     "validate_sparse",
 ]
@@ -69,10 +84,16 @@ STATE_KIND = "slora-sparse"
 
 @dataclass(frozen=True)
 class SparseMask:
-    """Which entries of an (m, n) weight stage 1 trains: sorted flat indices, ``(nnz,)`` int64."""
+    """Which entries of an (m, n) weight stage 1 trains: sorted flat indices, ``(nnz,)`` int64.
+
+    ``priority`` (``(nnz,)`` int32, a permutation of ``0..nnz-1``, when the mask was drawn
+    here) is each entry's place in the random draw: the entries of priority < k are a
+    uniformly random k-subset, the mask of a smaller density (:meth:`sub`).
+    """
 
     index: Tensor  # (nnz,) sorted, in [0, m*n)
     shape: tuple[int, int]
+    priority: Tensor | None = None  # (nnz,) int32 (int64 beyond 2^31 entries)
 
     @property
     def nnz(self) -> int:
@@ -86,12 +107,38 @@ class SparseMask:
     def cols(self) -> Tensor:
         return self.index % self.shape[1]  # (nnz,)
 
+    def positions(self, nnz: int) -> Tensor:
+        """Where the nested sub-mask of ``nnz`` entries sits in this one: ``(nnz,)`` ascending."""
+        if self.priority is None:
+            raise ValueError("this mask carries no draw order, so it has no nested sub-masks")
+        if not 0 < nnz <= self.nnz:
+            raise ValueError(f"a sub-mask of {nnz} entries in a mask of {self.nnz}")
+        return torch.nonzero(self.priority < nnz).flatten()
+
+    def sub(self, nnz: int) -> SparseMask:
+        """The nested sub-mask of ``nnz`` entries (this mask itself when ``nnz`` is all)."""
+        if nnz == self.nnz:
+            return self
+        pos = self.positions(nnz)
+        assert self.priority is not None
+        return SparseMask(self.index[pos], self.shape, self.priority[pos])
+
+
+def mask_nnz(shape: tuple[int, int], density: float) -> int:
+    """Entries a mask of ``density`` holds on an (m, n) weight: ``round(d·m·n)``, at least 1."""
+    total = int(shape[0]) * int(shape[1])
+    return min(total, max(1, round(density * total)))
+
 
 def _mask(shape: tuple[int, int], density: float, generator: torch.Generator) -> SparseMask:
-    """``round(density·m·n)`` distinct entries drawn uniformly, in O(nnz) memory."""
+    """``round(density·m·n)`` distinct entries drawn uniformly, in O(nnz) memory.
+
+    The draw's order is kept as the mask's ``priority``: any prefix of it is a uniformly
+    random subset too, so the masks of smaller densities nest inside this one.
+    """
     m, n = shape
     total = m * n
-    nnz = min(total, max(1, round(density * total)))
+    nnz = mask_nnz(shape, density)
     if 2 * nnz >= total:  # dense enough: a permutation is cheap and exact
         idx = torch.randperm(total, generator=generator)[:nnz]
     else:
@@ -99,15 +146,21 @@ def _mask(shape: tuple[int, int], density: float, generator: torch.Generator) ->
         while picked.numel() < nnz:
             draw = torch.randint(0, total, (nnz + nnz // 4 + 16,), generator=generator)
             picked = torch.unique(torch.cat([picked, draw]))  # sorted, distinct
-        # keep a uniformly random nnz-subset of the distinct draws
+        # keep a uniformly random nnz-subset of the distinct draws, in random order
         idx = picked[torch.randperm(picked.numel(), generator=generator)[:nnz]]
-    return SparseMask(index=torch.sort(idx).values, shape=(m, n))
+    ordered = torch.sort(idx)
+    order = ordered.indices.to(torch.int32) if nnz < 2**31 else ordered.indices  # half the memory
+    return SparseMask(index=ordered.values, shape=(m, n), priority=order)
 
 
 def make_masks(
     shapes: Mapping[str, tuple[int, int]], density: float, seed: int
 ) -> dict[str, SparseMask]:
-    """One fixed random mask per module, keyed on ``(seed, module)``: the same for every client."""
+    """One fixed random mask per module, keyed on ``(seed, module)``: the same for every client.
+
+    With one density per rank type, ``density`` is the largest present: each type's mask is
+    the nested sub-mask of its density (:func:`sub_masks`), so these masks are their union.
+    """
     if not 0 < density <= 1:
         raise UsageError(f"federation.slora_density must be in (0, 1], got {density}")
     return {
@@ -118,6 +171,19 @@ def make_masks(
         )
         for name, (m, n) in shapes.items()
     }
+
+
+def sub_masks(masks: Mapping[str, SparseMask], density: float) -> dict[str, SparseMask]:
+    """Each module's nested sub-mask at ``density`` (at most the masks' own density)."""
+    return {name: k.sub(mask_nnz(k.shape, density)) for name, k in masks.items()}
+
+
+def sub_positions(masks: Mapping[str, SparseMask], density: float) -> dict[str, Tensor] | None:
+    """Where the sub-masks at ``density`` sit in ``masks``, per module; ``None``: all of them."""
+    sizes = {name: mask_nnz(k.shape, density) for name, k in masks.items()}
+    if all(sizes[name] == k.nnz for name, k in masks.items()):
+        return None
+    return {name: k.positions(sizes[name]) for name, k in masks.items()}
 
 
 @dataclass(frozen=True)
@@ -228,11 +294,13 @@ def validate_sparse(
     updates: Sequence[object],
     masks: Mapping[str, SparseMask],
     expected: Sequence[str],
+    masks_of: Mapping[str, Mapping[str, SparseMask]] | None = None,
 ) -> tuple[list[SparseUpdate], dict[str, str]]:
     """Split stage-1 replies into valid ones and ``client -> reason`` for the rest.
 
     Checked: the type, an expected and unrepeated client id, a positive int example count,
-    exactly the masked modules, 1-D float values of the mask's size, all finite.
+    exactly the masked modules, 1-D float values of the size of the client's own mask
+    (``masks_of[client]`` when given, else ``masks``), all finite.
     """
     valid: list[SparseUpdate] = []
     rejected: dict[str, str] = {}
@@ -253,10 +321,11 @@ def validate_sparse(
             n = u.num_examples
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10**9:
                 raise InvalidUpdateError(cid, None, "num_examples", f"num_examples is {n!r}")
-            extra = sorted(set(u.values) - set(masks))
+            own = masks_of.get(cid, masks) if masks_of is not None else masks
+            extra = sorted(set(u.values) - set(own))
             if extra:
                 raise InvalidUpdateError(cid, extra[0], "extra_module", "not a masked module")
-            for name, mask in masks.items():
+            for name, mask in own.items():
                 v = u.values.get(name)
                 if v is None:
                     raise InvalidUpdateError(cid, name, "missing_module", "no values")
@@ -279,23 +348,46 @@ def validate_sparse(
 class SparseAverage:
     """Streaming FedAvg of stage-1 replies: ``start``, ``add`` one reply at a time, ``result``.
 
-    Holds one float64 sum of nnz values per module, whatever the number of replies.
+    With one mask for everyone: the example-weighted average of the replies' values. With
+    nested per-type masks (``add(..., positions=)``: where a client's entries sit in the union
+    mask) it is what the FlexLoRA reference code computes, FedAvg of the clients' whole models:
+    at an entry outside its mask a client counts, with its full weight, the value it started
+    from (``previous``, the global update it was sent). That is ΔW = Σ_i p_i·ΔW_i with ΔW_i the
+    client's model on the union mask, not an average over only the clients whose mask covers
+    the entry. Holds one float64 sum per union entry, whatever the number of replies.
     """
 
-    def __init__(self, masks: Mapping[str, SparseMask]) -> None:
+    def __init__(
+        self, masks: Mapping[str, SparseMask], previous: SparseState | None = None
+    ) -> None:
         self.masks = dict(masks)
+        self.previous = previous
         self.start()
 
     def start(self) -> None:
         self.sums = {n: torch.zeros(k.nnz, dtype=torch.float64) for n, k in self.masks.items()}
         self.total = 0.0
 
-    def add(self, update: SparseUpdate, weight: float | None = None) -> None:
+    def add(
+        self,
+        update: SparseUpdate,
+        weight: float | None = None,
+        positions: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Fold one reply; ``positions[module]`` places its values in the union mask."""
         w = float(update.num_examples if weight is None else weight)
         if not (math.isfinite(w) and w > 0):
             raise InvalidUpdateError(update.client_id, None, "weight", f"weight {w} is not > 0")
         for name, acc in self.sums.items():
-            acc.add_(update.values[name].to(torch.float64), alpha=w)  # (nnz,)
+            values = update.values[name].to(torch.float64)  # (nnz of the client's mask,)
+            pos = positions.get(name) if positions is not None else None
+            if pos is not None:
+                if self.previous is None:
+                    raise ValueError("a reply on a sub-mask needs the state it started from")
+                whole = self.previous[name].values.to(torch.float64, copy=True)  # (nnz,)
+                whole[pos] = values  # the client's model on the union mask
+                values = whole
+            acc.add_(values, alpha=w)  # (nnz,)
         self.total += w
 
     def result(self, strategy: str = "") -> SparseState:

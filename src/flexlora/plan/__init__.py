@@ -59,7 +59,7 @@ def format_plan(cfg: RunConfig, device_memory: int | None = None) -> str:
     shape = model_shape(cfg.model.name, list(cfg.lora.target_modules))
     clients = client_memory(shape, cfg)
     server = server_memory(shape, cfg)
-    mc, tc = cfg.model, cfg.train
+    mc, tc = cfg.model, cfg.client_train()
     biggest = max(c.total(False, all_slots=True) for c in clients)
     unit, uname = (2**30, "GiB") if biggest >= 2**30 else (2**20, "MiB")
     if mc.quantization == "4bit":

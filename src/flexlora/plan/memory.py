@@ -196,7 +196,7 @@ def client_memory(shape: ModelShape, cfg: RunConfig) -> list[ClientMemory]:
     ranks_by_type = slot_ranks(shape, cfg)
     sizes = {t: adapter_bytes(shape, r) for t, r in ranks_by_type.items()}
     base = base_weight_bytes(shape, cfg)
-    tc = cfg.train
+    tc = cfg.client_train()
     moments = 2 if tc.optimizer == "adamw" else (1 if tc.momentum > 0 else 0)
     rows = []
     for t, ranks in ranks_by_type.items():

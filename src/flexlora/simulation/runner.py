@@ -74,6 +74,7 @@ class FederatedRun:
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
         fed = cfg.federation
+        cfg.client_train()  # an optimizer the strategy's method contradicts: refused up front
         if cfg.model.threads > 0:
             torch.set_num_threads(cfg.model.threads)
 
@@ -124,7 +125,7 @@ class FederatedRun:
                     model,
                     self.server.shapes,
                     self.server.slot_ranks,
-                    cfg.train,
+                    cfg.client_train(),
                     fed.clients_per_round,
                 )
                 if pc == "auto"
@@ -135,8 +136,9 @@ class FederatedRun:
         # FedSA-LoRA: the simulated clients' own B's, on disk under the run folder
         self.local = LocalStore(self.out / CLIENT_STATE) if self.server.keeps_local_B else None
         log.info(
-            "strategy %s, %d clients of types %s",
+            "strategy %s (local %s), %d clients of types %s",
             fed.strategy,
+            self.server.optimizer,
             len(self.server.client_type),
             dict(Counter(self.server.client_type.values())),
         )
@@ -165,7 +167,7 @@ class FederatedRun:
                 tokenizer,
                 self.cfg.lora,
                 self.server.slot_ranks if self.trains_in_process else {},
-                self.cfg.train,
+                self.cfg.client_train(),
                 template=getattr(self.data, "template", None) or self.cfg.data.template,
             )
         return self._worker
@@ -320,6 +322,7 @@ class FederatedRun:
                 state.values(),
                 self.data.train(cid),
                 seed=self.server.client_seed(round_, cid),
+                positions=self.server.sparse_positions_of(cid),
             )
             took = time.perf_counter() - t0
         except (RuntimeError, FlexLoRAError) as exc:

@@ -105,6 +105,8 @@ def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW of ``cfg``; ``auto`` is AdamW here (the drivers resolve it by the
+    strategy's method first: :meth:`flexlora.config.RunConfig.client_train`)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay

@@ -5,6 +5,8 @@ shared mask are a trainable ``(nnz,)`` tensor, the indices are fixed. It is a fo
 PEFT's base layer, added for the local run and removed after; the LoRA adapters are switched
 off meanwhile, so stage 1 trains nothing else. ``x·ΔWᵀ`` is one ``torch.sparse.mm`` per layer
 (O(nnz·tokens) work and memory, gradients for the values only); ΔW is never formed densely.
+Under per-type densities ΔW sits on the union mask and the client trains only its own type's
+entries (``positions``); the rest stay at the values the server sent.
 """
 
 from __future__ import annotations
@@ -87,6 +89,31 @@ class SparseResult:
     losses: list[float] = field(default_factory=list)
 
 
+class _Assembled(Mapping[str, Tensor]):
+    """The union values a forward uses: the frozen start with the trained entries put in.
+
+    ``values[name]`` is rebuilt at every forward (``index_put`` out of place, so the gradient
+    reaches the trained ``(nnz_own,)`` parameter only): O(nnz) work and memory per layer.
+    """
+
+    def __init__(
+        self,
+        frozen: Mapping[str, Tensor],
+        positions: Mapping[str, Tensor],
+        params: Mapping[str, nn.Parameter],
+    ) -> None:
+        self.frozen, self.positions, self.params = frozen, positions, params
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.frozen[name].index_put((self.positions[name],), self.params[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
 def train_sparse(
     host: AdapterHost,
     masks: Mapping[str, SparseMask],
@@ -96,11 +123,18 @@ def train_sparse(
     seed: int,
     pad_id: int,
     client: str = "?",
+    positions: Mapping[str, Tensor] | None = None,
 ) -> SparseResult:
-    """Train the masked entries from ``start`` (the global sparse update); return them."""
+    """Train the masked entries from ``start`` (the global sparse update); return them.
+
+    ``start`` holds the values at ``masks``; with ``positions`` (module -> indices into them:
+    the client's own sub-mask) only those entries train and come back, the others stay as
+    sent (a smaller rank type's client under per-type densities).
+    """
     t0 = time.perf_counter()
     device = next(host.model.parameters()).device
     params: dict[str, nn.Parameter] = {}
+    frozen: dict[str, Tensor] = {}
     for name in host.layers:
         if name not in start or name not in masks:
             raise InvalidUpdateError(client, name, "missing_module", "no sparse values")
@@ -109,10 +143,19 @@ def train_sparse(
             raise InvalidUpdateError(
                 client, name, "shape", f"{tuple(v.shape)} values for a mask of {masks[name].nnz}"
             )
-        params[name] = nn.Parameter(v.detach().to(device, torch.float32).clone())
+        v = v.detach().to(device, torch.float32)
+        if positions is None:
+            params[name] = nn.Parameter(v.clone())
+        else:
+            pos = positions[name].to(device)
+            frozen[name] = v
+            params[name] = nn.Parameter(v[pos].clone())
     for p in host.model.parameters():
         p.requires_grad_(False)
-    with sparse_delta(host, masks, params):
+    values: Mapping[str, Tensor] = params
+    if positions is not None:
+        values = _Assembled(frozen, {n: positions[n].to(device) for n in params}, params)
+    with sparse_delta(host, masks, values):
         losses, tokens, steps = optimise(
             host.model, list(params.values()), examples, cfg, seed, pad_id
         )

@@ -139,8 +139,13 @@ class ClientWorker:
         start: Mapping[str, Tensor],
         examples: Sequence[Example],
         seed: int,
+        positions: Mapping[str, Tensor] | None = None,
     ) -> tuple[SparseUpdate, SparseResult]:
-        """SLoRA's stage 1: train the masked entries from the global ``start`` values."""
+        """SLoRA's stage 1: train the masked entries from the global ``start`` values.
+
+        ``start`` sits on ``masks`` (the union); ``positions`` picks the entries this client
+        trains and sends (its type's sub-mask; ``None``: all of them).
+        """
         if not examples:
             raise RuntimeError("client has no training examples")
         result = train_sparse(
@@ -152,6 +157,7 @@ class ClientWorker:
             seed=seed,
             pad_id=self.pad_id,
             client=client,
+            positions=positions,
         )
         update = SparseUpdate(
             client_id=client,
