@@ -461,3 +461,23 @@ def test_flwr_is_imported_only_by_flexlora_flower() -> None:
     }
     assert importers == {"flower"}
     assert "flwr" in sys.modules  # this test module did import it (sanity)
+
+
+def test_hetlora_self_pruning_on_flower_equals_the_simulator(job, tmp_path: Path) -> None:
+    """Nodes keep their pruned ranks in their own store and cut the server's factors to them."""
+    cfg, _values, runtime = job
+    small = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 3, "strategy": "hetlora", "rounds": 3},
+        "hetlora": {"self_pruning": True, "reg_weight": 5.0, "gamma": 0.5},
+        "train": {"optimizer": "sgd", "lr": 0.1},  # SGD: the penalty shrinks the tails steadily
+    }
+    FederatedRun(toy_config(tmp_path / "sim", Path(cfg.data.path), **small)).run()
+    flower_cfg = toy_config(tmp_path / "flower", Path(cfg.data.path), **small)
+    nodes = {100 + i: {"partition-id": i} for i in range(len(runtime.data.seen))}
+    node_values = to_run_config(flower_cfg)
+    FlowerRun(flower_cfg, LocalGrid(make_client_app(node_values), nodes)).run()
+    sim_rows = strip_timings(read_rows(tmp_path / "sim"))
+    assert any(r["client_ranks"] for r in sim_rows[1:])  # someone pruned, and trained again
+    assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
+    assert_same_outputs(tmp_path / "flower", tmp_path / "sim")

@@ -1,4 +1,5 @@
-"""Per-client state that stays with the client across rounds (FedSA-LoRA's own B), on disk.
+"""Per-client state that stays with the client across rounds, on disk: FedSA-LoRA's own B,
+HetLoRA's self-pruned ranks.
 
 A client that keeps its own factors between rounds needs them back the next time it is sampled,
 possibly many rounds later, while the population may be far larger than memory. Each client has
@@ -9,8 +10,8 @@ a crash (``flexlora resume`` restarts at the round after the checkpoint) reads w
 uninterrupted run read, bit for bit: each client keeps its newest version and the one before
 (the one a re-run of its newest round needs), older ones are deleted.
 
-The simulator keeps the store under the run folder (``client_state/``), a Flower node under its
-own output folder: the server never reads it.
+The simulator keeps the store under the run folder (``client_state/``, ``client_ranks/``), a
+Flower node under its own output folder: the server never reads it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flexlora.errors import InvalidUpdateError
+from flexlora.training.pruning import keep_prefix
 from flexlora.types import LoRAFactors
 
-__all__ = ["CLIENT_STATE", "LocalStore", "with_local_B"]
+__all__ = [
+    "CLIENT_RANKS",
+    "CLIENT_STATE",
+    "LocalStore",
+    "rank_tensors",
+    "with_local_B",
+    "with_own_ranks",
+]
 
 #: Folder under the run's (simulator) or the node's (Flower) output folder holding the store.
 CLIENT_STATE = "client_state"
+#: The same for HetLoRA's self-pruned ranks (a store of its own: a round writes each once).
+CLIENT_RANKS = "client_ranks"
 
 _VERSION = re.compile(r"^round-(\d{6,})\.safetensors$")
 
@@ -101,4 +112,32 @@ def with_local_B(
                 f"the client's own B is {tuple(B.shape)}, its slot needs {tuple(f.B.shape)}",
             )
         out[name] = LoRAFactors(A=f.A, B=B.to(f.B.dtype), alpha=f.alpha, use_rslora=f.use_rslora)
+    return out
+
+
+def rank_tensors(factors: Mapping[str, LoRAFactors]) -> dict[str, torch.Tensor]:
+    """A client's per-module ranks as the store keeps them (one int64 per module)."""
+    return {name: torch.tensor([f.rank], dtype=torch.int64) for name, f in factors.items()}
+
+
+def with_own_ranks(
+    client: str, start: Mapping[str, LoRAFactors], own: Mapping[str, torch.Tensor] | None
+) -> dict[str, LoRAFactors]:
+    """``start`` cut to the ranks the client pruned itself to (HetLoRA; ``None``: unchanged).
+
+    Each module keeps its first r components with B rescaled so that their update is
+    unchanged (:func:`~flexlora.training.pruning.keep_prefix`): for HetLoRA's prefix state the
+    result is exactly what the server would send at rank r.
+    """
+    if own is None:
+        return dict(start)
+    out: dict[str, LoRAFactors] = {}
+    for name, f in start.items():
+        stored = own.get(name)
+        rank = f.rank if stored is None else int(stored.reshape(-1)[0])
+        if not 0 < rank <= f.rank:
+            raise InvalidUpdateError(
+                client, name, "rank", f"the client's own rank {rank} exceeds its slot's {f.rank}"
+            )
+        out[name] = keep_prefix(f, rank)
     return out

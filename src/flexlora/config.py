@@ -24,6 +24,7 @@ __all__ = [
     "PAPER_SLORA_DENSITIES",
     "EvalConfig",
     "FederationConfig",
+    "HetLoRAConfig",
     "LoRASettings",
     "ModelConfig",
     "OutputConfig",
@@ -389,6 +390,35 @@ class FederationConfig:
 
 
 @dataclass
+class HetLoRAConfig:
+    self_pruning: bool = _help(
+        "HetLoRA's local rank self-pruning (hetlora aggregation only): clients train with the "
+        "tail regulariser and shrink their own rank when it works; off: every client trains "
+        "at its type's ranks",
+        default=False,
+    )
+    reg_weight: float = _help(
+        "self-pruning: lambda of the regulariser lambda * sum ||B[:, t:r]||_F ||A[t:r]||_F, "
+        "t = floor(gamma r)",
+        default=1e-3,
+    )
+    gamma: float = _help(
+        "self-pruning: decay factor in (0, 1); the last (1 - gamma) r components are "
+        "penalised, and a pruning client's rank r becomes floor(gamma r)",
+        default=0.9,
+    )
+    min_rank: int = _help("self-pruning: no module is pruned below this rank", default=1)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.reg_weight) and self.reg_weight >= 0):
+            raise UsageError(f"hetlora.reg_weight must be >= 0, got {self.reg_weight}")
+        if not 0 < self.gamma < 1:
+            raise UsageError(f"hetlora.gamma must be in (0, 1), got {self.gamma}")
+        if self.min_rank < 1:
+            raise UsageError(f"hetlora.min_rank must be >= 1, got {self.min_rank}")
+
+
+@dataclass
 class EvalConfig:
     every: int = _help(
         "evaluate every N rounds (and after the last); 0: only at the end", default=1
@@ -456,6 +486,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

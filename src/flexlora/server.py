@@ -36,6 +36,7 @@ from flexlora.methods.slora import (
 )
 from flexlora.privacy import DP_STRATEGIES, ClientDP
 from flexlora.schedule import assign_rank_types, derive_seed, module_ranks, sample_clients
+from flexlora.training.pruning import SelfPruning
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta, lora_scaling
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,23 @@ def _client_dp(cfg: RunConfig, population: int) -> ClientDP | None:
     )
 
 
+def self_pruning(cfg: RunConfig) -> SelfPruning | None:
+    """HetLoRA's local rank self-pruning when ``hetlora.self_pruning`` is on (else ``None``).
+
+    The clients do it (:mod:`flexlora.training.pruning`); the drivers keep each client's
+    pruned ranks on its side (:mod:`flexlora.client_state`). Only the hetlora aggregation
+    zero-pads replies of any rank the way the paper does, so other strategies refuse it.
+    """
+    het = cfg.hetlora
+    if not het.self_pruning:
+        return None
+    if plan_strategy(cfg.federation.strategy).aggregator != "hetlora":
+        raise UsageError(
+            f"hetlora.self_pruning needs the hetlora aggregation, not {cfg.federation.strategy}"
+        )
+    return SelfPruning(weight=het.reg_weight, gamma=het.gamma, min_rank=het.min_rank)
+
+
 class Coordinator:
     """Server-side logic of every round, shared by all drivers.
 
@@ -188,6 +206,7 @@ class Coordinator:
             use_rslora=cfg.lora.use_rslora,
         )
         self.dp = _client_dp(cfg, len(self.client_type))
+        self.self_pruning = self_pruning(cfg)
         #: SLoRA: the union of the types' masks (the global update's), each present type's
         #: density and where its nested sub-masks sit in the union (None: all of it)
         self.masks: dict[str, SparseMask] | None = None
@@ -443,6 +462,10 @@ class Coordinator:
             round_, clients, valid, failures, rejected, kept_previous, time.perf_counter() - t0
         )
         row["bytes_up"] = sum(payload_bytes(u) for u in updates)
+        if self.self_pruning is not None:  # clients below their type's ranks, by module
+            row["client_ranks"] = {
+                u.client_id: u.ranks for u in valid if u.ranks != self.ranks_of(u.client_id)
+            }
         if not kept_previous:
             row.update(self.diagnostics(new_state, valid))
         if self.dp is not None:

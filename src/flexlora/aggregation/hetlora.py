@@ -18,8 +18,10 @@ Where we differ from the paper, and why:
   those of ``s_i·B_i·A_i``, the update the client really made.
 - ``weighting="module"`` (not the paper) weighs each module by its own norm.
 - ``weight_by_examples`` (not the paper) multiplies the norm weights by the example weights.
-- The paper's local rank self-pruning (a client shrinks its own rank when the norm of its
-  last components falls) is not implemented: every client trains at its assigned rank.
+- The paper's local rank self-pruning is an option of the clients (``hetlora.self_pruning``,
+  off by default; :mod:`flexlora.training.pruning`, where its own deviations are stated). The
+  server needs nothing for it: a pruned client's reply has lower ranks and is zero-padded like
+  any other; the round's state has the largest rank among the replies.
 """
 
 from __future__ import annotations

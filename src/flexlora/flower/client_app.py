@@ -21,7 +21,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexlora.aggregation import AGGREGATORS
-from flexlora.client_state import CLIENT_STATE, LocalStore, with_local_B
+from flexlora.client_state import (
+    CLIENT_RANKS,
+    CLIENT_STATE,
+    LocalStore,
+    rank_tensors,
+    with_local_B,
+    with_own_ranks,
+)
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
@@ -36,7 +43,7 @@ from flexlora.flower.records import (
 from flexlora.flower.settings import load_run_config
 from flexlora.methods.slora import SparseMask, make_masks, sub_positions
 from flexlora.schedule import module_ranks
-from flexlora.server import plan_strategy, resolve_client_types
+from flexlora.server import plan_strategy, resolve_client_types, self_pruning
 from flexlora.training.worker import ClientWorker
 from flexlora.types import LoRAFactors
 
@@ -68,6 +75,10 @@ class NodeRuntime:
         chosen = AGGREGATORS.get(plan_strategy(cfg.federation.strategy).aggregator)
         keeps_B = bool(getattr(chosen, "keeps_local_B", False))
         self.local = LocalStore(Path(cfg.output.dir) / CLIENT_STATE) if keeps_B else None
+        # HetLoRA's self-pruning: each client's own ranks stay on its node too
+        self.pruning = self_pruning(cfg)
+        pruned = self.pruning is not None
+        self.own_ranks = LocalStore(Path(cfg.output.dir) / CLIENT_RANKS) if pruned else None
 
     def _load(self) -> ClientWorker:
         from flexlora.models import load_model, target_linear_modules
@@ -89,6 +100,7 @@ class NodeRuntime:
                 {},
                 cfg.client_train(),
                 template=getattr(self.data, "template", None) or cfg.data.template,
+                pruning=self.pruning,
             )
         return self._worker
 
@@ -193,6 +205,8 @@ class NodeRuntime:
         round_ = int(config["server-round"])
         if self.local is not None:  # FedSA-LoRA: this node's own B, zeros the first time
             start = with_local_B(client, start, self.local.load(client, before_round=round_))
+        if self.own_ranks is not None:  # HetLoRA: the ranks this client pruned itself to
+            start = with_own_ranks(client, start, self.own_ranks.load(client, round_))
         self.worker.set_base_delta(record_to_state(base, aggregator) if base else None)
         if config.get("fail"):
             raise RuntimeError(INJECTED_FAILURE)
@@ -206,6 +220,8 @@ class NodeRuntime:
         )
         if self.local is not None:  # the client keeps the B it trained
             self.local.save(client, round_, {n: f.B for n, f in update.factors.items()})
+        if self.own_ranks is not None and result.pruned:  # and the ranks it pruned to
+            self.own_ranks.save(client, round_, rank_tensors(update.factors))
         metrics = _reply_metrics(update.num_examples, result)
         return RecordDict({"arrays": factors_to_record(update.factors), "metrics": metrics})
 

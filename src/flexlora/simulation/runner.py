@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from flexlora.client_state import CLIENT_STATE, LocalStore, with_local_B
+from flexlora.client_state import (
+    CLIENT_RANKS,
+    CLIENT_STATE,
+    LocalStore,
+    rank_tensors,
+    with_local_B,
+    with_own_ranks,
+)
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import FlexLoRAError, UsageError
@@ -135,6 +142,9 @@ class FederatedRun:
         self._eval_sets = self._choose_eval_sets()
         # FedSA-LoRA: the simulated clients' own B's, on disk under the run folder
         self.local = LocalStore(self.out / CLIENT_STATE) if self.server.keeps_local_B else None
+        # HetLoRA's self-pruning: each simulated client's own ranks, on disk under the run folder
+        pruning = self.server.self_pruning is not None
+        self.own_ranks = LocalStore(self.out / CLIENT_RANKS) if pruning else None
         log.info(
             "strategy %s (local %s), %d clients of types %s",
             fed.strategy,
@@ -169,6 +179,7 @@ class FederatedRun:
                 self.server.slot_ranks if self.trains_in_process else {},
                 self.cfg.client_train(),
                 template=getattr(self.data, "template", None) or self.cfg.data.template,
+                pruning=self.server.self_pruning,
             )
         return self._worker
 
@@ -262,12 +273,17 @@ class FederatedRun:
         results: list[ClientResult] = []
         bytes_down: dict[str, int] = {}
         jobs: list[ClientJob] = []
+        started: dict[str, dict[str, int]] = {}
         for cid in clients:
             if sparse:
                 bytes_down[cid] = state.num_bytes()  # the values; the mask is the seed's
             else:
                 start = server.start_factors(state, cid, round_)
                 bytes_down[cid] = server.download_bytes(start, state, round_)
+                if self.own_ranks is not None:  # a client that pruned cuts them to its ranks
+                    own = self.own_ranks.load(cid, before_round=round_)
+                    start = with_own_ranks(cid, start, own)
+                    started[cid] = {name: f.rank for name, f in start.items()}
             if cid in failing:
                 results.append(ClientResult(cid, error=INJECTED_FAILURE))
             elif sparse:
@@ -293,6 +309,11 @@ class FederatedRun:
             for r in results:
                 if r.update is not None and r.client not in row["failed"]:
                     self.local.save(r.client, round_, {n: f.B for n, f in r.update.factors.items()})
+        if self.own_ranks is not None:  # a client that pruned keeps its new ranks
+            for r in results:
+                replied = r.update is not None and r.client not in row["failed"]
+                if replied and r.update.ranks != started.get(r.client):
+                    self.own_ranks.save(r.client, round_, rank_tensors(r.update.factors))
         return new_state, row
 
     def train_clients(

@@ -29,11 +29,14 @@ from torch import nn
 
 from flexlora.errors import InvalidUpdateError, UsageError
 from flexlora.models.targets import layer_shape
-from flexlora.types import GlobalUpdate, LoRAFactors
+from flexlora.types import GlobalUpdate, LoRAFactors, lora_scaling
 
-__all__ = ["EVAL_ADAPTER", "AdapterHost"]
+__all__ = ["EVAL_ADAPTER", "SUBRANK_SLOT", "AdapterHost"]
 
 EVAL_ADAPTER = "global-eval"
+#: The training slot of a client whose ranks are below its type's (HetLoRA's self-pruning):
+#: one adapter, resized to each such client's ranks (:meth:`AdapterHost.fit_slot`).
+SUBRANK_SLOT = "client-ranks"
 
 
 class AdapterHost:
@@ -78,7 +81,7 @@ class AdapterHost:
 
     def add_slot(self, slot: str, ranks: Mapping[str, int]) -> None:
         """A training slot at per-module ``ranks`` (nothing to do if it exists already)."""
-        if slot == EVAL_ADAPTER:
+        if slot in (EVAL_ADAPTER, SUBRANK_SLOT):
             raise UsageError(f"adapter slot name {slot!r} is reserved")
         if slot in self.slot_ranks:
             if self.slot_ranks[slot] != dict(ranks):
@@ -131,7 +134,7 @@ class AdapterHost:
             p.requires_grad_(False)
         self._ranks[name] = ranks
 
-    def _ensure(self, name: str, ranks: Mapping[str, int]) -> None:
+    def _ensure(self, name: str, ranks: Mapping[str, int], dropout: float = 0.0) -> None:
         """Adapter ``name`` at exactly ``ranks``: created, or deleted and re-added to resize."""
         if self._ranks.get(name) == dict(ranks):
             return
@@ -139,7 +142,27 @@ class AdapterHost:
             assert self.peft is not None
             self.peft.delete_adapter(name)
             del self._ranks[name]
-        self._add(name, ranks, dropout=0.0)
+        self._add(name, ranks, dropout=dropout)
+
+    def fit_slot(self, slot: str, ranks: Mapping[str, int]) -> str:
+        """The slot a client of ``slot``'s type trains in at per-module ``ranks``.
+
+        ``slot`` itself at its own ranks; at ranks below them (a client that pruned its rank,
+        HetLoRA), :data:`SUBRANK_SLOT`, one more adapter resized to ``ranks`` (with the slots'
+        dropout), so the client trains a genuine rank-r adapter with scaling alpha/r. Memory:
+        at most one more adapter of the type's size.
+        """
+        own = self.slot_ranks.get(slot)
+        if own is None:
+            raise UsageError(f"unknown adapter slot {slot!r}")
+        ranks = {m: int(r) for m, r in ranks.items()}
+        if ranks == own:
+            return slot
+        if ranks.keys() != own.keys() or any(not 0 < ranks[m] <= own[m] for m in own):
+            raise UsageError(f"ranks {ranks} do not fit adapter slot {slot!r} ({own})")
+        self._ensure(SUBRANK_SLOT, ranks, dropout=self.dropout)
+        self.slot_ranks[SUBRANK_SLOT] = ranks
+        return SUBRANK_SLOT
 
     @property
     def model(self) -> nn.Module:
@@ -175,6 +198,12 @@ class AdapterHost:
         self.active = slot
         return params
 
+    def weights(self, slot: str) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """``(A (r, n), B (m, r))`` of every adapted module in ``slot``: the live parameters."""
+        return [
+            (layer.lora_A[slot].weight, layer.lora_B[slot].weight) for layer in self.layers.values()
+        ]
+
     def check(self, slot: str, factors: Mapping[str, LoRAFactors], client: str = "?") -> None:
         """Raise :class:`InvalidUpdateError` unless ``factors`` fit ``slot`` (shapes, scaling)."""
         if slot not in self._ranks:
@@ -205,6 +234,35 @@ class AdapterHost:
                     name,
                     "alpha",
                     f"factors have scaling {f.scaling}, the slot {layer.scaling[slot]}",
+                )
+
+    def check_fit(self, slot: str, factors: Mapping[str, LoRAFactors], client: str = "?") -> None:
+        """:meth:`check` for factors at per-module ranks at most ``slot``'s (what
+        :meth:`fit_slot` trains): the weight shapes and the scaling alpha/r of their own rank."""
+        own = self.slot_ranks.get(slot)
+        if own is None:
+            raise UsageError(f"unknown adapter slot {slot!r}")
+        missing = set(self.layers) - set(factors)
+        if missing:
+            raise InvalidUpdateError(client, sorted(missing)[0], "missing_module", "no factors")
+        if all(factors[name].rank == own[name] for name in self.layers):
+            self.check(slot, factors, client)
+            return
+        for name, layer in self.layers.items():
+            f = factors[name]
+            shape = (layer.lora_B[slot].weight.shape[0], layer.lora_A[slot].weight.shape[1])
+            if f.shape != tuple(shape) or f.rank > own[name]:
+                raise InvalidUpdateError(
+                    client,
+                    name,
+                    "shape",
+                    f"factors A{tuple(f.A.shape)} B{tuple(f.B.shape)} do not fit slot {slot} "
+                    f"(a {shape[0]}x{shape[1]} weight, rank at most {own[name]})",
+                )
+            want = lora_scaling(self.alpha, f.rank, self.use_rslora)
+            if abs(f.scaling - want) > 1e-9 * max(1.0, f.scaling):
+                raise InvalidUpdateError(
+                    client, name, "alpha", f"factors have scaling {f.scaling}, the slot {want}"
                 )
 
     def scaling(self, slot: str, module: str) -> float:

@@ -37,6 +37,7 @@ from flexlora.training.client import (
     lr_factor,
 )
 from flexlora.training.multi import BatchPlan, MultiLoRA
+from flexlora.training.pruning import SelfPruning, self_prune, tail_penalty
 from flexlora.training.stacked import StackedOptimizer, clip_per_client
 from flexlora.types import LoRAFactors
 
@@ -103,23 +104,27 @@ def train_many(
     cfg: TrainConfig,
     pad_id: int,
     train_A: bool = True,
+    pruning: SelfPruning | None = None,
 ) -> list[LocalResult]:
     """Train every job's client from its start factors, all in one batched pass per step.
 
-    Returns one :class:`LocalResult` per job, in order; a client's ``seconds`` is the time
-    until it left the stack.
+    Each client trains at the ranks of its start factors (at most its slot's, see
+    :meth:`AdapterHost.fit_slot`). With ``pruning`` each client's objective carries its own
+    tail regulariser and it may prune, as :func:`train_local` does. Returns one
+    :class:`LocalResult` per job, in order; a client's ``seconds`` is the time until it left
+    the stack.
     """
     t0 = time.perf_counter()
     _check_no_base_dropout(host)
     for job in jobs:
         if not job.examples:
             raise RuntimeError(f"client {job.client} has no training examples")
-        host.check(job.slot, job.start, client=job.client)
+        host.check_fit(job.slot, job.start, client=job.client)
     multi = MultiLoRA(
         host.layers,
         host.model.base_model.model,
-        [host.slot_ranks[j.slot] for j in jobs],
-        [{m: host.scaling(j.slot, m) for m in host.layers} for j in jobs],
+        [{m: j.start[m].rank for m in host.layers} for j in jobs],
+        [{m: j.start[m].scaling for m in host.layers} for j in jobs],
         host.dropout,
     )
     for k, job in enumerate(jobs):
@@ -184,6 +189,8 @@ def train_many(
                     weighted.sum().backward()
                     for s, value in zip(active, weighted.detach().tolist(), strict=True):
                         step_loss[s] += value
+                if pruning is not None and pruning.weight > 0:
+                    _penalty(multi, pruning).backward()
                 if cfg.max_grad_norm > 0:
                     clip_per_client(params, cfg.max_grad_norm)
                 optimizer.step([cfg.lr * progress[c].factor(step) for c in alive])
@@ -192,7 +199,7 @@ def train_many(
                     progress[c].losses.append(step_loss[s])
                 done = [s for s, c in enumerate(alive) if progress[c].steps == step]
                 for s in done:
-                    results[alive[s]] = _result(progress[alive[s]], multi, s, host, t0)
+                    results[alive[s]] = _result(progress[alive[s]], multi, s, host, t0, pruning)
                 if done:
                     kept = [s for s in range(len(alive)) if s not in done]
                     alive = [alive[s] for s in kept]
@@ -224,12 +231,34 @@ def _check_no_base_dropout(host: AdapterHost) -> None:
         )
 
 
-def _result(p: _Progress, multi: MultiLoRA, s: int, host: AdapterHost, t0: float) -> LocalResult:
+def _penalty(multi: MultiLoRA, pruning: SelfPruning) -> Tensor:
+    """λ·Σ_k (client k's tail penalty on its own slices): each client's gradient is its own."""
+    pairs = (
+        (multi.A[name][k], multi.B[name][k], ranks[name])
+        for k, ranks in enumerate(multi.ranks)
+        for name in multi.A
+    )
+    return pruning.weight * tail_penalty(pairs, pruning.gamma)
+
+
+def _result(
+    p: _Progress,
+    multi: MultiLoRA,
+    s: int,
+    host: AdapterHost,
+    t0: float,
+    pruning: SelfPruning | None,
+) -> LocalResult:
+    factors = multi.read(s, host.alpha, host.use_rslora)
+    pruned = False
+    if pruning is not None:
+        factors, pruned = self_prune(p.job.start, factors, pruning)
     return LocalResult(
-        factors=multi.read(s, host.alpha, host.use_rslora),
+        factors=factors,
         train_loss=float(np.mean(p.losses)) if p.losses else float("nan"),
         steps=p.steps,
         tokens=p.tokens,
         seconds=time.perf_counter() - t0,
         losses=list(p.losses),
+        pruned=pruned,
     )

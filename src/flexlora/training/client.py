@@ -17,6 +17,7 @@ from torch import Tensor
 
 from flexlora.config import TrainConfig
 from flexlora.training.adapters import AdapterHost
+from flexlora.training.pruning import SelfPruning, self_prune, tail_penalty
 from flexlora.types import LoRAFactors
 
 __all__ = [
@@ -139,6 +140,7 @@ class LocalResult:
     tokens: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    pruned: bool = False  # HetLoRA's self-pruning shrank the client's ranks this round
 
 
 def optimise(
@@ -148,11 +150,14 @@ def optimise(
     cfg: TrainConfig,
     seed: int,
     pad_id: int,
+    penalty: Callable[[], Tensor] | None = None,
 ) -> tuple[list[float], int, int]:
     """The local loop over ``params``: (loss per step, tokens seen, steps).
 
     Every random choice (example order, dropout) is drawn from ``seed``. Shared by LoRA
     training (:func:`train_local`) and SLoRA's sparse stage (:mod:`flexlora.training.sparse`).
+    ``penalty`` (HetLoRA's self-pruning regulariser) is added to each step's objective, once
+    per optimizer step, before clipping; the losses returned are the data loss alone.
     """
     model.train()
     steps = local_steps(cfg, len(examples))
@@ -186,6 +191,8 @@ def optimise(
             loss = out.loss * (count / total)
             loss.backward()
             step_loss += float(loss.detach())
+        if penalty is not None:
+            penalty().backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -193,6 +200,17 @@ def optimise(
         losses.append(step_loss)
     model.eval()
     return losses, tokens, steps
+
+
+def regulariser(
+    weights: Sequence[tuple[Tensor, Tensor]], pruning: SelfPruning | None
+) -> Callable[[], Tensor] | None:
+    """λ times HetLoRA's tail penalty of the live ``(A (r, n), B (m, r))`` pairs (or ``None``)."""
+    if pruning is None or pruning.weight == 0:
+        return None
+    pairs = [(A, B, int(A.shape[0])) for A, B in weights]
+    weight, gamma = pruning.weight, pruning.gamma
+    return lambda: weight * tail_penalty(pairs, gamma)
 
 
 def train_local(
@@ -205,19 +223,28 @@ def train_local(
     pad_id: int,
     train_A: bool = True,
     client: str = "?",
+    pruning: SelfPruning | None = None,
 ) -> LocalResult:
     """Train the adapter in ``slot`` from ``start`` on ``examples``; return the new factors.
 
     Every random choice (example order, LoRA dropout) is drawn from ``seed``, so a client's
-    work in a round is reproducible whatever ran before it.
+    work in a round is reproducible whatever ran before it. The client trains at the ranks of
+    ``start``, at most the slot's (:meth:`AdapterHost.fit_slot`). With ``pruning`` (HetLoRA)
+    its loss carries the tail regulariser and it may return its factors at pruned ranks
+    (:mod:`flexlora.training.pruning`).
     """
     t0 = time.perf_counter()
+    slot = host.fit_slot(slot, {name: f.rank for name, f in start.items()})
     host.load(slot, start, client=client)
     params = host.activate(slot, train_A=train_A)
-    losses, tokens, steps = optimise(host.model, params, examples, cfg, seed, pad_id)
+    penalty = regulariser(host.weights(slot), pruning)
+    losses, tokens, steps = optimise(host.model, params, examples, cfg, seed, pad_id, penalty)
     for p in params:
         p.requires_grad_(False)
     factors = host.read(slot)
+    pruned = False
+    if pruning is not None:
+        factors, pruned = self_prune(start, factors, pruning)
     return LocalResult(
         factors=factors,
         train_loss=float(np.mean(losses)) if losses else float("nan"),
@@ -225,4 +252,5 @@ def train_local(
         tokens=tokens,
         seconds=time.perf_counter() - t0,
         losses=losses,
+        pruned=pruned,
     )

@@ -21,6 +21,7 @@ from flexlora.models.prepare import prepare_for_training
 from flexlora.training.adapters import AdapterHost
 from flexlora.training.batched import ClientJob, train_many
 from flexlora.training.client import LocalResult, TokenizedExample, tokenize, train_local
+from flexlora.training.pruning import SelfPruning
 from flexlora.training.sparse import SparseResult, train_sparse
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
 
@@ -45,7 +46,11 @@ class LazyTokenized(Sequence[TokenizedExample]):
 
 
 class ClientWorker:
-    """Trains and evaluates clients on one shared frozen base model."""
+    """Trains and evaluates clients on one shared frozen base model.
+
+    ``pruning`` turns on HetLoRA's local rank self-pruning for every client it trains (see
+    :mod:`flexlora.training.pruning`); a client trains at the ranks of its start factors.
+    """
 
     def __init__(
         self,
@@ -55,9 +60,11 @@ class ClientWorker:
         slot_ranks: Mapping[str, Mapping[str, int]],
         train: TrainConfig,
         template: Any = "alpaca",
+        pruning: SelfPruning | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.train_cfg = train
+        self.pruning = pruning
         self.template = template
         prepare_for_training(model, train)  # k-bit preparation, checkpointing: before PEFT
         self.host = AdapterHost(
@@ -103,6 +110,7 @@ class ClientWorker:
             pad_id=self.pad_id,
             train_A=train_A,
             client=client,
+            pruning=self.pruning,
         )
         return _update(client, len(examples), result), result
 
@@ -110,7 +118,7 @@ class ClientWorker:
         """Raise if ``job`` cannot train: no examples, or start factors that miss its slot."""
         if not job.examples:
             raise RuntimeError("client has no training examples")
-        self.host.check(job.slot, job.start, client=job.client)
+        self.host.check_fit(job.slot, job.start, client=job.client)
 
     def train_many(
         self, jobs: Sequence[ClientJob], train_A: bool = True
@@ -127,7 +135,9 @@ class ClientWorker:
             replace(j, start=dict(j.start), examples=LazyTokenized(j.examples, self.encode))
             for j in jobs
         ]
-        results = train_many(self.host, tokenized, self.train_cfg, self.pad_id, train_A=train_A)
+        results = train_many(
+            self.host, tokenized, self.train_cfg, self.pad_id, train_A=train_A, pruning=self.pruning
+        )
         return [
             (_update(j.client, len(j.examples), r), r) for j, r in zip(jobs, results, strict=True)
         ]
