@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,25 @@ def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
 
 
+def interrupted_then_resumed(
+    make: Callable[[], FederatedRun], monkeypatch: pytest.MonkeyPatch, out: Path, at: int = 3
+) -> list[dict[str, Any]]:
+    """Run ``make()`` until it dies at the start of round ``at``, then resume a fresh one."""
+    broken = make()
+    real_round = broken.run_round
+
+    def run_round(state, round_, bar):  # type: ignore[no-untyped-def]
+        if round_ == at:
+            raise Interrupt
+        return real_round(state, round_, bar)
+
+    monkeypatch.setattr(broken, "run_round", run_round)
+    with pytest.raises(Interrupt):
+        broken.run()
+    assert load_checkpoint(out / "checkpoint").round == at - 1
+    return make().run(resume=True)
+
+
 @pytest.mark.parametrize("strategy", ["flexlora", "flora", "fedex", "fedsa"])
 def test_resume_in_process_equals_an_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
@@ -232,19 +252,7 @@ def test_resume_in_process_equals_an_uninterrupted_run(
         return FederatedRun(cfg, dataset=make_dataset(), model_and_tokenizer=build_tiny_llama(0))
 
     whole = sim("whole").run()
-    broken = sim("broken")
-    real_round = broken.run_round
-
-    def run_round(state, round_, bar):  # type: ignore[no-untyped-def]
-        if round_ == 3:
-            raise Interrupt
-        return real_round(state, round_, bar)
-
-    monkeypatch.setattr(broken, "run_round", run_round)
-    with pytest.raises(Interrupt):
-        broken.run()
-    assert load_checkpoint(tmp_path / "broken" / "checkpoint").round == 2
-    resumed = sim("broken").run(resume=True)
+    resumed = interrupted_then_resumed(lambda: sim("broken"), monkeypatch, tmp_path / "broken")
     assert comparable(resumed) == comparable(whole)
     assert_same_adapters(tmp_path / "whole", tmp_path / "broken")
     if strategy == "fedsa":

@@ -15,7 +15,6 @@ from flexlora.client_state import CLIENT_RANKS, with_own_ranks
 from flexlora.config import TrainConfig, load_config
 from flexlora.errors import UsageError
 from flexlora.server import Coordinator
-from flexlora.simulation.checkpoint import load_checkpoint
 from flexlora.simulation.runner import FederatedRun
 from flexlora.training.batched import ClientJob
 from flexlora.training.model import build_tiny_llama
@@ -30,7 +29,11 @@ from flexlora.training.pruning import (
 from flexlora.types import LoRAFactors
 from tests.sim_helpers import make_dataset, tiny_config
 from tests.test_batched import TRAIN, assert_same, jobs_for, make_worker, rel
-from tests.test_checkpoint_resume import Interrupt, assert_same_adapters, comparable
+from tests.test_checkpoint_resume import (
+    assert_same_adapters,
+    comparable,
+    interrupted_then_resumed,
+)
 
 
 def random_factors(ranks: dict[str, int], seed: int, alpha: float = 16.0) -> dict[str, LoRAFactors]:
@@ -245,19 +248,8 @@ def test_simulator_clients_prune_and_keep_their_ranks(tmp_path: Path, monkeypatc
 def test_pruned_ranks_survive_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = sim(tmp_path / "whole", **PRUNING).run()
     assert whole[1]["client_ranks"] and whole[2]["client_ranks"]  # round 3 reads pruned ranks
-    broken = sim(tmp_path / "broken", **PRUNING)
-    real_round = broken.run_round
-
-    def run_round(state, round_, bar):  # type: ignore[no-untyped-def]
-        if round_ == 3:
-            raise Interrupt
-        return real_round(state, round_, bar)
-
-    monkeypatch.setattr(broken, "run_round", run_round)
-    with pytest.raises(Interrupt):
-        broken.run()
-    assert load_checkpoint(tmp_path / "broken" / "checkpoint").round == 2
-    resumed = sim(tmp_path / "broken", **PRUNING).run(resume=True)
+    broken = tmp_path / "broken"
+    resumed = interrupted_then_resumed(lambda: sim(broken, **PRUNING), monkeypatch, broken)
     assert comparable(resumed) == comparable(whole)
     assert_same_adapters(tmp_path / "whole", tmp_path / "broken")
     assert stored_ranks(tmp_path / "whole") == stored_ranks(tmp_path / "broken")
