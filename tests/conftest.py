@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from flexlora.types import LoRAFactors
+
+# Tests are deterministic: hypothesis draws the same examples on every run (CI included), so a
+# red build always reproduces; `--hypothesis-profile explore` draws fresh ones to hunt bugs.
+settings.register_profile("default", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=200)
+settings.load_profile("default")
 
 # Tests use tiny models: one intra-op thread is as fast as two and, unlike two, does not collapse
 # when the CPU is shared (OpenMP's spinning barriers slow tiny ops down tens of times).

@@ -17,7 +17,14 @@ from torch import Tensor
 
 from flexlora.aggregation.base import Aggregator, ModuleAccumulator, register
 from flexlora.errors import UsageError
-from flexlora.lora.svd import SVD_METHODS, dense_svd, factored_svd, gram_svd, randomized_svd
+from flexlora.lora.svd import (
+    SVD_METHODS,
+    canonical_signs,
+    dense_svd,
+    factored_svd,
+    gram_svd,
+    randomized_svd,
+)
 from flexlora.types import GlobalUpdate, LoRAFactors, ModuleDelta
 
 
@@ -92,7 +99,7 @@ class FlexLoRAModule(ModuleAccumulator):
             U, S, Vh = dense_svd(self.delta)
         # rank(ΔW) <= R: a dense SVD's further triplets are zeros, cut so both forms agree
         k = self.total_rank if keep is None else min(keep, self.total_rank)
-        U, S, Vh = U[:, :k], S[:k], Vh[:k]
+        U, S, Vh = canonical_signs(U[:, :k], S[:k], Vh[:k])
         return ModuleDelta(
             U=U.contiguous(),
             S=(S / total_weight).contiguous(),
