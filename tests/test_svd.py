@@ -6,6 +6,8 @@ so results are compared as reconstructed truncations ``U[:, :k]·diag(S[:k])·Vh
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,23 @@ def test_gram_svd_falls_back_to_qr_on_rank_deficient_stacks() -> None:
     U0, S0, Vh0 = reference(M)
     assert rel_err(truncate(U.numpy(), S.numpy(), Vh.numpy(), 3), truncate(U0, S0, Vh0, 3)) <= 1e-10
     assert abs(float(S[3])) <= 1e-10 * float(S[0])
+
+
+@pytest.mark.parametrize(("decay", "k"), [(1.0, 12), (1e-3, 12), (1e-8, 30)])
+def test_top_core_equals_the_core_svd_top_k(decay: float, k: int) -> None:
+    """The eigh route and its SVD fallback (a spectrum spanning more than 1e5) agree with the
+    SVD's top-k truncation of the core."""
+    from flexlora.lora.svd import _top_core
+
+    g = torch.Generator().manual_seed(3)
+    R = 40
+    Q1, _ = torch.linalg.qr(torch.randn(R, R, generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(R, R, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, math.log10(decay) if decay < 1 else -0.5, R, dtype=torch.float64)
+    core = (Q1 * s) @ Q2.T
+    Uc, S, Vc = _top_core(core, k)
+    T = (Uc * S) @ Vc.T
+    ref = (Q1[:, :k] * s[:k]) @ Q2[:, :k].T
+    assert torch.linalg.norm(T - ref) <= 1e-10 * torch.linalg.norm(ref)
+    torch.testing.assert_close(S, s[:k], rtol=1e-10, atol=0)
+    torch.testing.assert_close(Uc.T @ Uc, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
