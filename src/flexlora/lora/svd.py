@@ -113,7 +113,7 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
 
 
 def _top_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top ``k`` singular triplets of a square float64 ``core`` (R, R): Uc, S, Uc (R, k), S, Vc (R, k).
+    """Top ``k`` singular triplets of a square float64 ``core`` (R, R): Uc, Vc (R, k) and S.
 
     For k < R they come from the symmetric eigendecomposition of core·coreᵀ (LAPACK syevd,
     2-3x cheaper than the SVD of the core, which dominated the server step once R is in the
