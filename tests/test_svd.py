@@ -210,3 +210,33 @@ def test_top_core_equals_the_core_svd_top_k(decay: float, k: int) -> None:
     assert torch.linalg.norm(T - ref) <= 1e-10 * torch.linalg.norm(ref)
     torch.testing.assert_close(S, s[:k], rtol=1e-10, atol=0)
     torch.testing.assert_close(Uc.T @ Uc, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_gram_svd_float32_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 stacks: well-conditioned ones take the float32 Grams, near-collinear ones (clients
+    that started from the same global B) are redone in float64; both match the float64 SVD."""
+    import flexlora.lora.svd as svd
+
+    used: list[bool] = []
+    real = svd._gram_factor
+
+    def spy(X: torch.Tensor, fast: bool = False) -> torch.Tensor | None:
+        out = real(X, fast)
+        used.append(fast and out is not None)
+        return out
+
+    monkeypatch.setattr(svd, "_gram_factor", spy)
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 300, 200, 6
+    B0 = torch.randn(m, 8, generator=g, dtype=torch.float64)
+    A0 = torch.randn(8, n, generator=g, dtype=torch.float64)
+    for spread, fast_expected in ((1.0, True), (1e-3, False)):
+        Bs = [B0 + spread * torch.randn(m, 8, generator=g, dtype=torch.float64) for _ in range(4)]
+        As = [A0 + spread * torch.randn(8, n, generator=g, dtype=torch.float64) for _ in range(4)]
+        B = torch.cat([(i + 1.0) * b for i, b in enumerate(Bs)], dim=1)  # (m, 32), scaled columns
+        A = torch.cat(As, dim=0)  # (32, n)
+        U0, S0, Vh0 = reference((B @ A).numpy())
+        used.clear()
+        U, S, Vh = (t.double().numpy() for t in gram_svd(B.float(), A.float(), k))
+        assert (used[0] if used else False) == fast_expected
+        assert rel_err(truncate(U, S, Vh, k), truncate(U0, S0, Vh0, k)) <= 1e-5
