@@ -219,3 +219,90 @@ def test_coordinator_caps_the_flexlora_state_by_federation_keep_rank(
 def test_bad_server_settings_are_refused(key: str, value: object, needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
         load_config(values={"federation": {key: value}})
+
+
+# --- HetLoRA and FedEx-LoRA stream too -------------------------------------------------------
+MIXED = [{Q: 4, UP: 6}, {Q: 2, UP: 1}, {Q: 3, UP: 5}]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [("hetlora", {}), ("hetlora", {"weighting": "module"}), ("fedex", {})],
+    ids=["hetlora", "hetlora-module", "fedex"],
+)
+def test_hetlora_and_fedex_accumulators_hold_a_fixed_number_of_buffers(
+    strategy: str, options: dict
+) -> None:
+    """After 42 replies the accumulator holds what it held after a handful: per module the
+    padded sums at the largest rank (and FedEx's exact sum, at most one dense m×n), never
+    anything per client."""
+    from flexlora.aggregation.base import BufferedAccumulator
+
+    shapes = {Q: (24, 16), UP: (40, 16)}
+    updates = make_round(9, shapes, MIXED * 14, list(range(1, 43)), [8.0] * 42)
+    acc = get_aggregator(strategy, **options).start(shapes)
+    assert not isinstance(acc, BufferedAccumulator)
+    sizes, counts = [], []
+    for u in updates:
+        acc.add(u)
+        sizes.append(acc.num_bytes())
+        counts.append(sum(len(m.tensors()) for m in acc.modules.values()))
+    r_max = {Q: 4, UP: 6}
+    padded = sum(r_max[k] * (m + n) * 4 for k, (m, n) in shapes.items())
+    dense = sum(m * n * 4 for m, n in shapes.values())
+    assert max(sizes) <= padded + (dense if strategy == "fedex" else 0)
+    assert sizes[-1] == sizes[5] and counts[-1] == counts[5] <= 3 * len(shapes)
+    assert acc.result().names() == [Q, UP]
+
+
+def test_fedex_across_the_switch_to_a_dense_sum_is_exact_over_two_rounds() -> None:
+    """20×16 holds 320 numbers; rank-3 stacks 3·36 each: the exact sum turns dense at the
+    third client. The global model is W0 + Σ p_i s_i B_i A_i (float64) in both rounds, and the
+    stacked and dense forms of one round give the same residual."""
+    m, n = 20, 16
+    agg = get_aggregator("fedex", dtype=torch.float64)
+    state = None
+    for rnd, count in ((1, 7), (2, 2)):
+        updates = make_round(
+            rnd, {Q: (m, n)}, [{Q: 3}, {Q: 1}] * 4, [3, 1, 4, 1, 5, 9, 2, 6], [8.0] * 8
+        )
+        updates = updates[:count]
+        acc = agg.start({Q: (m, n)}, state)
+        for u in updates:
+            acc.add(u)
+        assert acc.modules[Q].exact.stacked == (count == 2)
+        # the clients' adapters hold all but the residual they started with
+        held = state.frozen[Q].dense().numpy() if state is not None else 0.0
+        state = acc.result()
+        W = dense_reference(updates, Q, [float(u.num_examples) for u in updates])
+        assert rel_err(state.delta(Q).numpy(), held + W) <= 1e-12
+        assert state.frozen[Q].rank <= min(m, n)
+    # the same round folded by a stacking-only exact sum: the same residual
+    updates = make_round(1, {Q: (m, n)}, [{Q: 3}, {Q: 1}] * 4, [3, 1, 4, 1, 5, 9, 2, 6], [8.0] * 8)
+    dense_acc = agg.start({Q: (m, n)})
+    stacked_acc = agg.start({Q: (m, n)})
+    stacked_acc.modules[Q].exact.method = "factored"
+    for u in updates[:7]:
+        dense_acc.add(u)
+        stacked_acc.add(u)
+    a, b = dense_acc.result(), stacked_acc.result()
+    assert rel_err(a.frozen[Q].dense().numpy(), b.frozen[Q].dense().numpy()) <= 1e-12
+
+
+def test_hetlora_zero_updates_before_non_zero_ones_leave_no_trace() -> None:
+    """The example-weighted fallback is kept only while every update so far is zero."""
+    shapes = {Q: (6, 5)}
+    updates = make_round(2, shapes, [{Q: 2}, {Q: 3}], [1, 2], [8.0, 8.0])
+    zero = ClientUpdate(
+        "z", 7, {Q: LoRAFactors(torch.ones(4, 5).double(), torch.zeros(6, 4).double(), 8.0)}
+    )
+    agg = get_aggregator("hetlora", dtype=torch.float64)
+    acc = agg.start(shapes)
+    acc.add(zero)
+    assert acc.modules[Q].fallback is not None
+    for u in updates:
+        acc.add(u)
+    assert acc.modules[Q].fallback is None
+    got, want = acc.result(), agg.aggregate(updates)
+    assert got[Q].rank == 4  # the zero client's rank still counts, as zero padding
+    assert rel_err(got[Q].dense().numpy(), want[Q].dense().numpy()) <= 1e-12

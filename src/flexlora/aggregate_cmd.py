@@ -3,10 +3,11 @@
 Needs only the adapter folders: no base model, no network. All inputs are read and checked and
 every output is computed before anything is written, so bad input writes nothing.
 
-For a streaming strategy (FlexLoRA, FLoRA, FedIT, FFA-LoRA) the folders are read module by
-module (safetensors ``safe_open``): the peak memory is one module's accumulator (for FlexLoRA
-its factor stacks or dense sum, whichever is smaller) plus the outputs, whatever the number of
-clients. Other strategies load every adapter first.
+For a streaming strategy (FlexLoRA, FLoRA, FedIT, FFA-LoRA, HetLoRA, FedEx-LoRA) the folders
+are read module by module (safetensors ``safe_open``): the peak memory is one module's
+accumulator (for FlexLoRA its factor stacks or dense sum, whichever is smaller) plus the
+outputs, whatever the number of clients. HetLoRA's per-client weights (the norm of a client's
+whole update) take one more pass over the modules first. Other strategies load every adapter.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from flexlora.aggregation import Aggregator, get_aggregator
 from flexlora.aggregation.base import check_factors
+from flexlora.aggregation.hetlora import HetLoRA, frobenius_norm
 from flexlora.errors import InvalidUpdateError, RankError, UsageError
 from flexlora.lora.peft_io import (
     AdapterReader,
@@ -177,6 +179,11 @@ def run_aggregate(
     return written
 
 
+def whole_norm(adapter: AdapterReader) -> float:
+    """‖ΔW‖_F of one client's whole adapter, reading one module at a time (HetLoRA's weight)."""
+    return math.sqrt(math.fsum(frobenius_norm(adapter.factors(m)) ** 2 for m in adapter.shapes))
+
+
 def stream_modules(
     aggregator: Aggregator, readers: Sequence[AdapterReader], weights: Sequence[float]
 ) -> Iterator[tuple[str, ModuleDelta]]:
@@ -201,9 +208,12 @@ def stream_modules(
     if len({a.source for a in readers}) < len(readers):
         raise InvalidUpdateError(None, None, "duplicate", "a client folder is given twice")
     total = math.fsum(weights)
+    options: dict[str, object] = {}
+    if isinstance(aggregator, HetLoRA) and aggregator.weighting == "client":
+        options["client_norms"] = {a.source: whole_norm(a) for a in readers}
     for module in owners:
         shape = Counter(a.shapes[module] for a in readers).most_common(1)[0][0]
-        acc = aggregator.start_module(module, shape, None)
+        acc = aggregator.start_module(module, shape, None, **options)
         for a, w in zip(readers, weights, strict=True):
             f = a.factors(module)
             check_factors(a.source, module, f, shape)

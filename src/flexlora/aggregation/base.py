@@ -206,7 +206,7 @@ class ModuleAccumulator(ABC):
        caller may drop the factors: an accumulator copies what it keeps;
     4. :meth:`result` (``finalize``) gets ``total_weight = Σ w_j`` and returns the module's
        :class:`~flexlora.types.ModuleDelta` (on any device; :class:`Accumulator` moves it to
-       the CPU).
+       the CPU); then :meth:`frozen` gives the module's frozen part, if the strategy has one.
 
     What an accumulator holds must not grow with the number of clients beyond what the result
     itself needs (a running sum, or FLoRA's stack, whose rank *is* Σ r_i). Say in the
@@ -231,6 +231,11 @@ class ModuleAccumulator(ABC):
     @abstractmethod
     def result(self, total_weight: float) -> ModuleDelta:
         """The module's global update; ``total_weight`` is the sum of the folded weights."""
+
+    def frozen(self) -> ModuleDelta | None:
+        """The module's frozen part (:attr:`GlobalUpdate.frozen`, FedEx-LoRA's residual), asked
+        for after :meth:`result`; ``None`` (the default): the strategy has none."""
+        return None
 
     def tensors(self) -> list[Tensor]:
         """The tensors this accumulator holds now (to report its memory)."""
@@ -312,7 +317,9 @@ class Accumulator:
         modules = {
             name: _to_cpu(acc.result(self.total_weight)) for name, acc in self.modules.items()
         }
-        return GlobalUpdate(modules=modules, strategy=self.strategy)
+        frozen = {name: acc.frozen() for name, acc in self.modules.items()}
+        frozen_cpu = {name: _to_cpu(d) for name, d in frozen.items() if d is not None}
+        return GlobalUpdate(modules=modules, strategy=self.strategy, frozen=frozen_cpu)
 
     def num_bytes(self) -> int:
         """Bytes the module accumulators hold now."""

@@ -7,10 +7,17 @@ keeps the averaged factors as the adapter every client starts from and adds the 
 
 to the frozen weights, so the global model is exactly W0 + Σ_i p_i ΔW_i, where ΔW_i is client
 i's whole update since W0 (the remainder of earlier rounds, which every client held, plus its
-adapter). R is kept in factored form, as the thin SVD of the stack
-[p_1 s_1 B_1 … p_K s_K B_K, −B̄, U_prev S_prev]·[A_1; …; A_K; Ā; Vh_prev] (exact, ≤ min(m, n)
-components), in :attr:`GlobalUpdate.frozen`; it is never written into quantized weights (the
+adapter). R (plus the previous rounds' residual) is kept as an exact thin SVD (≤ min(m, n)
+components) in :attr:`GlobalUpdate.frozen`; it is never written into quantized weights (the
 drivers add it as a separate float32 term there, see ``AdapterHost.set_base_delta``).
+
+Replies are folded as they arrive (:class:`FedExModule`): per module the server keeps the
+running padded sums Σ w_i s_i pad(B_i), Σ w_i pad(A_i) (the FedAvg factors) and the exact
+Σ w_i s_i B_i A_i in the smaller of FlexLoRA's two forms (the weighted factor stacks, or a dense
+m×n running sum once the stacks would be larger), so its memory is bounded by the module, not
+by the number of clients. At the end the residual's SVD comes from the stack
+[Bs/W, −B̄, U_prev S_prev]·[As; Ā; Vh_prev] without forming it, or from the dense
+Σ/W − B̄·Ā + R_prev; both are exact.
 
 Mixed ranks (not in the paper, which uses one rank): A and B are zero-padded to the round's
 largest rank and averaged with the example weights, in update units as in HetLoRA:
@@ -24,14 +31,75 @@ what the residual keeps exact) is W0 + R + B̄·Ā.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+from torch import Tensor
 
-from flexlora.aggregation.base import Aggregator, check_updates, normalize_weights, register
-from flexlora.aggregation.hetlora import padded_average
-from flexlora.lora.svd import factored_svd
-from flexlora.types import ClientUpdate, FactorState, GlobalUpdate, SVDState
+from flexlora.aggregation.base import Aggregator, ModuleAccumulator, register
+from flexlora.aggregation.flexlora import FlexLoRAModule
+from flexlora.aggregation.hetlora import PaddedSum
+from flexlora.lora.svd import dense_svd, factored_svd
+from flexlora.types import FactorState, GlobalUpdate, LoRAFactors, ModuleDelta, SVDState
+
+
+class FedExModule(ModuleAccumulator):
+    """One module's FedAvg factors and exact residual, folded one client at a time.
+
+    Holds a :class:`~flexlora.aggregation.hetlora.PaddedSum` (two buffers at the largest rank so
+    far), a :class:`~flexlora.aggregation.flexlora.FlexLoRAModule` for Σ w_i s_i B_i A_i
+    (stacks while R·(m + n) ≤ m·n, else one dense (m, n) sum), and a reference to the previous
+    residual (``previous``, not copied).
+    """
+
+    def __init__(
+        self,
+        module: str,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        previous: ModuleDelta | None,
+    ) -> None:
+        super().__init__(module, shape, dtype, device)
+        self.average = PaddedSum(self.shape, dtype, device)
+        self.exact = FlexLoRAModule(module, shape, dtype, device, "auto", None, 0)
+        self.previous = previous
+        self._frozen: SVDState | None = None
+
+    def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
+        A, B = self.load(f)
+        self.average.add(A, B, f.scaling, weight)
+        self.exact.fold(client_id, f, weight)
+
+    def result(self, total_weight: float) -> FactorState:
+        B, A = self.average.average(total_weight, self.average.rank)  # (m, r_max), (r_max, n)
+        self._frozen = self.residual(B, A, total_weight)
+        return FactorState.of(B, A)
+
+    def frozen(self) -> SVDState | None:
+        return self._frozen
+
+    def residual(self, B: Tensor, A: Tensor, total_weight: float) -> SVDState:
+        """R_prev + Σ w_i s_i B_i A_i / W − B̄·Ā as an exact thin SVD."""
+        prev = self.previous
+        to = {"device": self.device, "dtype": self.dtype}
+        rank = self.exact.total_rank + A.shape[0] + (prev.rank if prev is not None else 0)
+        if self.exact.stacked:
+            Bs = [b / total_weight for b in self.exact.Bs] + [-B]
+            As = [*self.exact.As, A]
+            if prev is not None:
+                Bs.append(prev.U.to(**to) * prev.S.to(**to))  # (m, k)
+                As.append(prev.Vh.to(**to))  # (k, n)
+            U, S, Vh = factored_svd(torch.cat(Bs, dim=1), torch.cat(As, dim=0))
+        else:
+            assert self.exact.delta is not None
+            delta = self.exact.delta / total_weight - B @ A  # (m, n)
+            if prev is not None:
+                delta += (prev.U.to(**to) * prev.S.to(**to)) @ prev.Vh.to(**to)
+            U, S, Vh = dense_svd(delta)
+            U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]  # rank(R) <= the stack's width
+        return SVDState(U=U.contiguous(), S=S.contiguous(), Vh=Vh.contiguous())
+
+    def tensors(self) -> list[Tensor]:
+        return self.average.tensors() + self.exact.tensors()
 
 
 @register
@@ -41,51 +109,8 @@ class FedExLoRA(Aggregator):
     name = "fedex"
     reads_previous = True
 
-    def aggregate(
-        self,
-        updates: Sequence[ClientUpdate],
-        weights: Sequence[float] | None = None,
-        previous: GlobalUpdate | None = None,
-    ) -> GlobalUpdate:
-        """Averaged factors in ``modules``; the cumulative residual in ``frozen``."""
-        updates = list(updates)
-        shapes = check_updates(updates)
-        p = normalize_weights(updates, weights)
-        modules: dict[str, FactorState] = {}
-        frozen: dict[str, SVDState] = {}
-        for name in shapes:
-            modules[name] = self.aggregate_module(name, updates, p, previous)
-            frozen[name] = self.residual(name, updates, p, modules[name], previous)
-        return GlobalUpdate(modules=modules, strategy=self.name, frozen=frozen)
-
-    def aggregate_module(
-        self,
-        module: str,
-        updates: Sequence[ClientUpdate],
-        p: Sequence[float],
-        previous: GlobalUpdate | None,
-    ) -> FactorState:
-        factors = [u.factors[module] for u in updates]
-        B, A = padded_average(factors, p, self.dtype)  # (m, r_max), (r_max, n)
-        return FactorState.of(B, A)
-
-    def residual(
-        self,
-        module: str,
-        updates: Sequence[ClientUpdate],
-        p: Sequence[float],
-        averaged: FactorState,
-        previous: GlobalUpdate | None,
-    ) -> SVDState:
-        """R_prev + Σ p_i s_i B_i A_i − B̄·Ā as an exact thin SVD, from the stacked factors."""
-        factors = [u.factors[module] for u in updates]
-        Bs = [pi * f.scaling * f.B.to(self.dtype) for pi, f in zip(p, factors, strict=True)]
-        As = [f.A.to(self.dtype) for f in factors]
-        Bs.append(-averaged.U.to(self.dtype))  # (m, r_max)
-        As.append(averaged.Vh.to(self.dtype))  # (r_max, n)
-        if previous is not None and module in previous.frozen:
-            prev = previous.frozen[module]
-            Bs.append(prev.U.to(self.dtype) * prev.S.to(self.dtype))  # (m, k)
-            As.append(prev.Vh.to(self.dtype))  # (k, n)
-        U, S, Vh = factored_svd(torch.cat(Bs, dim=1), torch.cat(As, dim=0))
-        return SVDState(U=U.contiguous(), S=S.contiguous(), Vh=Vh.contiguous())
+    def start_module(
+        self, module: str, shape: tuple[int, int], previous: GlobalUpdate | None
+    ) -> ModuleAccumulator:
+        prev = previous.frozen.get(module) if previous is not None else None
+        return FedExModule(module, shape, self.dtype, self.device, prev)
