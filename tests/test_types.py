@@ -166,6 +166,22 @@ def test_factors_reproduce_the_truncation_at_the_clients_scaling(
     torch.testing.assert_close(fs.A.norm(dim=1), fs.B.norm(dim=0), rtol=1e-10, atol=1e-12)
 
 
+def test_cut_factors_do_not_keep_the_whole_state_alive() -> None:
+    """A rank-r cut owns its storage: a view of the state's first rows would keep the whole
+    (rank, n) Vh alive with it (flexlora aggregate held every module's full Vh that way)."""
+    s = svd_delta(40, 30, 12, seed=1)
+    d = ModuleDelta(s.U.contiguous(), s.S, s.Vh.contiguous(), "svd")  # as the server keeps it
+    for split in ("B", "balanced"):
+        for dtype in (None, torch.float32):
+            f = d.factors(3, 8.0, split=split, dtype=dtype)
+            for t in (f.A, f.B):
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), split
+                assert t.untyped_storage().data_ptr() not in (
+                    d.U.untyped_storage().data_ptr(),
+                    d.Vh.untyped_storage().data_ptr(),
+                )
+
+
 def test_factors_split_must_be_known() -> None:
     with pytest.raises(ValueError, match="split"):
         svd_delta(4, 4, 2, 0).factors(2, 8.0, split="A")

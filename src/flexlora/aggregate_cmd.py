@@ -167,6 +167,7 @@ def run_aggregate(
             except RankError as exc:
                 raise UsageError(f"--rank {r}: {exc}") from None
         spectra[module] = delta.S if delta.truncation == "svd" else None
+        del delta  # else this module's state (U, S, Vh) lives on while the next one is reduced
     out_dtype = readers[0].factors(next(iter(readers[0].shapes))).A.dtype
     template = dict(readers[0].meta.raw)
     template.pop("rank_pattern", None)
@@ -220,5 +221,7 @@ def stream_modules(
             acc.check(a.source, f)
             acc.fold(a.source, f, w)
             del f
-        yield module, acc.result(total)
-        del acc
+        delta = acc.result(total)
+        del acc  # the stacks or the dense sum go before the caller cuts the outputs
+        yield module, delta
+        del delta

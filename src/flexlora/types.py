@@ -248,7 +248,9 @@ class SVDState:
         Vh = self.Vh[:keep].to(dtype)  # (keep, n)
         if split == "B" or self.truncation != "svd":
             B = U * (S / s)  # (m, keep)
-            A = Vh  # (keep, n)
+            # (keep, n) in its own storage: a view of the first rows would keep the whole
+            # (rank, n) Vh alive for as long as the factors live (an export held every one)
+            A = Vh.clone() if Vh.data_ptr() == self.Vh.data_ptr() else Vh
         else:
             root = torch.sqrt(S / s)
             B = U * root  # (m, keep)
