@@ -1,5 +1,6 @@
-"""Large-model loading on CPU: bf16 and 4-bit (bitsandbytes NF4) runs, gradient checkpointing,
-GGUF files as ``model.name``, GPT-2's Conv1D layers and the error for layers that cannot adapt."""
+"""Large-model loading on CPU: bf16, 4-bit (bitsandbytes NF4) and 8-bit (LLM.int8) runs,
+gradient checkpointing, GGUF files as ``model.name``, GPT-2's Conv1D layers and the error for
+layers that cannot adapt."""
 
 from __future__ import annotations
 
@@ -75,45 +76,62 @@ def test_bf16_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
     _check_run(sim, rows, tmp_path)
 
 
+def _quantized_run(tmp_path: Path, model: dict, kind: type) -> torch.nn.Module:
+    """One round of two clients on a quantized tiny-llama, evaluated after it (through an
+    adapter), adapters exported; returns the base whose quantized weights it checked."""
+    cfg = tiny_config(
+        str(tmp_path / "run"),
+        model={"name": "tiny-llama", **model},
+        train={"local_steps": 1, "gradient_checkpointing": True},
+        federation={"rounds": 1, "clients_per_round": 2},
+        eval={"at_start": False, "unseen": True, "max_examples_per_client": 1},
+    )
+    base, tokenizer = load_model(cfg.model)
+    quantized = [m for m in base.modules() if isinstance(m, kind)]
+    assert len(quantized) == 14  # 2 layers x 7 projections; lm_head stays unquantized
+    assert target_linear_modules(base, ["q_proj"])["model.layers.0.self_attn.q_proj"] == (64, 64)
+    # state_dict: what bitsandbytes stores (packed 4-bit weights, repacked reversibly for its
+    # CPU kernel; int8 rows and their scales SCB), whichever attributes hold it in between
+    packed = [{k: v.clone() for k, v in m.state_dict().items()} for m in quantized]
+    sim = FederatedRun(
+        cfg,
+        dataset=make_dataset(n_seen=4, n_unseen=1, per_client=6),
+        model_and_tokenizer=(base, tokenizer),
+    )
+    rows = sim.run()
+    layer = sim.worker.host.layers["model.layers.0.self_attn.q_proj"].get_base_layer()
+    assert isinstance(layer, kind)
+    # k-bit preparation: what is not quantized is float32, as QLoRA trains
+    assert sim.worker.host.model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
+    for m, before in zip(quantized, packed, strict=True):  # nothing written into the base
+        after = m.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert rows[0]["train_loss"] > 0
+    _check_run(sim, rows, tmp_path)
+    return base
+
+
 @pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
 def test_4bit_nf4_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    evaluate = True  # through an evaluation adapter: nothing is written into 4-bit weights
-    cfg = tiny_config(
-        str(tmp_path / "run"),
-        model={
-            "name": "tiny-llama",
-            "quantization": "4bit",
-            "bnb_4bit_quant_type": "nf4",
-            "bnb_4bit_compute_dtype": "bfloat16",
-        },
-        train={"local_steps": 1, "gradient_checkpointing": True},
-        federation={"rounds": 1, "clients_per_round": 2},
-        eval={"at_start": False, "unseen": evaluate, "max_examples_per_client": 1},
+    model = {"quantization": "4bit", "bnb_4bit_quant_type": "nf4"}
+    base = _quantized_run(
+        tmp_path, {**model, "bnb_4bit_compute_dtype": "bfloat16"}, bnb.nn.Linear4bit
     )
-    model, tokenizer = load_model(cfg.model)
-    q = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
-    assert q.compute_dtype == torch.bfloat16
-    assert target_linear_modules(model, ["q_proj"])["model.layers.0.self_attn.q_proj"] == (64, 64)
-    quantized = [m for m in model.modules() if hasattr(m, "quant_state")]
-    # state_dict: bitsandbytes repacks 4-bit weights for its CPU inference kernel (reversibly)
-    packed = [m.state_dict()["weight"].clone() for m in quantized]  # (numel / 2, 1) uint8
-    sim = FederatedRun(
-        cfg,
-        dataset=make_dataset(n_seen=4, n_unseen=1, per_client=6),
-        model_and_tokenizer=(model, tokenizer),
-    )
-    rows = sim.run()
-    layer = sim.worker.host.layers["model.layers.0.self_attn.q_proj"].get_base_layer()
-    assert isinstance(layer, bnb.nn.Linear4bit)
-    # k-bit preparation: what is not quantized is float32, as QLoRA trains
-    assert sim.worker.host.model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
-    assert len(quantized) == 14  # 2 layers x 7 projections; lm_head stays unquantized
-    after = [m.state_dict()["weight"] for m in quantized]
-    assert all(torch.equal(p, a) for p, a in zip(packed, after, strict=True))  # untouched
-    _check_run(sim, rows, tmp_path, evaluate)
+    q = base.model.layers[0].self_attn.q_proj.get_base_layer()  # PEFT wrapped it in place
+    assert q.weight.quant_type == "nf4" and q.compute_dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
+def test_8bit_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
+    """LLM.int8 (bitsandbytes Linear8bitLt) runs on the CPU with bitsandbytes >= 0.50."""
+    import bitsandbytes as bnb
+
+    base = _quantized_run(tmp_path, {"quantization": "8bit"}, bnb.nn.Linear8bitLt)
+    q = base.model.layers[0].self_attn.q_proj.get_base_layer()  # PEFT wrapped it in place
+    assert q.weight.dtype == torch.int8 and set(q.state_dict()) >= {"weight", "SCB"}
 
 
 def _grads(checkpointing: bool) -> dict[str, torch.Tensor]:

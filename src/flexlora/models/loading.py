@@ -207,6 +207,7 @@ def quantization_config(
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
+        _int8_cast_warning_once()
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -214,6 +215,29 @@ def quantization_config(
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+class _FirstOnly(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _int8_cast_warning_once() -> None:
+    """LLM.int8 casts its input to float16 and logs a warning in every forward of every
+    layer (float32 activations on a k-bit prepared base): keep the first of each."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _FirstOnly) for f in bnb_log.filters):
+        bnb_log.addFilter(_FirstOnly())
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
