@@ -176,3 +176,80 @@ def test_server_keep_rank_all_and_a_number() -> None:
             }
         )
         assert set(server_memory(shape, cfg).keep_rank.values()) == {k}
+
+
+def test_one_config_reader_for_every_kind_of_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plan, the Flower server's meta shapes and parallel_clients=auto read configs one way:
+    a folder, its config.json and a GGUF file give the same model, and a GGUF file is read
+    from its metadata (never converted just to learn shapes)."""
+    from flexlora.models import gguf as gguf_mod
+    from flexlora.models import target_linear_modules
+    from flexlora.models.meta import meta_model, model_config
+    from tests.helpers import write_llama_gguf
+
+    monkeypatch.setenv("FLEXLORA_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = build_tiny_llama(seed=5, hidden_size=32, intermediate_size=64)
+    model.save_pretrained(tmp_path / "folder")
+    tokenizer.save_pretrained(tmp_path / "folder")
+    gguf = write_llama_gguf(model, tokenizer, tmp_path / "m.gguf")
+
+    def no_conversion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("converted a GGUF file to read its config")
+
+    monkeypatch.setattr(gguf_mod, "convert_gguf", no_conversion)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    expected = target_linear_modules(model, targets)
+    for name in (tmp_path / "folder", tmp_path / "folder" / "config.json", gguf):
+        assert model_config(str(name)).hidden_size == 32, name
+        meta = meta_model(str(name))
+        assert all(p.is_meta for p in meta.parameters())
+        assert target_linear_modules(meta, targets) == expected, name
+        assert model_shape(str(name), targets).targets == expected, name
+    with pytest.raises(UsageError, match="does not exist"):
+        model_config(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"no config\.json"):
+        model_config(str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UsageError, match="local Hugging Face cache"):
+        model_config("some-org/not-cached-model")
+
+
+def test_parallel_clients_auto_uses_the_plans_client_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One more client of a batched pass costs what plan says a client needs beside the base
+    (largest rank type, at the configured checkpointing); auto fits that into half the free
+    memory."""
+    from flexlora.models import target_linear_modules
+    from flexlora.schedule import module_ranks
+    from flexlora.training import capacity
+
+    model, _ = build_tiny_llama()
+    needs = {}
+    for checkpointing in (False, True):
+        cfg = load_config(
+            values={
+                "model": {"name": "tiny-llama"},
+                "train": {"parallel_clients": "auto", "gradient_checkpointing": checkpointing},
+                "federation": {"clients_per_round": 8},
+            }
+        )
+        shapes = target_linear_modules(model, cfg.lora.target_modules)
+        slots = {
+            t: module_ranks(list(shapes), r, cfg.lora.ffn_modules)
+            for t, r in cfg.federation.rank_types.items()
+        }
+        need = capacity.client_bytes(model, slots, cfg)
+        shape = model_shape("tiny-llama", list(cfg.lora.target_modules))
+        rows = client_memory(shape, cfg)
+        assert need == max(c.total() - c.base for c in rows)
+        monkeypatch.setattr(capacity, "free_bytes", lambda device, n=need: 2 * 3 * n + 1)
+        assert capacity.auto_parallel_clients(model, slots, cfg) == 3
+        monkeypatch.setattr(capacity, "free_bytes", lambda device, n=need: 100 * n)
+        assert capacity.auto_parallel_clients(model, slots, cfg) == 8  # clients_per_round
+        needs[checkpointing] = need
+    assert needs[True] < needs[False]  # checkpointing leaves room for more clients

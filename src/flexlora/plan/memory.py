@@ -34,6 +34,7 @@ __all__ = [
     "ServerMemory",
     "activation_bytes",
     "base_weight_bytes",
+    "client_bytes",
     "client_memory",
     "server_memory",
 ]
@@ -191,13 +192,30 @@ def activation_bytes(
     return int(layers + logits)
 
 
+def optimizer_moments(cfg: RunConfig) -> int:
+    """float32 tensors the clients' optimizer keeps per LoRA weight (AdamW two, SGD its
+    momentum; the optimizer as the strategy's method resolves it)."""
+    tc = cfg.client_train()
+    return 2 if tc.optimizer == "adamw" else (1 if tc.momentum > 0 else 0)
+
+
+def client_bytes(shape: ModelShape, cfg: RunConfig, ranks: Mapping[str, int]) -> int:
+    """What one client of these per-module ranks needs beside the frozen base: its adapter,
+    gradients and optimizer state, and one micro-batch's activations at the configured
+    checkpointing (what one more client adds to a batched pass)."""
+    adapter = adapter_bytes(shape, ranks)
+    checkpointing = cfg.train.gradient_checkpointing
+    activations = activation_bytes(shape, cfg, ranks, checkpointing=checkpointing)
+    return (2 + optimizer_moments(cfg)) * adapter + activations
+
+
 def client_memory(shape: ModelShape, cfg: RunConfig) -> list[ClientMemory]:
     """One row per rank type."""
     ranks_by_type = slot_ranks(shape, cfg)
     sizes = {t: adapter_bytes(shape, r) for t, r in ranks_by_type.items()}
     base = base_weight_bytes(shape, cfg)
     tc = cfg.client_train()
-    moments = 2 if tc.optimizer == "adamw" else (1 if tc.momentum > 0 else 0)
+    moments = optimizer_moments(cfg)
     rows = []
     for t, ranks in ranks_by_type.items():
         rows.append(

@@ -1,27 +1,24 @@
 """A model's shape for the memory planner, read from its config on the meta device.
 
 No weight is ever allocated: the config is read (a ``config.json``, a folder, a hub id's
-config only, or a GGUF file's metadata) and the model is built with
-``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``, which gives every
+config only, or a GGUF file's metadata) and the model is built on the meta device by
+:mod:`flexlora.models.meta` (the reader the Flower server uses too), which gives every
 module's class and shape, so an 8B model is planned on a laptop in a second.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from flexlora.errors import UsageError
-from flexlora.models.gguf import SMOLLM2, SMOLLM2_DIRNAME, SMOLLM2_GGUF, cache_dir
+from flexlora.models.meta import meta_model, model_config
 from flexlora.models.targets import layer_shape, target_linear_modules
-from flexlora.models.tiny import TINY_LLAMA, tiny_config
 
-__all__ = ["ModelShape", "model_config", "model_shape"]
+__all__ = ["ModelShape", "model_config", "model_shape", "shape_of"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -52,38 +49,17 @@ class ModelShape:
         return sum(m * n for m, n in self.quantizable.values())
 
 
-def model_config(name: str) -> PretrainedConfig:
-    """The config of ``model.name`` without loading any weight."""
-    key = name.strip().lower()
-    if key == TINY_LLAMA:
-        return tiny_config()
-    if key == SMOLLM2:
-        folder = cache_dir() / "models" / SMOLLM2_DIRNAME
-        if (folder / "config.json").is_file():
-            return AutoConfig.from_pretrained(folder)
-        from flexlora.models.gguf import find_smollm2_gguf
-
-        gguf = find_smollm2_gguf()
-        return AutoConfig.from_pretrained(gguf.parent, gguf_file=SMOLLM2_GGUF)
-    path = Path(name).expanduser()
-    try:
-        if key.endswith(".gguf"):
-            if not path.is_file():
-                raise UsageError(f"GGUF file {name!r} does not exist")
-            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        if path.is_file():  # a config.json
-            return AutoConfig.from_pretrained(path)
-        return AutoConfig.from_pretrained(name)  # a folder, or a hub id (its config only)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"could not read the config of model {name!r}: {exc}") from exc
-
-
 def model_shape(name: str, target_modules: list[str]) -> ModelShape:
     """Build the model on the meta device and read its shape (no weight is allocated)."""
-    config = model_config(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(model_config(name))
     assert all(p.is_meta for p in model.parameters())
+    return shape_of(model, target_modules)
+
+
+def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
+    """The shape of a built model: on the meta device, or loaded (then ``params`` counts what
+    is stored, a quantized layer's packed weights as such)."""
+    config = model.config
     skip = _not_quantized(model)
     quantizable = {
         n: layer_shape(m)

@@ -128,13 +128,7 @@ class FederatedRun:
         self.parallel_clients = 1
         if self.trains_in_process:
             self.parallel_clients = (
-                auto_parallel_clients(
-                    model,
-                    self.server.shapes,
-                    self.server.slot_ranks,
-                    cfg.client_train(),
-                    fed.clients_per_round,
-                )
+                auto_parallel_clients(model, self.server.slot_ranks, cfg)
                 if pc == "auto"
                 else int(pc)
             )

@@ -1,9 +1,11 @@
 """How many clients fit in one batched pass (``train.parallel_clients = "auto"``).
 
-A simple estimate, not a profiler: per client, its LoRA tensors (parameter, gradient and two
-AdamW moments in float32, at the largest rank among the slots) plus the activations one
-micro-batch keeps for the backward pass of a decoder-only transformer, against half the
-memory free on the device (CUDA: ``mem_get_info``; CPU: the cgroup limit or ``MemAvailable``).
+An estimate, not a profiler: what one more client adds to a batched pass is ``flexlora
+plan``'s memory model (:func:`flexlora.plan.memory.client_bytes`: its float32 adapter,
+gradients and optimizer state, and one micro-batch's activations, counted tensor by tensor,
+at the configured precision and checkpointing) for the largest rank type, against half the
+memory free on the device (CUDA: ``mem_get_info``; CPU: the cgroup limit or
+``MemAvailable``).
 """
 
 from __future__ import annotations
@@ -16,36 +18,19 @@ from typing import Any
 
 import torch
 
-from flexlora.config import TrainConfig
+from flexlora.config import RunConfig
+from flexlora.plan.memory import client_bytes as plan_client_bytes
+from flexlora.plan.shape import shape_of
 
 log = logging.getLogger(__name__)
 
 __all__ = ["auto_parallel_clients", "client_bytes", "free_bytes"]
 
 
-def client_bytes(
-    model: Any,
-    shapes: Mapping[str, tuple[int, int]],
-    slot_ranks: Mapping[str, Mapping[str, int]],
-    cfg: TrainConfig,
-) -> int:
-    """Bytes one more client adds to a batched pass: adapter state plus activations."""
-    lora = sum(
-        max(r[name] for r in slot_ranks.values()) * (m + n) for name, (m, n) in shapes.items()
-    )
-    adapter = 4 * 4 * lora  # fp32 parameter, gradient, exp_avg, exp_avg_sq
-    c = model.config
-    hidden = int(getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0) or 1)
-    inter = int(getattr(c, "intermediate_size", 0) or 4 * hidden)
-    layers = int(getattr(c, "num_hidden_layers", 0) or getattr(c, "n_layer", 0) or 1)
-    heads = int(getattr(c, "num_attention_heads", 0) or getattr(c, "n_head", 0) or 1)
-    vocab = int(getattr(c, "vocab_size", 0) or 1)
-    tokens = cfg.batch_size * cfg.cutoff_len
-    elem = 2 if cfg.precision == "bf16" else 4
-    per_token_layer = 16 * hidden + 4 * inter + 2 * heads * cfg.cutoff_len  # saved tensors
-    activations = elem * tokens * layers * per_token_layer
-    logits = 4 * 3 * tokens * vocab  # logits, their float copy, their gradient
-    return adapter + activations + logits
+def client_bytes(model: Any, slot_ranks: Mapping[str, Mapping[str, int]], cfg: RunConfig) -> int:
+    """Bytes one more client adds to a batched pass: the most any rank type needs."""
+    shape = shape_of(model, list(cfg.lora.target_modules))
+    return max(plan_client_bytes(shape, cfg, ranks) for ranks in slot_ranks.values())
 
 
 def free_bytes(device: torch.device) -> int:
@@ -75,15 +60,12 @@ def free_bytes(device: torch.device) -> int:
 
 
 def auto_parallel_clients(
-    model: Any,
-    shapes: Mapping[str, tuple[int, int]],
-    slot_ranks: Mapping[str, Mapping[str, int]],
-    cfg: TrainConfig,
-    clients_per_round: int,
+    model: Any, slot_ranks: Mapping[str, Mapping[str, int]], cfg: RunConfig
 ) -> int:
     """As many clients as fit in half the free memory, between 1 and ``clients_per_round``."""
     device = next(model.parameters()).device
-    need = client_bytes(model, shapes, slot_ranks, cfg)
+    need = client_bytes(model, slot_ranks, cfg)
+    clients_per_round = cfg.federation.clients_per_round
     budget = free_bytes(device) // 2
     fit = int(budget // max(1, need))
     chosen = max(1, min(clients_per_round, fit))
