@@ -89,7 +89,8 @@ def _gram_factor(X: Tensor, fast: bool = False) -> Tensor | None:
     Cholesky factor of the equilibrated Gram bounds from below; ``fast`` accepts only
     FAST_GRAM_MAX_COND (the caller also checks the result's orthonormality).
     """
-    G = (X.T @ X).double() if fast else (lambda Xd: Xd.T @ Xd)(X.double())  # (R, R)
+    Xg = X if fast else X.double()  # (rows, R) in the Gram's precision
+    G = (Xg.T @ Xg).double()  # (R, R)
     scale = torch.diagonal(G).sqrt()  # (R,) column norms
     if not bool((scale > 0).all()):
         return None
