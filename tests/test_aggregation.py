@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexlora.aggregation import AGGREGATORS, check_updates, get_aggregator, normalize_weights
-from flexlora.aggregation.hetlora import frobenius_norm
 from flexlora.errors import InvalidUpdateError, RankError, UsageError
+from flexlora.lora.norms import frobenius_norm
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -561,6 +561,24 @@ def test_hetlora_weights_are_proportional_to_update_norms() -> None:
     q2 = [norms[0] * 50 / (norms[0] * 50 + norms[1]), norms[1] / (norms[0] * 50 + norms[1])]
     B2, A2 = ref_padded_average(with_counts, Q, q2)
     assert rel_err(both.aggregate(with_counts)[Q].dense().numpy(), product(B2, A2, 3)) <= 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=rounds())
+def test_one_update_norm_serves_hetlora_dp_and_validation(case: Round) -> None:
+    """‖ΔW_i‖_F over all modules is one function (``lora.norms``) that HetLoRA's weights and
+    client-level DP's clipping both use, equal to the norm of the dense update built term by
+    term."""
+    from flexlora import privacy
+    from flexlora.aggregation import hetlora, validation
+    from flexlora.lora import norms
+
+    assert hetlora.update_norm is privacy.update_norm is norms.update_norm
+    assert hetlora.frobenius_norm is validation.frobenius_norm is norms.frobenius_norm
+    for u in case.updates:
+        want = math.sqrt(sum(float(np.sum(dense(f) ** 2)) for f in u.factors.values()))
+        assert norms.update_norm(u.factors.values()) == pytest.approx(want, rel=1e-10, abs=1e-12)
+        assert norms.update_norm(iter(u.factors.values())) == norms.update_norm(u.factors.values())
 
 
 def test_hetlora_all_zero_updates_fall_back_to_example_weights() -> None:

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from flexlora.aggregation.hetlora import frobenius_norm
 from flexlora.aggregation.validation import MAX_ABS, MAX_EXAMPLES, REASONS, UpdateValidator
+from flexlora.lora.norms import frobenius_norm
 from flexlora.server import Coordinator
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
 from tests.sim_helpers import tiny_config

@@ -23,8 +23,9 @@ import torch
 
 from flexlora.aggregation import Aggregator, get_aggregator
 from flexlora.aggregation.base import check_factors
-from flexlora.aggregation.hetlora import HetLoRA, frobenius_norm
+from flexlora.aggregation.hetlora import HetLoRA
 from flexlora.errors import InvalidUpdateError, RankError, UsageError
+from flexlora.lora.norms import update_norm
 from flexlora.lora.peft_io import (
     AdapterReader,
     LoadedAdapter,
@@ -182,7 +183,7 @@ def run_aggregate(
 
 def whole_norm(adapter: AdapterReader) -> float:
     """‖ΔW‖_F of one client's whole adapter, reading one module at a time (HetLoRA's weight)."""
-    return math.sqrt(math.fsum(frobenius_norm(adapter.factors(m)) ** 2 for m in adapter.shapes))
+    return update_norm(adapter.factors(m) for m in adapter.shapes)
 
 
 def stream_modules(

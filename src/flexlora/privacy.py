@@ -29,20 +29,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flexlora.aggregation.hetlora import frobenius_norm
 from flexlora.errors import UsageError
+from flexlora.lora.norms import update_norm
 from flexlora.lora.svd import dense_svd
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
-__all__ = ["DP_STRATEGIES", "ClientDP", "clip_update", "dp_epsilon", "update_norm"]
+__all__ = ["DP_STRATEGIES", "ClientDP", "clip_update", "dp_epsilon"]
 
 #: strategies whose aggregate is ΔW itself, so that clipping ΔW_i bounds the sensitivity
 DP_STRATEGIES = ("flexlora",)
-
-
-def update_norm(update: ClientUpdate) -> float:
-    """‖ΔW_i‖_F over all modules: sqrt(Σ_m ‖s·B·A‖²_F), without forming any m×n product."""
-    return math.sqrt(math.fsum(frobenius_norm(f) ** 2 for f in update.factors.values()))
 
 
 def clip_update(update: ClientUpdate, clip: float) -> tuple[ClientUpdate, float]:
@@ -53,7 +48,7 @@ def clip_update(update: ClientUpdate, clip: float) -> tuple[ClientUpdate, float]
     """
     if not clip > 0:
         raise UsageError(f"the DP clipping norm must be positive, got {clip}")
-    norm = update_norm(update)
+    norm = update_norm(update.factors.values())
     if norm <= clip:
         return update, norm
     c = clip / norm

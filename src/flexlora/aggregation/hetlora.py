@@ -31,7 +31,6 @@ divides once at the end.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -46,22 +45,10 @@ from flexlora.aggregation.base import (
     register,
 )
 from flexlora.errors import UsageError
+from flexlora.lora.norms import frobenius_norm, update_norm
 from flexlora.types import ClientUpdate, FactorState, GlobalUpdate, LoRAFactors
 
 WEIGHTINGS = ("client", "module")
-
-
-def frobenius_norm(f: LoRAFactors, dtype: torch.dtype = torch.float64) -> float:
-    """‖s·B·A‖_F from two r×r Gram matrices, without forming the m×n product."""
-    A = f.A.to(dtype)
-    B = f.B.to(dtype)
-    sq = torch.sum((B.T @ B) * (A @ A.T))  # tr(BᵀB·AAᵀ) = ‖BA‖²_F
-    return abs(f.scaling) * float(torch.sqrt(torch.clamp(sq, min=0.0)))
-
-
-def update_norm(update: ClientUpdate) -> float:
-    """‖ΔW_i‖_F of a client's whole update: sqrt of Σ over modules of ‖s·B·A‖²_F."""
-    return math.sqrt(math.fsum(frobenius_norm(f) ** 2 for f in update.factors.values()))
 
 
 def padded_average(
@@ -192,7 +179,7 @@ class HetLoRAAccumulator(Accumulator):
         self.norms = norms  # shared with the module accumulators
 
     def fold(self, update: ClientUpdate, weight: float) -> None:
-        self.norms[update.client_id] = update_norm(update)
+        self.norms[update.client_id] = update_norm(update.factors.values())
         try:
             super().fold(update, weight)
         finally:

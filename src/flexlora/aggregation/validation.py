@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flexlora.aggregation.hetlora import frobenius_norm
 from flexlora.errors import InvalidUpdateError
+from flexlora.lora.norms import frobenius_norm
 from flexlora.types import ClientUpdate, LoRAFactors
 
 __all__ = ["MAX_ABS", "MAX_EXAMPLES", "REASONS", "UpdateValidator", "payload_bytes"]
