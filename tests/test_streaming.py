@@ -77,7 +77,7 @@ def _bad_replies(u: ClientUpdate) -> list[ClientUpdate]:
     ]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "fedsa"])
 def test_a_rejected_reply_leaves_the_accumulator_untouched(strategy: str) -> None:
     shapes = {Q: (9, 7), UP: (11, 7)}
     uniform = strategy == "fedit"
@@ -221,21 +221,21 @@ def test_bad_server_settings_are_refused(key: str, value: object, needle: str) -
         load_config(values={"federation": {key: value}})
 
 
-# --- HetLoRA and FedEx-LoRA stream too -------------------------------------------------------
+# --- HetLoRA, FedEx-LoRA and FedSA-LoRA stream too -------------------------------------------
 MIXED = [{Q: 4, UP: 6}, {Q: 2, UP: 1}, {Q: 3, UP: 5}]
 
 
 @pytest.mark.parametrize(
     ("strategy", "options"),
-    [("hetlora", {}), ("hetlora", {"weighting": "module"}), ("fedex", {})],
-    ids=["hetlora", "hetlora-module", "fedex"],
+    [("hetlora", {}), ("hetlora", {"weighting": "module"}), ("fedex", {}), ("fedsa", {})],
+    ids=["hetlora", "hetlora-module", "fedex", "fedsa"],
 )
-def test_hetlora_and_fedex_accumulators_hold_a_fixed_number_of_buffers(
+def test_hetlora_fedex_and_fedsa_accumulators_hold_a_fixed_number_of_buffers(
     strategy: str, options: dict
 ) -> None:
     """After 42 replies the accumulator holds what it held after a handful: per module the
-    padded sums at the largest rank (and FedEx's exact sum, at most one dense m×n), never
-    anything per client."""
+    padded sums at the largest rank (and FedEx's exact sum, at most one dense m×n; FedSA's
+    weight per row of A), never anything per client."""
     from flexlora.aggregation.base import BufferedAccumulator
 
     shapes = {Q: (24, 16), UP: (40, 16)}
@@ -250,9 +250,43 @@ def test_hetlora_and_fedex_accumulators_hold_a_fixed_number_of_buffers(
     r_max = {Q: 4, UP: 6}
     padded = sum(r_max[k] * (m + n) * 4 for k, (m, n) in shapes.items())
     dense = sum(m * n * 4 for m, n in shapes.values())
-    assert max(sizes) <= padded + (dense if strategy == "fedex" else 0)
+    rows = sum(r_max.values()) * 4  # FedSA-LoRA: the weight of each row of A
+    extra = {"fedex": dense, "fedsa": rows}.get(strategy, 0)
+    assert max(sizes) <= padded + extra
     assert sizes[-1] == sizes[5] and counts[-1] == counts[5] <= 3 * len(shapes)
     assert acc.result().names() == [Q, UP]
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=rounds(), seed=st.integers(0, 99), again=st.booleans())
+def test_fedsa_folded_in_any_order_is_the_row_wise_dense_reference(
+    case: Round, seed: int, again: bool
+) -> None:
+    """FedSA-LoRA's accumulator, with raw weights and in any order, on top of a previous state
+    of larger rank or none: Ā row by row over the clients that have the row (the previous row
+    where none has it) and B̄ = Σ p_i s_i pad(B_i), computed the slow way."""
+    from tests.test_baselines import ref_fedsa
+
+    shapes = {name: f.shape for name, f in case.updates[0].factors.items()}
+    previous = None
+    if again:  # a previous state of rank 9 > any client's: its tail rows must survive
+        prev_round = make_round(seed, shapes, [{Q: 9, UP: 9}], [1], [8.0])
+        previous = get_aggregator("fedsa", dtype=torch.float64).aggregate(prev_round)
+    order = list(range(len(case.updates)))
+    random.Random(seed).shuffle(order)
+    acc = get_aggregator("fedsa", dtype=torch.float64).start(shapes, previous)
+    for i in order:
+        acc.add(case.updates[i], None if case.weights is None else case.weights[i])
+    state = acc.result()
+    raw = case.weights or [float(u.num_examples) for u in case.updates]
+    p = [w / math.fsum(raw) for w in raw]
+    for name in (Q, UP):
+        prev_A = previous[name].Vh.numpy() if previous is not None else None
+        B, A = ref_fedsa(case.updates, name, p, prev_A)
+        assert state[name].rank == A.shape[0]
+        assert np.allclose(state[name].Vh.numpy(), A, atol=1e-12)
+        assert np.allclose(state[name].U.numpy()[:, : B.shape[1]], B, atol=1e-12)
+        assert not state[name].U.numpy()[:, B.shape[1] :].any()
 
 
 def test_fedex_across_the_switch_to_a_dense_sum_is_exact_over_two_rounds() -> None:

@@ -332,7 +332,8 @@ class BufferedAccumulator(Accumulator):
 
     Holds every added reply (checked as :class:`Accumulator` does) and their raw weights until
     :meth:`result`, which calls the strategy's ``aggregate``: memory grows with the clients.
-    Port such a strategy to :meth:`Aggregator.start_module` to stream.
+    Port such a strategy to :meth:`Aggregator.start_module` to stream. Every registered
+    strategy streams; this is for a strategy written against the batch form only.
     """
 
     def __init__(

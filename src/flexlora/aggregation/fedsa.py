@@ -16,17 +16,68 @@ Where we differ from the paper, and why:
   have no B of their own: the unseen (zero-shot) clients are evaluated on W0 + B̄·Ā, the average
   seen client's update under the shared A, and the exported adapters hold it. Seen clients are
   evaluated with their own B (the paper's protocol).
+
+Replies are folded as they arrive (:class:`FedSAModule`): per module the server keeps the
+running Σ w_i s_i pad(B_i) and Σ w_i pad(A_i) at the largest rank so far and, per row k, the
+weight Σ w_i of the clients that have row k; nothing per client. It divides once at the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+from torch import Tensor
 
-from flexlora.aggregation.base import Aggregator, register
-from flexlora.aggregation.hetlora import padded_average
-from flexlora.types import ClientUpdate, FactorState, GlobalUpdate
+from flexlora.aggregation.base import Aggregator, ModuleAccumulator, register
+from flexlora.aggregation.hetlora import PaddedSum
+from flexlora.types import FactorState, GlobalUpdate, LoRAFactors, ModuleDelta
+
+
+class FedSAModule(ModuleAccumulator):
+    """One module's row-wise average of A and B̄, folded one client at a time.
+
+    Holds a :class:`~flexlora.aggregation.hetlora.PaddedSum` (Σ w_i s_i pad(B_i) (m, r) and
+    Σ w_i pad(A_i) (r, n), r the largest rank so far), the row weights Σ_{i: r_i > k} w_i
+    (r,), and a reference to the previous state's module (``previous``, not copied) for the
+    rows nobody trains this round.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        previous: ModuleDelta | None,
+    ) -> None:
+        super().__init__(module, shape, dtype, device)
+        self.sums = PaddedSum(self.shape, dtype, device)
+        self.mass = torch.zeros(0, dtype=dtype, device=device)  # (r,): weight of each row
+        self.previous = previous
+
+    def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
+        A, B = self.load(f)
+        self.sums.add(A, B, f.scaling, weight)
+        if self.mass.shape[0] < f.rank:
+            self.mass = torch.nn.functional.pad(self.mass, (0, f.rank - self.mass.shape[0]))
+        self.mass[: f.rank] += weight
+
+    def result(self, total_weight: float) -> FactorState:
+        r_round = self.sums.rank
+        prev = self.previous
+        rank = max(r_round, prev.rank if prev is not None else 0)
+        assert self.sums.A is not None and self.sums.B is not None  # one reply at least
+        m, n = self.shape
+        A = torch.zeros(rank, n, dtype=self.dtype, device=self.device)  # (rank, n)
+        # every row below r_round has the largest client: its weight is > 0
+        A[:r_round] = self.sums.A / self.mass[:, None]
+        if prev is not None and rank > r_round:  # rows nobody trained this round
+            A[r_round:] = prev.Vh[r_round:rank].to(device=self.device, dtype=self.dtype)
+        B = torch.zeros(m, rank, dtype=self.dtype, device=self.device)  # (m, rank)
+        B[:, :r_round] = self.sums.B / total_weight  # B̄ = Σ p_i s_i pad(B_i)
+        return FactorState.of(B, A)
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.sums.tensors(), self.mass]
 
 
 @register
@@ -37,27 +88,8 @@ class FedSALoRA(Aggregator):
     keeps_local_B = True
     reads_previous = True
 
-    def aggregate_module(
-        self,
-        module: str,
-        updates: Sequence[ClientUpdate],
-        p: Sequence[float],
-        previous: GlobalUpdate | None,
-    ) -> FactorState:
-        factors = [u.factors[module] for u in updates]
-        B, _ = padded_average(factors, p, self.dtype)  # (m, r_round) in update units
+    def start_module(
+        self, module: str, shape: tuple[int, int], previous: GlobalUpdate | None
+    ) -> FedSAModule:
         prev = previous[module] if previous is not None and module in previous.modules else None
-        r_round = B.shape[1]
-        rank = max(r_round, prev.rank if prev is not None else 0)
-        m, n = factors[0].shape
-        A = torch.zeros(rank, n, dtype=self.dtype)  # (rank, n)
-        mass = torch.zeros(rank, dtype=self.dtype)  # (rank,): weight of the clients of each row
-        for pi, f in zip(p, factors, strict=True):
-            A[: f.rank] += pi * f.A.to(self.dtype)
-            mass[: f.rank] += pi
-        A[:r_round] /= mass[:r_round, None]  # every row below r_round has the largest client
-        if prev is not None and rank > r_round:
-            A[r_round:] = prev.Vh[r_round:rank].to(self.dtype)  # rows nobody trained this round
-        B_full = torch.zeros(m, rank, dtype=self.dtype)  # (m, rank)
-        B_full[:, :r_round] = B
-        return FactorState.of(B_full, A)
+        return FedSAModule(module, shape, self.dtype, self.device, prev)

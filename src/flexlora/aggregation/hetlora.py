@@ -31,7 +31,7 @@ divides once at the end.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -40,8 +40,6 @@ from flexlora.aggregation.base import (
     Accumulator,
     Aggregator,
     ModuleAccumulator,
-    pad_columns,
-    pad_rows,
     register,
 )
 from flexlora.errors import UsageError
@@ -49,20 +47,6 @@ from flexlora.lora.norms import frobenius_norm, update_norm
 from flexlora.types import ClientUpdate, FactorState, GlobalUpdate, LoRAFactors
 
 WEIGHTINGS = ("client", "module")
-
-
-def padded_average(
-    factors: Sequence[LoRAFactors], q: Sequence[float], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ q_i s_i pad(B_i), Σ q_i pad(A_i)) at the largest rank: B in update units."""
-    r_max = max(f.rank for f in factors)
-    m, n = factors[0].shape
-    B = torch.zeros(m, r_max, dtype=dtype)  # (m, r_max)
-    A = torch.zeros(r_max, n, dtype=dtype)  # (r_max, n)
-    for qi, f in zip(q, factors, strict=True):
-        B += qi * f.scaling * pad_columns(f.B.to(dtype), r_max)
-        A += qi * pad_rows(f.A.to(dtype), r_max)
-    return B, A
 
 
 class PaddedSum:
