@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from flexlora.aggregation import get_aggregator
 from flexlora.config import load_config
+from flexlora.errors import InvalidUpdateError
 from flexlora.server import Coordinator
 from flexlora.simulation.runner import FederatedRun
 from flexlora.training.model import build_tiny_llama, target_linear_modules
@@ -346,6 +347,40 @@ def test_local_store_keeps_two_versions_reads_the_one_before_a_round(tmp_path: P
     assert not list(store.client_dir(odd).glob(".tmp-*"))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    n=st.integers(1, 9),
+    r=st.integers(1, 6),
+    k=st.integers(1, 8),
+    alpha=st.sampled_from([4.0, 16.0, 3.5]),
+    rslora=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_seen_client_is_scored_with_its_own_B_and_the_shared_A(
+    m: int, n: int, r: int, k: int, alpha: float, rslora: bool, seed: int
+) -> None:
+    """FedSA-LoRA's seen-client model, from the global evaluation factors at rank k (Ā[:k],
+    B̄) and the client's own rank-r B: s_r·B·Ā[:r], or its first min(r, k) components when
+    the evaluation rank is lower, built the slow way; no B: the global model."""
+    from flexlora.client_state import own_eval_factors
+
+    g = torch.Generator().manual_seed(seed)
+    A_bar = torch.randn(8, n, generator=g, dtype=torch.float64)  # the state's Ā, rank 8 >= r
+    glob = {"w": LoRAFactors(A_bar[:k], torch.randn(m, k, generator=g).double(), alpha, rslora)}
+    own = {"w": torch.randn(m, r, generator=g, dtype=torch.float64)}
+    got = own_eval_factors("c", glob, own)["w"]
+    kk = min(r, k)
+    s_r = alpha / (r**0.5 if rslora else r)
+    want = sum(s_r * np.outer(own["w"][:, j].numpy(), A_bar[j].numpy()) for j in range(kk))
+    assert got.rank == kk and np.allclose(got.delta().numpy(), want, atol=1e-12)
+    if kk == r:  # nothing cut: the client's B itself, bit for bit
+        assert torch.equal(got.B, own["w"]) and torch.equal(got.A, A_bar[:r])
+    assert own_eval_factors("c", glob, None) == glob  # never trained: the global model
+    with pytest.raises(InvalidUpdateError, match="client c, module w"):
+        own_eval_factors("c", glob, {"w": torch.zeros(m + 1, r, dtype=torch.float64)})
+
+
 def test_fedsa_clients_start_from_their_own_B_and_the_shared_A(tmp_path: Path, monkeypatch) -> None:
     cfg = tiny_config(
         str(tmp_path / "fedsa"),
@@ -361,7 +396,9 @@ def test_fedsa_clients_start_from_their_own_B_and_the_shared_A(tmp_path: Path, m
     def run_round(state, round_, bar):  # type: ignore[no-untyped-def]
         current["round"] = round_
         current["state"] = state
-        return real_round(state, round_, bar)
+        new_state, row = real_round(state, round_, bar)
+        current["state_after"] = new_state
+        return new_state, row
 
     def train_many(jobs, train_A=True):  # type: ignore[no-untyped-def]
         out = real(jobs, train_A=train_A)
@@ -372,7 +409,17 @@ def test_fedsa_clients_start_from_their_own_B_and_the_shared_A(tmp_path: Path, m
                 assert torch.equal(f.A, state[name].Vh[: f.rank].to(f.A.dtype))
         return out
 
+    scored: list[dict] = []  # the model each seen client is scored with
+    real_evaluate = sim.worker.evaluate
+
+    def evaluate(factors, sets, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "seen" in sets:
+            assert len(sets["seen"]) == 1  # one client at a time, each with its own B
+            scored.append(dict(factors))
+        return real_evaluate(factors, sets, *args, **kwargs)
+
     monkeypatch.setattr(sim.worker, "train_many", train_many)
+    monkeypatch.setattr(sim.worker, "evaluate", evaluate)
     monkeypatch.setattr(sim, "run_round", run_round)
     rows = sim.run()
     assert all(r["aggregated"] == r["clients"] for r in rows)
@@ -387,6 +434,24 @@ def test_fedsa_clients_start_from_their_own_B_and_the_shared_A(tmp_path: Path, m
         again += cid in last
         last[cid] = factors
     assert again > 0 and "rouge_l_seen" in rows[-1] and "rouge_l_unseen" in rows[-1]
+    # uploads count A and B (the paper sends A only; B̄ needs B): FedIT's bytes, not half
+    for row in rows:
+        for cid, sent in row["bytes_up_per_client"].items():
+            ranks = sim.server.ranks_of(cid)
+            both = sum(ranks[k] * (m + n) * 4 for k, (m, n) in sim.server.shapes.items())
+            assert sent == both
+        assert row["bytes_up"] == sum(row["bytes_up_per_client"].values()) > 0
+    # the paper's protocol: a seen client that trained is scored with its own last B and Ā
+    final = sim.server.eval_factors(current["state_after"])
+    eval_clients = sim._eval_sets["seen"]
+    assert len(scored) == len(eval_clients) and any(c in last for c in eval_clients)
+    for cid, factors in zip(eval_clients, scored, strict=True):
+        for name, f in factors.items():
+            if cid in last:
+                assert torch.equal(f.B, last[cid][name].B)
+                assert torch.equal(f.A, final[name].A[: f.rank])
+            else:  # never trained: the global model, as an unseen client
+                assert torch.equal(f.B, final[name].B) and torch.equal(f.A, final[name].A)
 
 
 # --- rank-energy diagnostics ----------------------------------------------------------------

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Message
+from flwr.app import Array, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from flexlora.config import RunConfig
 from flexlora.config_io import load_toml
 from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.federation.round import NO_REPLY
 from flexlora.flower.client_app import NodeRuntime, make_client_app
 from flexlora.flower.records import (
     factors_to_record,
@@ -37,6 +38,7 @@ from flexlora.flower.strategy import FlexLoRAStrategy
 from flexlora.server import Coordinator, resolve_client_types
 from flexlora.simulation.checkpoint import load_checkpoint
 from flexlora.simulation.runner import FederatedRun
+from flexlora.training.worker import ClientWorker
 from flexlora.types import GlobalUpdate, ModuleDelta
 from tests.conftest import random_factors
 from tests.flower_helpers import (
@@ -354,30 +356,49 @@ TYPED_DENSITY = {"2": 0.02, "4": 0.05, "2-8": 0.1, "8": 0.2}
     ids=lambda v: "per-type" if isinstance(v, dict) else ("" if v is None else v),
 )
 def test_every_strategy_trains_on_flower_as_in_the_simulator(
-    job, tmp_path: Path, strategy: str, density: dict[str, float] | None
+    job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, density: dict | None
 ) -> None:
     """FLoRA (its nodes merge the global ΔW), FedIT held to one rank, HetLoRA, FFA-LoRA,
     FedEx-LoRA (its nodes hold the residual in their frozen weights), FedSA-LoRA (its nodes
-    keep their own B on disk), FedAvg + FlexLoRA (its nodes train with SGD) and SLoRA +
-    FlexLoRA (a sparse first round, one density or one per rank type, then mixed-rank LoRA
-    from its SVD)."""
+    keep their own B on disk and score their seen clients with it, as the simulator does in
+    process), FedAvg + FlexLoRA (its nodes train with SGD) and SLoRA + FlexLoRA (a sparse
+    first round, one density or one per rank type, then mixed-rank LoRA from its SVD)."""
     cfg, _values, runtime = job
     fed: dict[str, object] = {"clients_per_round": 2, "strategy": strategy}
     if density is not None:
         fed.update(slora_density=density, clients_per_round=4)  # mixed types in round 1
     small = {
-        "eval": {"at_start": False, "unseen": False},
+        "eval": {"at_start": False, "unseen": False, "seen": strategy == "fedsa"},
         "federation": fed,
         "output": {"save_adapters": False},
     }
+    seen_models: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    real_evaluate = ClientWorker.evaluate
+
+    def evaluate(worker, factors, sets, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Record the model each seen client is scored with, wherever it is scored."""
+        if "seen" in sets:
+            for _ in sets["seen"]:
+                seen_models.append({m: (f.A.clone(), f.B.clone()) for m, f in factors.items()})
+        return real_evaluate(worker, factors, sets, *args, **kwargs)
+
+    monkeypatch.setattr(ClientWorker, "evaluate", evaluate)
     sim_cfg = toy_config(tmp_path / "sim", Path(cfg.data.path), **small)
     FederatedRun(sim_cfg).run()
+    sim_models, seen_models[:] = list(seen_models), []
     flower_cfg = toy_config(tmp_path / "flower", Path(cfg.data.path), **small)
     nodes = {100 + i: {"partition-id": i} for i in range(len(runtime.data.seen))}
     node_values = to_run_config(flower_cfg)  # the nodes need the strategy (FLoRA's base)
     FlowerRun(flower_cfg, LocalGrid(make_client_app(node_values), nodes)).run()
     sim_rows = strip_timings(read_rows(tmp_path / "sim"))
     assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
+    if strategy == "fedsa":  # each seen client scored with the same model: its own B and Ā
+        assert all("rouge_l_seen" in r for r in sim_rows)
+        assert len(seen_models) == len(sim_models) > 0
+        for got, want in zip(seen_models, sim_models, strict=True):
+            assert got.keys() == want.keys()
+            for m, (A, B) in want.items():
+                assert torch.equal(got[m][0], A) and torch.equal(got[m][1], B), m
     assert all(r["aggregated"] for r in sim_rows)
     if density is not None:  # some node sent only its own type's share of the union mask
         first = sim_rows[0]
@@ -425,6 +446,46 @@ def test_a_node_refuses_starting_factors_that_do_not_fit_its_slot(job) -> None:
     ):
         with pytest.raises(InvalidUpdateError, match=f"client server, module {name}"):
             runtime.check_start(bad, ranks)
+
+
+def test_fedsa_evaluation_messages_and_replies(job) -> None:
+    """One EVALUATE message per seen client with a node, carrying the global factors; a
+    reply's score is read, and a node that errs, answers nonsense or stays silent is named."""
+    cfg, _values, runtime = job
+    strategy, _ = _strategy(cfg, runtime)
+    seen = list(runtime.data.seen)[:4]
+    factors = {
+        name: random_factors(m, n, 2, seed=i, dtype=torch.float32)
+        for i, (name, (m, n)) in enumerate(runtime.shapes.items())
+    }
+    messages, node_client = strategy.plan_evaluate(factors, [*seen, "no-node"], 3)
+    assert node_client == {strategy.node_of[c]: c for c in seen}  # "no-node" has none
+    assert [m.metadata.message_type for m in messages] == ["evaluate"] * 4
+    config = messages[0].content.config_records["config"]
+    assert (config["client-id"], config["server-round"]) == (seen[0], 3)
+    sent = record_to_factors(messages[0].content.array_records["arrays"], "server", 16.0)
+    assert all(
+        torch.equal(sent[m].B, f.B) and torch.equal(sent[m].A, f.A) for m, f in factors.items()
+    )
+
+    def reply(msg: Message, score: object) -> Message:
+        metrics = MetricRecord({"rouge-l": score, "num-examples": 2})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    replies = [
+        reply(messages[0], 0.5),
+        Message(Error(code=0, reason="out of memory"), reply_to=messages[1]),
+        reply(messages[2], 7.0),
+    ]  # the fourth node never answers
+    scored, failed = strategy.collect_evaluate(3, node_client, replies)
+    assert scored == {seen[0]: (0.5, 2)}
+    assert failed[seen[1]] == "out of memory" and "rouge-l is 7.0" in failed[seen[2]]
+    assert failed[seen[3]] == NO_REPLY and len(failed) == 3
+    # a node scores only its own client, and only for a strategy that keeps a B per client
+    with pytest.raises(UsageError, match="but this node trains"):
+        runtime.evaluate(messages[0].content, seen[1])
+    with pytest.raises(UsageError, match="keeps no per-client B"):
+        runtime.evaluate(messages[0].content, seen[0])
 
 
 def test_discovery_refuses_two_nodes_that_train_one_client(job) -> None:

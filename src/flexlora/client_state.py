@@ -29,12 +29,13 @@ from safetensors.torch import save_file
 
 from flexlora.errors import InvalidUpdateError
 from flexlora.training.pruning import keep_prefix
-from flexlora.types import LoRAFactors
+from flexlora.types import LoRAFactors, lora_scaling
 
 __all__ = [
     "CLIENT_RANKS",
     "CLIENT_STATE",
     "LocalStore",
+    "own_eval_factors",
     "rank_tensors",
     "with_local_B",
     "with_own_ranks",
@@ -140,4 +141,39 @@ def with_own_ranks(
                 client, name, "rank", f"the client's own rank {rank} exceeds its slot's {f.rank}"
             )
         out[name] = keep_prefix(f, rank)
+    return out
+
+
+def own_eval_factors(
+    client: str, factors: Mapping[str, LoRAFactors], own: Mapping[str, torch.Tensor] | None
+) -> dict[str, LoRAFactors]:
+    """FedSA-LoRA's seen-client model: the global evaluation ``factors`` with the client's own B.
+
+    ``factors`` are the global model at ``eval.global_rank`` (Ā[:k] and B̄, what unseen clients
+    are scored with); each module of a client with rank-r B becomes s_r·B·Ā[:r], cut to
+    k' = min(r, k) components with B rescaled by s_r/s_k' (:func:`keep_prefix`'s rule) when
+    the evaluation rank is below the client's. A client that never trained (``own`` is
+    ``None``) is scored on the global factors, like an unseen one. Holds only the returned
+    factors (views of its inputs when nothing is cut).
+    """
+    if own is None:
+        return dict(factors)
+    out: dict[str, LoRAFactors] = {}
+    for name, f in factors.items():
+        B = own.get(name)
+        if B is None or B.ndim != 2 or int(B.shape[0]) != f.B.shape[0]:
+            shape = None if B is None else tuple(B.shape)
+            raise InvalidUpdateError(
+                client, name, "shape", f"the client's own B is {shape}, the module needs (m, r)"
+            )
+        r = int(B.shape[1])
+        k = min(r, f.rank)
+        ratio = lora_scaling(f.alpha, r, f.use_rslora) / lora_scaling(f.alpha, k, f.use_rslora)
+        B = B[:, :k].to(f.B.dtype)  # (m, k)
+        out[name] = LoRAFactors(
+            A=f.A[:k],  # (k, n): the shared Ā's prefix
+            B=B if k == r else (B * ratio).contiguous(),
+            alpha=f.alpha,
+            use_rslora=f.use_rslora,
+        )
     return out

@@ -499,6 +499,11 @@ class RunConfig:
         opt = local_optimizer(self.federation.strategy, self.train.optimizer)
         return self.train if opt == self.train.optimizer else replace(self.train, optimizer=opt)
 
+    def eval_prompt_tokens(self) -> int:
+        """The longest prompt an evaluation feeds the model: ``eval.max_prompt_tokens``, else
+        ``train.cutoff_len`` (the server's and a Flower node's evaluations alike)."""
+        return self.eval.max_prompt_tokens or self.train.cutoff_len
+
     def to_toml(self) -> str:
         return to_toml(self)
 

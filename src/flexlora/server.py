@@ -234,21 +234,6 @@ class Coordinator:
         """Each client keeps its own B across rounds (FedSA-LoRA): the drivers store it."""
         return self.aggregator.keeps_local_B
 
-    def personal_state(
-        self, state: GlobalUpdate, client: str, own_B: Mapping[str, torch.Tensor]
-    ) -> GlobalUpdate:
-        """FedSA-LoRA: ``client``'s own model, ΔW = s_r·B_own·Ā[:r] per module, as an update."""
-        lora = self.cfg.lora
-        modules = {}
-        for name, B in own_B.items():
-            r = int(B.shape[1])
-            s = lora_scaling(lora.alpha, r, lora.use_rslora)
-            A = state[name].Vh[:r].to(torch.float32)  # (r, n)
-            modules[name] = ModuleDelta(
-                U=s * B.to(torch.float32), S=torch.ones(r), Vh=A, truncation="prefix"
-            )
-        return GlobalUpdate(modules=modules, strategy=state.strategy)
-
     def ranks_of(self, client: str) -> dict[str, int]:
         return self.slot_ranks[self.client_type[client]]
 

@@ -11,11 +11,14 @@ Where we differ from the paper, and why:
 - **Mixed ranks** (the paper uses one rank): row k of Ā averages the clients whose rank
   exceeds k, their weights renormalised (zero-padding would shrink the rows only large clients
   train toward zero); a row no client of the round has keeps the previous state's row.
-- **The server also receives B** (the paper uploads A only) and keeps B̄ = Σ p_i s_i pad(B_i),
-  the example-weighted average of the round's B's in update units. It is used for clients that
-  have no B of their own: the unseen (zero-shot) clients are evaluated on W0 + B̄·Ā, the average
-  seen client's update under the shared A, and the exported adapters hold it. Seen clients are
-  evaluated with their own B (the paper's protocol).
+- **Clients upload B as well as A** (the paper uploads A only; the drivers count both in
+  ``bytes_up``). The server keeps B̄ = Σ p_i s_i pad(B_i), the example-weighted average of the
+  round's B's in update units, for clients that have no B of their own: the unseen (zero-shot)
+  clients are evaluated on W0 + B̄·Ā, the average seen client's update under the shared A,
+  and the exported adapters hold it. The paper evaluates seen clients only, which need no B̄.
+  Seen clients are evaluated with their own B and Ā (the paper's protocol,
+  :func:`flexlora.client_state.own_eval_factors`): in process by the simulator, on its node by
+  the Flower ServerApp (an EVALUATE message; the B never leaves the node).
 
 Replies are folded as they arrive (:class:`FedSAModule`): per module the server keeps the
 running Σ w_i s_i pad(B_i) and Σ w_i pad(A_i) at the largest rank so far and, per row k, the

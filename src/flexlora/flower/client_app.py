@@ -25,6 +25,7 @@ from flexlora.client_state import (
     CLIENT_RANKS,
     CLIENT_STATE,
     LocalStore,
+    own_eval_factors,
     rank_tensors,
     with_local_B,
     with_own_ranks,
@@ -225,6 +226,51 @@ class NodeRuntime:
         metrics = _reply_metrics(update.num_examples, result)
         return RecordDict({"arrays": factors_to_record(update.factors), "metrics": metrics})
 
+    def evaluate(self, content: RecordDict, client: str) -> RecordDict:
+        """FedSA-LoRA's seen-client evaluation: this node's client with its own B.
+
+        The message carries the global model's factors at ``eval.global_rank`` (Ā and B̄);
+        the node scores :func:`~flexlora.client_state.own_eval_factors` of them with the B
+        its client kept after ``server-round`` (the global factors if it never trained) on
+        its own test examples, exactly as the simulator scores a seen client, and replies
+        with the Rouge-L and the number of examples. The B never leaves the node.
+        """
+        config = content.config_records["config"]
+        if config.get("client-id") != client:
+            raise UsageError(
+                f"the server addressed client {config.get('client-id')!r}, "
+                f"but this node trains {client!r}"
+            )
+        if self.local is None:
+            raise UsageError(
+                f"strategy {self.cfg.federation.strategy!r} keeps no per-client B: the "
+                "server evaluates its global model itself"
+            )
+        lora = self.cfg.lora
+        factors = record_to_factors(
+            content.array_records["arrays"], "server", lora.alpha, lora.use_rslora
+        )
+        for name, f in factors.items():
+            if self.shapes.get(name) != f.shape:
+                detail = f"adapts {f.shape}; this node's module is {self.shapes.get(name)}"
+                raise InvalidUpdateError("server", name, "shape", detail)
+        missing = sorted(self.shapes.keys() - factors.keys())
+        if missing:
+            raise InvalidUpdateError("server", missing[0], "missing_module", "no factors")
+        own = self.local.load(client, before_round=int(config["server-round"]) + 1)
+        cap = self.cfg.eval.max_examples_per_client
+        examples = list(self.data.test(client))[: cap or None]
+        score = 0.0
+        if examples:
+            score = self.worker.evaluate(
+                own_eval_factors(client, factors, own),
+                {"seen": [examples]},
+                self.cfg.eval,
+                max_prompt_tokens=self.cfg.eval_prompt_tokens(),
+            )["rouge_l_seen"]
+        metrics = MetricRecord({"rouge-l": float(score), "num-examples": len(examples)})
+        return RecordDict({"metrics": metrics})
+
     def train_sparse(self, content: RecordDict, client: str, config: ConfigRecord) -> RecordDict:
         """SLoRA's stage 1: train the masked entries from the server's values.
 
@@ -307,6 +353,12 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         runtime, cid = node(context)
         return Message(runtime.train(msg.content, cid), reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """FedSA-LoRA: score this node's client with its own B (see NodeRuntime.evaluate)."""
+        runtime, cid = node(context)
+        return Message(runtime.evaluate(msg.content, cid), reply_to=msg)
 
     return client_app
 

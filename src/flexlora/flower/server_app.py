@@ -1,11 +1,12 @@
 """The ServerApp: the simulator's round loop with the clients behind a Flower Grid.
 
-:class:`FlowerRun` is :class:`~flexlora.simulation.runner.FederatedRun` with one method
+:class:`FlowerRun` is :class:`~flexlora.simulation.runner.FederatedRun` with two methods
 replaced: a round sends one message per sampled node through the Grid
-(:class:`~flexlora.flower.strategy.FlexLoRAStrategy`) instead of training in process.
-Everything else is the simulator's own code: the evaluation of the global update on the
-server, early stopping, ``metrics.jsonl`` rows with the same keys, resumable checkpoints
-(``flower.resume``), the per-rank-type adapters and the report.
+(:class:`~flexlora.flower.strategy.FlexLoRAStrategy`) instead of training in process, and
+FedSA-LoRA's seen clients are scored on their nodes, with the B's that stay there
+(:meth:`FlowerRun.score_own`). Everything else is the simulator's own code: the evaluation of
+the global update on the server, early stopping, ``metrics.jsonl`` rows with the same keys,
+resumable checkpoints (``flower.resume``), the per-rank-type adapters and the report.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flexlora.flower.settings import FlowerOptions, load_run_config
 from flexlora.flower.strategy import FlexLoRAStrategy, RoundPlan
 from flexlora.server import resolve_client_types
 from flexlora.simulation.runner import FederatedRun
-from flexlora.types import GlobalUpdate
+from flexlora.types import GlobalUpdate, LoRAFactors
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,43 @@ class FlowerRun(FederatedRun):
         )
         self.strategy = FlexLoRAStrategy(self.server, {n.node_id: n.client for n in self.nodes})
         # FedSA-LoRA: the clients' own B's live on their nodes; the server never reads them
-        # (its seen-client evaluation uses the average B̄, as for unseen clients).
+        # and asks the nodes to score their seen clients instead (score_own).
         self.local = None
         self.strategy.summary()
         self.last_plan: RoundPlan | None = None  # the last round's messages and byte counts
+
+    def score_own(
+        self,
+        factors: dict[str, LoRAFactors],
+        clients: list[str],
+        tests: list[list[Any]],
+        round_: int,
+    ) -> tuple[list[tuple[float, int]], dict[str, str]]:
+        """FedSA-LoRA's seen-client evaluation with the B's on the nodes: one EVALUATE message
+        per client with a node, carrying the global model's factors; each node scores its
+        client with its own B (:meth:`NodeRuntime.evaluate`), as the simulator does in
+        process. A client without a node never trained: scored here on the global factors,
+        as in the simulator. A node that fails or does not answer within the round's timeout
+        is left out of ``rouge_l_seen`` and named in the row's ``eval_failed``."""
+        asked = [c for c, examples in zip(clients, tests, strict=True) if examples]
+        messages, node_client = self.strategy.plan_evaluate(factors, asked, round_)
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        scored, failed = self.strategy.collect_evaluate(round_, node_client, replies)
+        out: list[tuple[float, int]] = []
+        for cid, examples in zip(clients, tests, strict=True):
+            if not examples or cid in failed:
+                continue
+            if cid in scored:
+                out.append(scored[cid])
+                continue
+            scores = self.worker.evaluate(
+                factors,
+                {"seen": [examples]},
+                self.cfg.eval,
+                max_prompt_tokens=self.cfg.eval_prompt_tokens(),
+            )
+            out.append((scores["rouge_l_seen"], len(examples)))
+        return out, failed
 
     def run_round(
         self, state: GlobalUpdate, round_: int, bar: bool

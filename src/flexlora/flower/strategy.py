@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flexlora.errors import InvalidUpdateError
 from flexlora.federation.round import (
+    NO_REPLY,
     ClientResult,
     close_round,
     injected_failures,
@@ -39,11 +40,17 @@ from flexlora.flower.records import (
 )
 from flexlora.methods.slora import SparseUpdate
 from flexlora.server import Coordinator
-from flexlora.types import ClientUpdate, GlobalUpdate
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FlexLoRAStrategy", "RoundPlan", "decode_reply", "decode_sparse_reply"]
+__all__ = [
+    "FlexLoRAStrategy",
+    "RoundPlan",
+    "decode_eval_reply",
+    "decode_reply",
+    "decode_sparse_reply",
+]
 
 
 @dataclass
@@ -103,6 +110,21 @@ def decode_sparse_reply(content: RecordDict, client: str) -> tuple[SparseUpdate,
         metrics={"train_loss": values["train_loss"], "tokens": values["tokens"]},
     )
     return update, values["seconds"]
+
+
+def decode_eval_reply(reply: Message) -> tuple[float, int]:
+    """A node's evaluation reply -> (Rouge-L in [0, 1], number of test examples); a reply
+    that says anything else raises ``ValueError``."""
+    if reply.has_error():
+        raise ValueError(reply.error.reason)
+    metrics = reply.content.metric_records.get("metrics")
+    score = None if metrics is None else metrics.get("rouge-l")
+    count = None if metrics is None else metrics.get("num-examples")
+    if not isinstance(score, float) or not 0.0 <= score <= 1.0:
+        raise ValueError(f"rouge-l is {score!r}, not a number in [0, 1]")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"num-examples is {count!r}")
+    return score, count
 
 
 class FlexLoRAStrategy(Strategy):
@@ -210,6 +232,48 @@ class FlexLoRAStrategy(Strategy):
             server, state, round_, plan.clients, list(results.values()), plan.bytes_down
         )
 
+    # ---------------------------------------------------------------- FedSA's own-B evaluation
+    def plan_evaluate(
+        self, factors: Mapping[str, LoRAFactors], clients: Sequence[str], round_: int
+    ) -> tuple[list[Message], dict[int, str]]:
+        """One evaluation message per client with a node, and node -> client: the global
+        model's ``factors`` (what unseen clients are scored with), which each node scores
+        with its client's own B."""
+        arrays = factors_to_record(factors)
+        messages: list[Message] = []
+        node_client: dict[int, str] = {}
+        for cid in clients:
+            node = self.node_of.get(cid)
+            if node is None:
+                continue
+            config = ConfigRecord({"server-round": round_, "client-id": cid})
+            content = RecordDict({"arrays": arrays, "config": config})
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
+            node_client[node] = cid
+        return messages, node_client
+
+    def collect_evaluate(
+        self, round_: int, node_client: Mapping[int, str], replies: Iterable[Message]
+    ) -> tuple[dict[str, tuple[float, int]], dict[str, str]]:
+        """Each asked client's (Rouge-L, test examples), and why the others have none."""
+        scored: dict[str, tuple[float, int]] = {}
+        failed: dict[str, str] = {}
+        for reply in replies:
+            cid = node_client.get(reply.metadata.src_node_id)
+            if cid is None or cid in scored or cid in failed:
+                log.warning("round %d: unexpected evaluation reply ignored", round_)
+                continue
+            try:
+                scored[cid] = decode_eval_reply(reply)
+            except ValueError as exc:
+                failed[cid] = str(exc)
+        for cid in node_client.values():
+            if cid not in scored and cid not in failed:
+                failed[cid] = NO_REPLY
+        for cid, reason in failed.items():
+            log.warning("round %d: client %s not evaluated: %s", round_, cid, reason)
+        return scored, failed
+
     # ---------------------------------------------------------------- Flower's Strategy API
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -239,7 +303,8 @@ class FlexLoRAStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """None: the ServerApp evaluates the global update itself, as the simulator does."""
+        """None: the ServerApp evaluates the global update itself, as the simulator does
+        (FedSA-LoRA's seen clients through :meth:`plan_evaluate` / :meth:`collect_evaluate`)."""
         return []
 
     def aggregate_evaluate(

@@ -24,6 +24,7 @@ from flexlora.client_state import (
     CLIENT_RANKS,
     CLIENT_STATE,
     LocalStore,
+    own_eval_factors,
     rank_tensors,
     with_local_B,
     with_own_ranks,
@@ -51,7 +52,7 @@ from flexlora.simulation.checkpoint import (
 from flexlora.simulation.rundir import locked_run_folder
 from flexlora.training.capacity import auto_parallel_clients
 from flexlora.training.worker import ClientJob, ClientWorker
-from flexlora.types import GlobalUpdate
+from flexlora.types import GlobalUpdate, LoRAFactors
 
 log = logging.getLogger(__name__)
 
@@ -195,27 +196,34 @@ class FederatedRun:
             sets[kind] = pool
         return sets
 
-    def evaluate(self, state: GlobalUpdate | None) -> dict[str, Any]:
-        """Rouge-L of generated text on the evaluation clients' test sets.
+    def evaluate(self, state: GlobalUpdate | None, round_: int = 0) -> dict[str, Any]:
+        """Rouge-L of generated text on the evaluation clients' test sets, after ``round_``.
 
         The global model is ``state`` as a float32 LoRA adapter at ``eval.global_rank`` on the
-        unmodified base (``None``: the base model itself); the row says which ranks.
+        unmodified base (``None``: the base model itself); the row says which ranks. With
+        FedSA-LoRA each seen client is scored with its own B instead (:meth:`score_own`).
         """
         cap = self.cfg.eval.max_examples_per_client
         sets = {
             kind: [list(self.data.test(cid))[: cap or None] for cid in clients]
             for kind, clients in self._eval_sets.items()
         }
-        own = self.local is not None and state is not None and "seen" in sets
+        own = self.server.keeps_local_B and state is not None and "seen" in sets
         factors = self.server.eval_factors(state) if state is not None else None
         scores = self.worker.evaluate(
             factors,
             {kind: s for kind, s in sets.items() if not (own and kind == "seen")},
             self.cfg.eval,
-            max_prompt_tokens=self.cfg.eval.max_prompt_tokens or self.cfg.train.cutoff_len,
+            max_prompt_tokens=self.cfg.eval_prompt_tokens(),
         )
         if own:
-            scores.update(self._evaluate_own(state, self._eval_sets["seen"], sets["seen"]))
+            assert factors is not None
+            scored, failed = self.score_own(factors, self._eval_sets["seen"], sets["seen"], round_)
+            if scored:
+                total = math.fsum(score * n for score, n in scored)
+                scores["rouge_l_seen"] = total / sum(n for _, n in scored)
+            if failed:
+                scores["eval_failed"] = failed
         ranks = self.server.eval_ranks(state) if state is not None else {}
         return {
             **scores,
@@ -223,29 +231,35 @@ class FederatedRun:
             "eval_ranks": sorted(set(ranks.values())),
         }
 
-    def _evaluate_own(
-        self, state: GlobalUpdate, clients: list[str], tests: list[list[Any]]
-    ) -> dict[str, float]:
-        """FedSA-LoRA's protocol: each seen client with its own B and the shared Ā.
+    def score_own(
+        self,
+        factors: dict[str, LoRAFactors],
+        clients: list[str],
+        tests: list[list[Any]],
+        round_: int,
+    ) -> tuple[list[tuple[float, int]], dict[str, str]]:
+        """FedSA-LoRA's protocol: each seen client's Rouge-L with its own B and the shared Ā.
 
-        A seen client that never trained has no B: it is evaluated like an unseen one (B̄).
+        ``factors`` is the global model (what unseen clients are scored with); a client scores
+        :func:`~flexlora.client_state.own_eval_factors` of it with the B it kept after
+        ``round_`` (one that never trained: the global factors). Returns (score, test examples)
+        per client with a test set, in ``clients``' order, and the clients that could not be
+        scored (none here; a Flower node may fail). The simulator's transport: in process.
         """
         assert self.local is not None
-        total, weight = 0.0, 0
+        out: list[tuple[float, int]] = []
         for cid, examples in zip(clients, tests, strict=True):
             if not examples:
                 continue
-            own = self.local.load(cid, before_round=2**62)
-            personal = state if own is None else self.server.personal_state(state, cid, own)
-            score = self.worker.evaluate(
-                self.server.eval_factors(personal),
+            own = self.local.load(cid, before_round=round_ + 1)
+            scores = self.worker.evaluate(
+                own_eval_factors(cid, factors, own),
                 {"seen": [examples]},
                 self.cfg.eval,
-                max_prompt_tokens=self.cfg.eval.max_prompt_tokens or self.cfg.train.cutoff_len,
+                max_prompt_tokens=self.cfg.eval_prompt_tokens(),
             )
-            total += score["rouge_l_seen"] * len(examples)
-            weight += len(examples)
-        return {"rouge_l_seen": total / weight} if weight else {}
+            out.append((scores["rouge_l_seen"], len(examples)))
+        return out, {}
 
     def run_round(
         self, state: GlobalUpdate, round_: int, bar: bool
@@ -419,7 +433,7 @@ class FederatedRun:
             due = (cfg.eval.every and round_ % cfg.eval.every == 0) or round_ == fed.rounds
             if due and self._eval_sets:
                 t0 = time.perf_counter()
-                row.update(self.evaluate(state))
+                row.update(self.evaluate(state, round_))
                 row["seconds_eval"] = round(time.perf_counter() - t0, 3)
                 score = row.get("rouge_l_unseen", row.get("rouge_l_seen"))
                 if score is not None:
