@@ -262,12 +262,10 @@ class NodeRuntime:
         examples = list(self.data.test(client))[: cap or None]
         score = 0.0
         if examples:
-            score = self.worker.evaluate(
-                own_eval_factors(client, factors, own),
-                {"seen": [examples]},
-                self.cfg.eval,
-                max_prompt_tokens=self.cfg.eval_prompt_tokens(),
-            )["rouge_l_seen"]
+            personal = own_eval_factors(client, factors, own)
+            score = self.worker.score_client(
+                personal, examples, self.cfg.eval, self.cfg.eval_prompt_tokens()
+            )
         metrics = MetricRecord({"rouge-l": float(score), "num-examples": len(examples)})
         return RecordDict({"metrics": metrics})
 

@@ -168,13 +168,10 @@ class FlowerRun(FederatedRun):
             if cid in scored:
                 out.append(scored[cid])
                 continue
-            scores = self.worker.evaluate(
-                factors,
-                {"seen": [examples]},
-                self.cfg.eval,
-                max_prompt_tokens=self.cfg.eval_prompt_tokens(),
+            score = self.worker.score_client(
+                factors, examples, self.cfg.eval, self.cfg.eval_prompt_tokens()
             )
-            out.append((scores["rouge_l_seen"], len(examples)))
+            out.append((score, len(examples)))
         return out, failed
 
     def run_round(

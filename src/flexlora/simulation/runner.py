@@ -252,13 +252,11 @@ class FederatedRun:
             if not examples:
                 continue
             own = self.local.load(cid, before_round=round_ + 1)
-            scores = self.worker.evaluate(
-                own_eval_factors(cid, factors, own),
-                {"seen": [examples]},
-                self.cfg.eval,
-                max_prompt_tokens=self.cfg.eval_prompt_tokens(),
+            personal = own_eval_factors(cid, factors, own)
+            score = self.worker.score_client(
+                personal, examples, self.cfg.eval, self.cfg.eval_prompt_tokens()
             )
-            out.append((scores["rouge_l_seen"], len(examples)))
+            out.append((score, len(examples)))
         return out, {}
 
     def run_round(

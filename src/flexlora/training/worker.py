@@ -223,6 +223,17 @@ class ClientWorker:
                     out[f"rouge_l_{kind}"] = float(weighted_mean(results))
         return out
 
+    def score_client(
+        self,
+        factors: Mapping[str, LoRAFactors] | None,
+        examples: Sequence[Example],
+        cfg: EvalConfig,
+        max_prompt_tokens: int,
+    ) -> float:
+        """Rouge-L of one seen client's ``examples`` under ``factors`` (FedSA-LoRA scores each
+        seen client with its own model, in the simulator and on a Flower node alike)."""
+        return self.evaluate(factors, {"seen": [examples]}, cfg, max_prompt_tokens)["rouge_l_seen"]
+
 
 def _update(client: str, num_examples: int, result: LocalResult) -> ClientUpdate:
     """The reply of one client's local LoRA training (sequential or batched alike)."""
