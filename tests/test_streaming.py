@@ -340,3 +340,19 @@ def test_hetlora_zero_updates_before_non_zero_ones_leave_no_trace() -> None:
     got, want = acc.result(), agg.aggregate(updates)
     assert got[Q].rank == 4  # the zero client's rank still counts, as zero padding
     assert rel_err(got[Q].dense().numpy(), want[Q].dense().numpy()) <= 1e-12
+
+
+@pytest.mark.parametrize("reserve", [None, 5, 64])
+def test_row_stack_appends_blocks_in_order(reserve: int | None) -> None:
+    """RowStack's filled rows are the appended blocks in order, through reservation and
+    growth (a copy of what is filled), and nothing past them is reported held."""
+    from flexlora.aggregation.flexlora import RowStack
+
+    g = torch.Generator().manual_seed(2)
+    stack = RowStack(6, torch.float32, torch.device("cpu"), reserve)
+    assert stack.rows().shape == (0, 6)
+    blocks = [torch.randn(r, 6, generator=g) for r in (3, 1, 8, 2, 30)]
+    for b in blocks:
+        stack.slot(b.shape[0]).copy_(b)
+    torch.testing.assert_close(stack.rows(), torch.cat(blocks), rtol=0, atol=0)
+    assert stack.len == 44 and stack.buffer is not None and stack.buffer.shape[0] >= 44

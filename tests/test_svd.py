@@ -240,3 +240,20 @@ def test_gram_svd_float32_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
         U, S, Vh = (t.double().numpy() for t in gram_svd(B.float(), A.float(), k))
         assert (used[0] if used else False) == fast_expected
         assert rel_err(truncate(U, S, Vh, k), truncate(U0, S0, Vh0, k)) <= 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 7, 39])
+def test_top_eigh_equals_the_full_eigendecomposition(k: int) -> None:
+    """The subset eigensolver's k largest eigenpairs are the full decomposition's, descending."""
+    from flexlora.lora.svd import _top_eigh
+
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    M = X @ X.T  # (40, 40) symmetric positive definite, distinct eigenvalues
+    lam, Q = _top_eigh(M, k)
+    lam_all, Q_all = torch.linalg.eigh(M)  # ascending
+    torch.testing.assert_close(lam, lam_all.flip(0)[:k], rtol=1e-12, atol=0)
+    # eigenvectors up to sign: |<q_i, q_i'>| = 1
+    overlap = (Q * Q_all.flip(1)[:, :k]).sum(0).abs()
+    torch.testing.assert_close(overlap, torch.ones(k, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert lam.shape == (k,) and Q.shape == (40, k)

@@ -83,8 +83,8 @@ class FedExModule(ModuleAccumulator):
         to = {"device": self.device, "dtype": self.dtype}
         rank = self.exact.total_rank + A.shape[0] + (prev.rank if prev is not None else 0)
         if self.exact.stacked:
-            Bs = [b / total_weight for b in self.exact.Bs] + [-B]
-            As = [*self.exact.As, A]
+            Bs = [self.exact.Bt.rows().T / total_weight, -B]
+            As = [self.exact.As.rows(), A]
             if prev is not None:
                 Bs.append(prev.U.to(**to) * prev.S.to(**to))  # (m, k)
                 As.append(prev.Vh.to(**to))  # (k, n)

@@ -28,11 +28,53 @@ from flexlora.lora.svd import (
 from flexlora.types import GlobalUpdate, LoRAFactors, ModuleDelta
 
 
+class RowStack:
+    """Row blocks appended into one buffer, so a stack is never concatenated: (len, width).
+
+    ``reserve`` rows are reserved at the first append when the caller knows a bound (on the
+    CPU only: the untouched rows of a ``torch.empty`` buffer are not resident, so what is
+    held is what is filled); otherwise, or past the bound, the buffer doubles (one copy of the
+    filled rows). Holds one (capacity, width) buffer in ``dtype`` on ``device``.
+    """
+
+    def __init__(
+        self, width: int, dtype: torch.dtype, device: torch.device, reserve: int | None = None
+    ) -> None:
+        self.width = width
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.reserve = reserve if self.device.type == "cpu" else None
+        self.buffer: Tensor | None = None  # (capacity, width)
+        self.len = 0
+
+    def slot(self, rows: int) -> Tensor:
+        """The next ``rows`` rows (rows, width), counted as filled: the caller writes them."""
+        need = self.len + rows
+        capacity = 0 if self.buffer is None else self.buffer.shape[0]
+        if need > capacity:
+            grown = max(need, 2 * capacity, self.reserve or 0)
+            buffer = torch.empty(grown, self.width, dtype=self.dtype, device=self.device)
+            if self.buffer is not None:
+                buffer[: self.len] = self.buffer[: self.len]
+            self.buffer = buffer
+        assert self.buffer is not None
+        out = self.buffer[self.len : need]
+        self.len = need
+        return out
+
+    def rows(self) -> Tensor:
+        """The filled rows (len, width), a view of the buffer."""
+        if self.buffer is None:
+            return torch.empty(0, self.width, dtype=self.dtype, device=self.device)
+        return self.buffer[: self.len]
+
+
 class FlexLoRAModule(ModuleAccumulator):
     """One module's Σ w_i·s_i·B_i·A_i, exactly, in the smaller of two forms.
 
-    - stacks: the weighted B_i (m, r_i) and the A_i (r_i, n), R·(m + n) numbers for
-      R = Σ r_i; the SVD then comes from the factors (ΔW is never formed);
+    - stacks: the weighted B_iᵀ (r_i, m) and the A_i (r_i, n), R·(m + n) numbers for
+      R = Σ r_i, each written once into a :class:`RowStack` as it arrives; the SVD then
+      comes from the factors (ΔW is never formed);
     - dense: the running sum (m, n), m·n numbers, one client added at a time.
 
     ``auto`` starts with stacks and switches to the dense sum (adding the stacks into it and
@@ -55,14 +97,19 @@ class FlexLoRAModule(ModuleAccumulator):
         self.method = method
         self.keep = keep
         self.niter = niter
-        self.Bs: list[Tensor] = []  # (m, r_i) each, already times w_i·s_i
-        self.As: list[Tensor] = []  # (r_i, n) each
+        m, n = self.shape
+        bound = None if method == "factored" else (m * n) // (m + n)  # most rows auto stacks
+        self.Bt = RowStack(m, dtype, device, bound)  # (R, m): w_i·s_i·B_iᵀ blocks
+        self.As = RowStack(n, dtype, device, bound)  # (R, n): A_i blocks
         self.delta: Tensor | None = None  # (m, n) once dense
         self.total_rank = 0
 
     @property
     def stacked(self) -> bool:
         return self.delta is None
+
+    def tensors(self) -> list[Tensor]:
+        return [self.Bt.rows(), self.As.rows()] if self.delta is None else [self.delta]
 
     def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
         m, n = self.shape
@@ -71,22 +118,23 @@ class FlexLoRAModule(ModuleAccumulator):
         self.total_rank += f.rank
         stacks_fit = self.total_rank * (m + n) <= m * n
         if self.method == "factored" or (self.method == "auto" and stacks_fit):
-            self.Bs.append(B * w)  # (m, r_i), a new tensor: the client's is never kept
-            self.As.append(A if A is not f.A else A.clone())  # (r_i, n)
+            torch.mul(B.T, w, out=self.Bt.slot(f.rank))  # copies: the client's is never kept
+            self.As.slot(f.rank).copy_(A)
             return
         if self.delta is None:
             self.delta = torch.zeros(m, n, dtype=self.dtype, device=self.device)  # (m, n)
-            for Bi, Ai in zip(self.Bs, self.As, strict=True):
-                self.delta.addmm_(Bi, Ai)
-            self.Bs, self.As = [], []
+            if self.Bt.len:
+                self.delta.addmm_(self.Bt.rows().T, self.As.rows())
+            self.Bt = RowStack(m, self.dtype, self.device)
+            self.As = RowStack(n, self.dtype, self.device)
         self.delta.addmm_(B, A, alpha=w)
 
     def result(self, total_weight: float) -> ModuleDelta:
         m, n = self.shape
         keep = self.keep
         if self.delta is None:
-            B = torch.cat(self.Bs, dim=1)  # (m, R)
-            A = torch.cat(self.As, dim=0)  # (R, n)
+            B = self.Bt.rows().T  # (m, R), a column-major view
+            A = self.As.rows()  # (R, n)
             if keep is not None and keep < self.total_rank < min(m, n):
                 U, S, Vh = gram_svd(B, A, keep)  # only the kept triplets are formed
             else:  # every triplet is kept: Householder QR and a float32 core SVD are cheaper

@@ -94,7 +94,8 @@ def _gram_factor(X: Tensor, fast: bool = False) -> Tensor | None:
     scale = torch.diagonal(G).sqrt()  # (R,) column norms
     if not bool((scale > 0).all()):
         return None
-    L, info = torch.linalg.cholesky_ex(G / scale.outer(scale))  # (R, R) lower, equilibrated
+    G.div_(scale).div_(scale.unsqueeze(1))  # equilibrated in place: no (R, R) temporaries
+    L, info = torch.linalg.cholesky_ex(G)  # (R, R) lower
     if int(info) != 0:
         return None
     d = torch.diagonal(L).abs()
@@ -117,12 +118,13 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
 
     Rb, Ra are Cholesky factors of the Grams BᵀB and AAᵀ, so B = Qb·Rb and Aᵀ = Qa·Ra with
     Qb = B·Rb⁻¹ never formed: core = Rb·Raᵀ = Uc·S·Vcᵀ (R×R) and U_k = B·(Rb⁻¹·Uc[:, :k]),
-    Vh_k = (Aᵀ·(Ra⁻¹·Vc[:, :k]))ᵀ. The cost is two Gram products and two (·, R)·(R, k)
-    products. Float32 input first tries float32 Grams (well-conditioned stacks, and U_k, Vh_k
-    orthonormal to FAST_ORTHO_TOL, else redone), then float64 Grams; it falls back to
-    :func:`factored_svd` (Householder QR) when either stack is rank-deficient or too
-    ill-conditioned for the Gram route (see GRAM_MAX_COND). Holds the two Grams and the
-    R×R core besides the inputs and the result.
+    Vh_k = (Aᵀ·(Ra⁻¹·Vc[:, :k]))ᵀ. The cost is two Gram products (one full product each: a
+    blocked half-product by client was slower on two cores, its small blocks run far below
+    the gemm's rate) and two (·, R)·(R, k) products. Float32 input first tries float32 Grams
+    (well-conditioned stacks, and U_k, Vh_k orthonormal to FAST_ORTHO_TOL, else redone),
+    then float64 Grams; it falls back to :func:`factored_svd` (Householder QR) when either
+    stack is rank-deficient or too ill-conditioned for the Gram route (see GRAM_MAX_COND).
+    Holds the two Grams and the R×R core besides the inputs and the result.
     """
     R = B.shape[1]
     k = R if k is None else min(k, R)
@@ -145,22 +147,43 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
     return SVD(U[:, :k], S[:k], Vh[:k])
 
 
+def _top_eigh(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest eigenpairs of a symmetric float64 ``M`` (R, R), descending.
+
+    On the CPU, LAPACK's dsyevr through SciPy with ``subset_by_index`` forms only those k
+    eigenvectors (MRRR), on one BLAS thread: the tridiagonal reduction that dominates is
+    bound by memory bandwidth, so a second thread gains nothing, and with the package's
+    passive OpenMP waiters torch's multithreaded syevd was 2-3x slower (0.46 s against 0.15 s
+    for R = 900 on two cores). Elsewhere (a CUDA server) ``torch.linalg.eigh``.
+    """
+    R = M.shape[0]
+    if M.device.type == "cpu":
+        import scipy.linalg
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"):
+            lam, Q = scipy.linalg.eigh(
+                M.numpy(), subset_by_index=(R - k, R - 1), driver="evr", check_finite=False
+            )
+        return torch.from_numpy(lam).flip(0), torch.from_numpy(Q).flip(1)
+    lam, Q = torch.linalg.eigh(M)  # ascending, (R,), (R, R)
+    return lam[-k:].flip(0), Q[:, -k:].flip(1)
+
+
 def _top_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top ``k`` singular triplets of a square float64 ``core`` (R, R): Uc, Vc (R, k) and S.
 
-    For k < R they come from the symmetric eigendecomposition of core·coreᵀ (LAPACK syevd,
-    2-3x cheaper than the SVD of the core, which dominated the server step once R is in the
-    hundreds): Uc its top eigenvectors, S = √λ, Vc = coreᵀ·Uc / S. In float64 the squared
+    For k < R they come from the top k eigenpairs of core·coreᵀ (:func:`_top_eigh`, several
+    times cheaper than the SVD of the core, which dominated the server step once R is in the
+    hundreds): Uc the eigenvectors, S = √λ, Vc = coreᵀ·Uc / S. In float64 the squared
     spectrum keeps every digit a float32 result needs while σ_k ≥ 1e-5·σ_1; below that (or for
     k = R) the full SVD of the core is taken instead.
     """
     R = core.shape[0]
     if k < R:
-        lam, Q = torch.linalg.eigh(core @ core.T)  # ascending, (R,), (R, R)
-        lam_top = lam[-k:].flip(0)  # (k,)
+        lam_top, Uc = _top_eigh(core @ core.T, k)  # (k,), (R, k)
         if bool(lam_top[-1] >= 1e-10 * lam_top[0]) and bool(lam_top[0] > 0):
             S = lam_top.sqrt()
-            Uc = Q[:, -k:].flip(1)  # (R, k)
             Vc = (core.T @ Uc) / S  # (R, k)
             return Uc, S, Vc
     Uc, S, Vhc = torch.linalg.svd(core)  # (R, R), (R,), (R, R)
