@@ -294,7 +294,7 @@ def whole_set(quick: bool, seed: int) -> int:
         f"# whole adapter set: {layers} layers x {len(setup.modules)} modules, "
         f"{setup.clients} clients, ranks {ranks}, keep_rank {keep}; "
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; "
-        f"one {n0}^3 float32 matmul: {matmul:.3f} s"
+        f"one {n0}^3 float32 matmul (median of 3): {matmul:.3f} s"
     )
     times = {"new": 0.0, "old": 0.0}
     peaks = {"new": 0, "old": 0}
