@@ -257,3 +257,17 @@ def test_top_eigh_equals_the_full_eigendecomposition(k: int) -> None:
     overlap = (Q * Q_all.flip(1)[:, :k]).sum(0).abs()
     torch.testing.assert_close(overlap, torch.ones(k, dtype=torch.float64), rtol=0, atol=1e-10)
     assert lam.shape == (k,) and Q.shape == (40, k)
+
+
+def test_top_eigh_without_scipy_takes_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without SciPy (a bare source tree) the same eigenpairs come from torch.linalg.eigh."""
+    import flexlora.lora.svd as svd
+
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    M = X @ X.T
+    lam, Q = svd._top_eigh(M, 5)
+    monkeypatch.setattr(svd, "_HAVE_SCIPY", False)
+    lam_t, Q_t = svd._top_eigh(M, 5)
+    torch.testing.assert_close(lam_t, lam, rtol=1e-12, atol=0)
+    torch.testing.assert_close((Q * Q_t).sum(0).abs(), torch.ones(5, dtype=torch.float64))

@@ -10,14 +10,17 @@ factors stacked, ``ΔW = Bs·As`` where ``Bs = [w_1 B_1 … w_K B_K]`` is (m, R)
     ΔW = (Qb·Uc)·diag(S)·(Vcᵀ·Qaᵀ)    an exact thin SVD of ΔW
 
 which never materialises the m×n matrix. :func:`gram_svd` gets the same triplets faster, and
-only the top ``k`` of them: the R×R Grams ``BsᵀBs`` and ``As·Asᵀ`` (float64) give Rb and Ra by
-Cholesky, and only ``k`` columns of U and rows of Vh are formed (two (m, R)·(R, k) products
-instead of two Householder QRs with their explicit Q). Otherwise ΔW is formed (streaming over
-clients) and decomposed densely, or approximately with ``torch.svd_lowrank``.
+only the top ``k`` of them: the R×R Grams ``BsᵀBs`` and ``As·Asᵀ`` (float32 when that is
+accurate enough, else float64) give Rb and Ra by Cholesky, the top k eigenpairs of
+core·coreᵀ give the core's top triplets, and only ``k`` columns of U and rows of Vh are
+formed (two (m, R)·(R, k) products instead of two Householder QRs with their explicit Q).
+Otherwise ΔW is formed (streaming over clients) and decomposed densely, or approximately
+with ``torch.svd_lowrank``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -45,6 +48,11 @@ FAST_GRAM_MAX_COND = 30.0
 FAST_ORTHO_TOL = 2e-6
 
 SVD_METHODS = ("auto", "factored", "dense", "randomized")
+
+_HAVE_SCIPY = (
+    importlib.util.find_spec("scipy") is not None
+    and importlib.util.find_spec("threadpoolctl") is not None
+)
 
 
 class SVD(NamedTuple):
@@ -154,10 +162,11 @@ def _top_eigh(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
     eigenvectors (MRRR), on one BLAS thread: the tridiagonal reduction that dominates is
     bound by memory bandwidth, so a second thread gains nothing, and with the package's
     passive OpenMP waiters torch's multithreaded syevd was 2-3x slower (0.46 s against 0.15 s
-    for R = 900 on two cores). Elsewhere (a CUDA server) ``torch.linalg.eigh``.
+    for R = 900 on two cores). Elsewhere (a CUDA server, or a source tree run without the
+    declared SciPy, as benchmarks/gpu_check.py may be) ``torch.linalg.eigh``.
     """
     R = M.shape[0]
-    if M.device.type == "cpu":
+    if M.device.type == "cpu" and _HAVE_SCIPY:
         import scipy.linalg
         from threadpoolctl import threadpool_limits
 
