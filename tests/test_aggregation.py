@@ -581,6 +581,36 @@ def test_one_update_norm_serves_hetlora_dp_and_validation(case: Round) -> None:
         assert norms.update_norm(iter(u.factors.values())) == norms.update_norm(u.factors.values())
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"weighting": "module"}, {"weight_by_examples": True}],
+    ids=["per-module", "by-examples"],
+)
+@settings(max_examples=25, deadline=None)
+@given(case=rounds())
+def test_hetlora_variants_match_dense_reference(options: dict, case: Round) -> None:
+    """HetLoRA's non-paper options: each module weighed by its own ‖s·B·A‖_F, or the client
+    norms times the example weights; every rank gets the prefix of the padded average."""
+    state = get_aggregator("hetlora", dtype=torch.float64, **options).aggregate(
+        case.updates, case.weights
+    )
+    p = probabilities(case.updates, case.weights)
+    whole = [
+        math.sqrt(sum(float(np.sum(dense(f) ** 2)) for f in u.factors.values()))
+        for u in case.updates
+    ]
+    for module in (Q, UP):
+        if options.get("weighting") == "module":
+            c = [float(np.linalg.norm(dense(u.factors[module]))) for u in case.updates]
+        else:
+            c = [norm * pi for norm, pi in zip(whole, p, strict=True)]
+        q = [x / sum(c) for x in c] if sum(c) > 0 else list(p)
+        B, A = ref_padded_average(case.updates, module, q)
+        for r in client_ranks(case.updates, module):
+            got = state[module].factors(r, 8.0, module=module)
+            assert rel_err(dense(got), product(B, A, r)) <= 1e-9, (module, r)
+
+
 def test_hetlora_all_zero_updates_fall_back_to_example_weights() -> None:
     zero = [
         ClientUpdate(

@@ -6,6 +6,7 @@ kept in the server state across rounds without the largest rank.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -555,6 +556,73 @@ def test_each_kind_of_state_has_its_own_type_through_a_checkpoint(
         assert torch.allclose(state[Q].dense(), state[Q].B @ state[Q].A)
     if strategy == "fedex":
         assert type(state.frozen[Q]).__name__ == "SVDState"
+
+
+def test_bench_runs_fedex_and_fedsa_beside_the_reference(tmp_path: Path) -> None:
+    """``flexlora bench``'s grid takes both new strategies: each run finishes (mixed ranks,
+    heavy-tail-light) and lands in results.csv and the summary."""
+    import csv
+
+    from flexlora.bench.runner import run_bench
+    from tests.test_bench import _model, _tiny_base
+
+    out = tmp_path / "bench"
+    strategies = ["fedex", "fedsa", "fedit-min"]
+    result = run_bench(
+        strategies,
+        ["heavy-tail-light"],
+        [0],
+        out,
+        base=_tiny_base(out),
+        dataset=make_dataset(),
+        model_factory=_model,
+        echo=lambda line: None,
+    )
+    assert not result.failed and set(result.status.values()) == {"ran"}
+    with (out / "results.csv").open(encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["round"] == "1"]
+    assert sorted(r["strategy"] for r in rows) == sorted(strategies)
+    assert all(r["rouge_l_unseen"] != "" and int(r["bytes_up"]) > 0 for r in rows)
+    assert "| fedex |" in result.summary and "| fedsa |" in result.summary
+
+
+def test_fedsa_own_Bs_survive_a_crash_and_flexlora_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flexlora run --strategy fedsa`` dies at the start of round 3; ``flexlora resume``
+    finishes it: every client's stored B's, the rows (seen clients scored with their own B)
+    and the adapters are the uninterrupted run's, bit for bit."""
+    from flexlora.cli import main
+    from tests.sim_helpers import write_jsonl_job
+    from tests.test_checkpoint_resume import Interrupt, assert_same_adapters, comparable
+
+    config = write_jsonl_job(tmp_path / "job")
+    args = ["--strategy", "fedsa", "--rounds", "3", "--set", "train.local_steps=2"]
+    args += ["--set", "eval.seen=true", "--set", "eval.every=1"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert main(["run", str(config), "--out", str(whole), *args]) == 0
+    real_round = FederatedRun.run_round
+
+    def run_round(self, state, round_, bar):  # type: ignore[no-untyped-def]
+        if round_ == 3:
+            raise Interrupt
+        return real_round(self, state, round_, bar)
+
+    monkeypatch.setattr(FederatedRun, "run_round", run_round)
+    with pytest.raises(Interrupt):
+        main(["run", str(config), "--out", str(broken), *args])
+    monkeypatch.setattr(FederatedRun, "run_round", real_round)
+    assert main(["resume", str(broken)]) == 0
+    files = sorted(p.relative_to(whole) for p in whole.glob("client_state/*/*.safetensors"))
+    assert files == sorted(p.relative_to(broken) for p in broken.glob("client_state/*/*"))
+    assert files
+    for rel in files:
+        a, b = load_file(whole / rel), load_file(broken / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    rows = [json.loads(x) for x in (broken / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert comparable(rows) == comparable(want) and all("rouge_l_seen" in r for r in rows)
+    assert_same_adapters(whole, broken)
 
 
 def test_bench_and_run_help_list_the_new_strategies(capsys) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from flexlora.aggregation import FlexLoRA
@@ -460,6 +462,40 @@ def test_per_type_average_is_fedavg_of_the_clients_models_computed_the_slow_way(
     # a reply on a sub-mask needs the state it started from
     with pytest.raises(ValueError, match="started from"):
         SparseAverage(union).add(updates[2][0], positions=sub_positions(union, 0.05))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dims=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 8)), min_size=1, max_size=3),
+    clients=st.lists(
+        st.tuples(st.sampled_from([1.0, 0.6, 0.35]), st.integers(1, 60)), min_size=1, max_size=4
+    ),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sparse_average_matches_the_slow_dense_reference_over_shapes_densities_and_weights(
+    dims: list[tuple[int, int]], clients: list[tuple[float, int]], seed: int
+) -> None:
+    """Hypothesis over shapes, per-client densities (nested sub-masks of the union) and example
+    counts: SLoRA's stage-1 state is the example-weighted average of the clients' dense models,
+    each the previous state with its own entries put in, entry by entry."""
+    shapes = {f"w{i}": dim for i, dim in enumerate(dims)}
+    union_density = max(d for d, _ in clients)
+    union = make_masks(shapes, union_density, seed=seed % 1000)
+    g = torch.Generator().manual_seed(seed)
+    previous = SparseState(
+        {name: SparseDelta(k, torch.randn(k.nnz, generator=g)) for name, k in union.items()}
+    )
+    acc = SparseAverage(union, previous=previous)
+    replies = []
+    for i, (density, n) in enumerate(clients):
+        own = sub_masks(union, density)
+        u = SparseUpdate(f"c{i}", n, {k: torch.randn(own[k].nnz, generator=g) for k in union})
+        replies.append((u, own))
+        acc.add(u, positions=sub_positions(union, density))
+    got = acc.result()
+    for name, shape in shapes.items():
+        want = _slow_average(name, replies, shape, start=previous[name].dense().double())
+        torch.testing.assert_close(got[name].dense().double(), want, rtol=1e-5, atol=1e-6)
 
 
 def _typed_sim(tmp_path: Path, density: dict[str, float]) -> FederatedRun:
