@@ -103,6 +103,39 @@ def test_failures_and_rows_are_the_same_in_both_drivers(
         assert set(r["failed"]) == injected_failures(sim.server, r["round"], r["clients"])
 
 
+def test_a_fedsa_straggler_keeps_the_B_it_trained_in_both_drivers(
+    tasks: Path, tmp_path: Path
+) -> None:
+    """Every reply comes after ``federation.client_timeout``: the server aggregates nobody,
+    but each client trained, and keeps its B (a Flower node cannot know that the server
+    dropped it), so round 2 starts from the same own B's and the stores agree bit for bit."""
+    from safetensors.torch import load_file
+
+    small = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 3, "strategy": "fedsa", "client_timeout": 1e-9},
+        "output": {"save_adapters": False},
+    }
+    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **small))
+    sim.run()
+    flower_cfg = toy_config(tmp_path / "flower", tasks, **small)
+    nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
+    FlowerRun(flower_cfg, LocalGrid(make_client_app(to_run_config(flower_cfg)), nodes)).run()
+
+    def rows(out: Path) -> list[dict]:  # the straggler messages hold each run's seconds
+        return [{**r, "failed": sorted(r["failed"])} for r in strip_timings(read_rows(out))]
+
+    sim_rows = rows(tmp_path / "sim")
+    assert_rows_match(rows(tmp_path / "flower"), sim_rows)
+    assert all(not r["aggregated"] and len(r["failed"]) == 3 for r in sim_rows)
+    files = sorted(p.relative_to(tmp_path / "sim") for p in tmp_path.glob("sim/client_state/*/*"))
+    flower = tmp_path / "flower"
+    assert files and files == sorted(p.relative_to(flower) for p in flower.glob("client_state/*/*"))
+    for rel in files:
+        a, b = load_file(tmp_path / "sim" / rel), load_file(flower / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+
+
 def test_a_node_allocates_only_its_own_rank_types_slot(tasks: Path, tmp_path: Path) -> None:
     cfg = toy_config(tmp_path / "x", tasks)
     runtime = NodeRuntime(cfg)

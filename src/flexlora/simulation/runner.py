@@ -311,14 +311,15 @@ class FederatedRun:
                     results.append(ClientResult(cid, error=str(exc)))
         results.extend(self.train_clients(jobs, round_, bar))
         new_state, row = close_round(server, state, round_, clients, results, bytes_down)
-        if self.local is not None:  # a client that replied in time keeps the B it trained
+        # A client that trained keeps what it trained (FedSA's B, HetLoRA's pruned ranks) even
+        # when the server drops its reply as a straggler: a Flower node cannot know it was.
+        if self.local is not None:
             for r in results:
-                if r.update is not None and r.client not in row["failed"]:
+                if r.update is not None:
                     self.local.save(r.client, round_, {n: f.B for n, f in r.update.factors.items()})
         if self.own_ranks is not None:  # a client that pruned keeps its new ranks
             for r in results:
-                replied = r.update is not None and r.client not in row["failed"]
-                if replied and r.update.ranks != started.get(r.client):
+                if r.update is not None and r.update.ranks != started.get(r.client):
                     self.own_ranks.save(r.client, round_, rank_tensors(r.update.factors))
         return new_state, row
 
