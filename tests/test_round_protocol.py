@@ -81,6 +81,16 @@ def test_close_round_reads_every_kind_of_result_once(tasks: Path, tmp_path: Path
     assert row["rejected"] == {a: "client a: bad arrays"} and row["kept_previous_state"]
 
 
+def run_both_drivers(tasks: Path, tmp_path: Path, sections: dict) -> FederatedRun:
+    """The job in the simulator (``tmp_path/sim``) and on an in-process Grid (``/flower``)."""
+    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **sections))
+    sim.run()
+    flower_cfg = toy_config(tmp_path / "flower", tasks, **sections)
+    nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
+    FlowerRun(flower_cfg, LocalGrid(make_client_app(to_run_config(flower_cfg)), nodes)).run()
+    return sim
+
+
 @pytest.mark.parametrize("strategy", ["flexlora", "flora"])
 def test_failures_and_rows_are_the_same_in_both_drivers(
     tasks: Path, tmp_path: Path, strategy: str
@@ -91,11 +101,7 @@ def test_failures_and_rows_are_the_same_in_both_drivers(
         "federation": {"clients_per_round": 4, "strategy": strategy, "fail_rate": 0.5},
         "output": {"save_adapters": False},
     }
-    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **small))
-    sim.run()
-    flower_cfg = toy_config(tmp_path / "flower", tasks, **small)
-    nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
-    FlowerRun(flower_cfg, LocalGrid(make_client_app(to_run_config(flower_cfg)), nodes)).run()
+    sim = run_both_drivers(tasks, tmp_path, small)
     sim_rows = strip_timings(read_rows(tmp_path / "sim"))
     assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
     for r in sim_rows:
@@ -116,11 +122,7 @@ def test_a_fedsa_straggler_keeps_the_B_it_trained_in_both_drivers(
         "federation": {"clients_per_round": 3, "strategy": "fedsa", "client_timeout": 1e-9},
         "output": {"save_adapters": False},
     }
-    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **small))
-    sim.run()
-    flower_cfg = toy_config(tmp_path / "flower", tasks, **small)
-    nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
-    FlowerRun(flower_cfg, LocalGrid(make_client_app(to_run_config(flower_cfg)), nodes)).run()
+    run_both_drivers(tasks, tmp_path, small)
 
     def rows(out: Path) -> list[dict]:  # the straggler messages hold each run's seconds
         return [{**r, "failed": sorted(r["failed"])} for r in strip_timings(read_rows(out))]
