@@ -324,10 +324,7 @@ def test_gpt2_conv1d_base_batched_equals_sequential_and_base_dropout_is_refused(
     cfg = TrainConfig(local_steps=1, batch_size=2)
     with pytest.raises(UsageError, match=r"without dropout of its own \(transformer\.drop\)"):
         train_many(host, _jobs_on(host, ranks, 2), cfg, pad_id=0)
-    model = _gpt2()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    model = _gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ranks = dict.fromkeys(target_linear_modules(model, targets), 4)
     host = AdapterHost(model, targets, {"t": ranks}, alpha=8)
     cfg = TrainConfig(local_steps=0, local_epochs=2.0, batch_size=2, lr=1e-2, max_grad_norm=0.1)

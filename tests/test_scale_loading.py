@@ -185,8 +185,8 @@ def test_gguf_file_as_model_name_converts_once(
         load_base_model(str(tmp_path / "missing.gguf"))
 
 
-def _gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+def _gpt2(**dropouts: float) -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=2, n_head=2, **dropouts)
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).eval().requires_grad_(False)
 

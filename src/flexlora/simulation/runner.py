@@ -50,6 +50,7 @@ from flexlora.simulation.checkpoint import (
     save_checkpoint,
 )
 from flexlora.simulation.rundir import locked_run_folder
+from flexlora.training.batched import check_no_base_dropout
 from flexlora.training.capacity import auto_parallel_clients
 from flexlora.training.worker import ClientJob, ClientWorker
 from flexlora.types import GlobalUpdate, LoRAFactors
@@ -134,6 +135,8 @@ class FederatedRun:
                 else int(pc)
             )
             _ = self.worker  # the slots are allocated before the first round
+            if self.parallel_clients > 1:  # a usage error now, not every client failing later
+                check_no_base_dropout(self.worker.host)
         self._eval_sets = self._choose_eval_sets()
         # FedSA-LoRA: the simulated clients' own B's, on disk under the run folder
         self.local = LocalStore(self.out / CLIENT_STATE) if self.server.keeps_local_B else None

@@ -41,7 +41,7 @@ from flexlora.training.pruning import SelfPruning, self_prune, tail_penalty
 from flexlora.training.stacked import StackedOptimizer, clip_per_client
 from flexlora.types import LoRAFactors
 
-__all__ = ["ClientJob", "client_losses", "train_many"]
+__all__ = ["ClientJob", "check_no_base_dropout", "client_losses", "train_many"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def train_many(
     the stack.
     """
     t0 = time.perf_counter()
-    _check_no_base_dropout(host)
+    check_no_base_dropout(host)
     for job in jobs:
         if not job.examples:
             raise RuntimeError(f"client {job.client} has no training examples")
@@ -212,8 +212,9 @@ def train_many(
     return [r for r in results if r is not None]
 
 
-def _check_no_base_dropout(host: AdapterHost) -> None:
-    """Dropout inside the base model would draw one mask stream across all clients' rows."""
+def check_no_base_dropout(host: AdapterHost) -> None:
+    """Refuse a base model with dropout of its own (a module, or a config probability applied
+    functionally): one mask stream would be drawn across all clients' rows."""
     net = host.model.get_base_model()
     lora = {id(d) for layer in host.layers.values() for d in layer.lora_dropout.values()}
     active = [
@@ -221,14 +222,36 @@ def _check_no_base_dropout(host: AdapterHost) -> None:
         for name, mod in net.named_modules()
         if isinstance(mod, torch.nn.Dropout) and mod.p > 0 and id(mod) not in lora
     ]
-    p_attn = float(getattr(net.config, "attention_dropout", 0.0) or 0.0)
-    if active or p_attn > 0:
-        where = active[0] if active else f"config.attention_dropout={p_attn}"
+    functional = _config_dropouts(net.config)
+    if active or functional:
+        where = (
+            active[0] if active else ", ".join(f"config.{k}={v:g}" for k, v in functional.items())
+        )
         raise UsageError(
             f"batched clients (train.parallel_clients > 1) need a base model without dropout "
             f"of its own ({where}): its masks could not follow each client's seed; set the "
             f"model's dropout to 0 or use train.parallel_clients = 1"
         )
+
+
+#: dropout keys of a config that no causal LM's forward applies (classification heads only)
+_HEAD_DROPOUTS = frozenset({"classifier_dropout", "summary_first_dropout"})
+
+
+def _config_dropouts(config: object) -> dict[str, float]:
+    """The config's non-zero dropout probabilities (``*dropout``, ``*pdrop``): most models
+    apply them with ``F.dropout`` (OPT's ``dropout``, attention dropout), no module to find."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = text.to_dict() if hasattr(text, "to_dict") else dict(vars(text))
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if k.endswith(("dropout", "pdrop"))
+        and k not in _HEAD_DROPOUTS
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and v > 0
+    }
 
 
 def _penalty(multi: MultiLoRA, pruning: SelfPruning) -> Tensor:

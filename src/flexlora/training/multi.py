@@ -79,8 +79,9 @@ class MultiLoRALinear(nn.Module):
         owner = self._owner[0]
         plan = owner.plan
         result = self.base_layer(x)  # (R, t, m): the frozen weight read once for all rows
-        k, b = len(plan.active), plan.rows
-        t, n = x.shape[-2], x.shape[-1]
+        k, b, n = len(plan.active), plan.rows, x.shape[-1]
+        # (R, t, n), or flattened to (R·t, n) as OPT's feed-forward does: rows stay per client
+        t = x.numel() // (k * b * n)
         A = owner.A[self.name]
         xl = x.to(A.dtype).reshape(k, b, t, n)  # (K', b, t, n)
         if owner.dropout > 0 and self.training:

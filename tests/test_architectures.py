@@ -1,0 +1,202 @@
+"""Causal LMs other than LLaMA, with their own module names: tiny random models built from
+configs (nothing downloaded), saved as folders and given to ``flexlora run`` as ``model.name``.
+
+Covers fused projections (Phi-3's ``qkv_proj`` / ``gate_up_proj``, Falcon's and GPT-NeoX's
+``query_key_value``, MPT's ``Wqkv``), GPT-2's ``Conv1D``, OPT's feed-forward on flattened
+``(tokens, hidden)`` inputs, and the clear errors: a layer kind that cannot be adapted, and a
+base model whose own dropout would break batched clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from flexlora.errors import UsageError
+from flexlora.models import build_byte_tokenizer, target_linear_modules
+from flexlora.models.meta import meta_model
+from flexlora.simulation.runner import FederatedRun
+from tests.sim_helpers import make_dataset, tiny_config
+
+IDS = {"vocab_size": 260, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+LLAMA_LIKE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+GATED = (["q_proj", "v_proj", "up_proj", "down_proj"], ["up_proj", "down_proj"])
+NEOX = (
+    ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    ["dense_h_to_4h", "dense_4h_to_h"],
+)
+
+#: name -> (config, target_modules, ffn_modules): each model's own layer names
+ARCHITECTURES: dict[str, tuple[Callable[[], tf.PretrainedConfig], list[str], list[str]]] = {
+    "gpt2": (
+        lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **IDS),
+        ["c_attn", "c_proj", "c_fc"],
+        ["c_fc", "mlp.c_proj"],
+    ),
+    "phi3": (
+        lambda: tf.Phi3Config(**LLAMA_LIKE, **IDS),
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        ["gate_up_proj", "down_proj"],
+    ),
+    "falcon": (
+        lambda: tf.FalconConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            new_decoder_architecture=True,
+            num_kv_heads=2,
+            **IDS,
+        ),
+        *NEOX,
+    ),
+    "gpt_neox": (
+        lambda: tf.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, **IDS
+        ),
+        *NEOX,
+    ),
+    "qwen2": (lambda: tf.Qwen2Config(**LLAMA_LIKE, **IDS), *GATED),
+    "mistral": (lambda: tf.MistralConfig(**LLAMA_LIKE, **IDS), *GATED),
+    "gemma2": (lambda: tf.Gemma2Config(**LLAMA_LIKE, head_dim=8, **IDS), *GATED),
+    "opt": (
+        lambda: tf.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            dropout=0.0,
+            **IDS,
+        ),
+        ["q_proj", "v_proj", "out_proj", "fc1", "fc2"],
+        ["fc1", "fc2"],
+    ),
+    "mpt": (
+        lambda: tf.MptConfig(
+            d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=128, **IDS
+        ),
+        ["Wqkv", "out_proj", "up_proj", "down_proj"],
+        ["up_proj", "down_proj"],
+    ),
+}
+
+
+def save_model(config: tf.PretrainedConfig, folder: Path) -> Path:
+    """A seeded random model of ``config`` and the byte tokenizer, as ``save_pretrained`` writes."""
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_on(folder: Path, out: Path, targets: list[str], ffn: list[str], **train: object) -> list:
+    """One round of two clients (local SGD, so batched and sequential agree to rounding),
+    evaluated after round 1, adapters exported."""
+    cfg = tiny_config(
+        str(out),
+        model={"name": str(folder)},
+        lora={"target_modules": targets, "ffn_modules": ffn},
+        train={"local_steps": 2, "lr": 0.5, **train},
+        federation={"strategy": "fedavg+flexlora", "rounds": 1, "clients_per_round": 2},
+        eval={"at_start": False, "max_examples_per_client": 1, "max_new_tokens": 2},
+    )
+    return FederatedRun(cfg, dataset=make_dataset(n_seen=4, n_unseen=1, per_client=6)).run()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_flexlora_run_trains_evaluates_and_exports_on_each_architecture(
+    arch: str, tmp_path: Path
+) -> None:
+    make, targets, ffn = ARCHITECTURES[arch]
+    folder = save_model(make(), tmp_path / arch)
+    base = tf.AutoModelForCausalLM.from_pretrained(folder)
+    shapes = target_linear_modules(base, targets)
+    assert {n.rsplit(".", 1)[-1] for n in shapes} == {t.rsplit(".", 1)[-1] for t in targets}
+    # the Flower server's and flexlora plan's view: the same shapes with no weight allocated
+    meta = meta_model(str(folder))
+    assert all(p.is_meta for p in meta.parameters())
+    assert target_linear_modules(meta, targets) == shapes
+
+    rows = run_on(folder, tmp_path / "run", targets, ffn)
+    assert rows[0]["aggregated"] and not rows[0]["failed"]
+    assert rows[0]["train_loss"] > 0 and "rouge_l_unseen" in rows[0]
+    exported = tmp_path / "run" / "adapters" / "rank-8"  # the "8" rank type: ranks [8, 8]
+    peft = PeftModel.from_pretrained(base, exported)
+    stored = load_file(exported / "adapter_model.safetensors")
+    loaded = {k: v for k, v in peft.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(stored) == 2 * len(shapes)
+    for (
+        key,
+        value,
+    ) in stored.items():  # PEFT keys "...lora_A.weight" load as "...lora_A.default.weight"
+        assert torch.equal(loaded[key.replace(".weight", ".default.weight")], value), key
+    ids = torch.randint(4, 260, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tuned = peft(input_ids=ids).logits
+        with peft.disable_adapter():
+            plain = peft(input_ids=ids).logits
+    assert not torch.equal(tuned, plain)  # the trained adapter changes the model
+
+
+@pytest.mark.parametrize("arch", ["opt", "phi3", "falcon"])
+def test_batched_clients_equal_sequential_on_other_architectures(arch: str, tmp_path: Path) -> None:
+    """OPT feeds its feed-forward (tokens, hidden) inputs; Phi-3 and Falcon fused projections."""
+    make, targets, ffn = ARCHITECTURES[arch]
+    folder = save_model(make(), tmp_path / arch)
+    one = run_on(folder, tmp_path / "one", targets, ffn)
+    two = run_on(folder, tmp_path / "two", targets, ffn, parallel_clients=2)
+    assert one[0]["train_loss"] == pytest.approx(two[0]["train_loss"], rel=1e-5)
+    # compared as s·B·A: the exported factors are an SVD, whose near-equal singular values
+    # may rotate with float32 rounding while the product does not
+    for rank_type in ("2", "4", "2-8", "8"):
+        a = exported_deltas(tmp_path / "one" / "adapters" / f"rank-{rank_type}")
+        b = exported_deltas(tmp_path / "two" / "adapters" / f"rank-{rank_type}")
+        assert a.keys() == b.keys() and len(a) == 2 * len(targets)
+        for key, delta in a.items():
+            assert delta.norm() > 0, key
+            assert (delta - b[key]).norm() <= 1e-5 * delta.norm(), key
+
+
+def exported_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """Module -> B·A of an exported PEFT adapter (its scaling is the same in both runs)."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    return {
+        key.removesuffix(".lora_A.weight"): tensors[key.replace("lora_A", "lora_B")] @ A
+        for key, A in tensors.items()
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def test_base_dropout_applied_functionally_is_refused_for_batched_clients(tmp_path: Path) -> None:
+    """OPT applies its config's dropout with F.dropout (no nn.Dropout module to find)."""
+    make, targets, ffn = ARCHITECTURES["opt"]
+    config = make()
+    config.dropout = 0.1
+    folder = save_model(config, tmp_path / "opt")
+    with pytest.raises(UsageError, match=r"without dropout of its own \(config\.dropout=0\.1\)"):
+        run_on(folder, tmp_path / "run", targets, ffn, parallel_clients=2)
+
+
+def test_a_layer_kind_that_cannot_adapt_names_module_and_kind() -> None:
+    """Mixtral's experts are one module of stacked expert weights, not linear layers."""
+    config = tf.MixtralConfig(**LLAMA_LIKE, num_local_experts=2, num_experts_per_tok=1, **IDS)
+    model = meta_model(config)
+    with pytest.raises(
+        UsageError,
+        match=r"target module model\.layers\.0\.mlp\.experts is a .*MixtralExperts, which cannot "
+        r"be adapted; adaptable layer kinds: torch\.nn\.Linear",
+    ):
+        target_linear_modules(model, ["q_proj", "experts"])
+    assert len(target_linear_modules(model, ["q_proj", "o_proj"])) == 4  # attention adapts
