@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from flexlora.errors import UsageError
 from flexlora.models import build_byte_tokenizer, target_linear_modules
 from flexlora.models.meta import meta_model
+from flexlora.plan.shape import model_shape
 from flexlora.simulation.runner import FederatedRun
 from tests.sim_helpers import make_dataset, tiny_config
 
@@ -200,3 +201,18 @@ def test_a_layer_kind_that_cannot_adapt_names_module_and_kind() -> None:
     ):
         target_linear_modules(model, ["q_proj", "experts"])
     assert len(target_linear_modules(model, ["q_proj", "o_proj"])) == 4  # attention adapts
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [("gpt2", (2, 32, 2, 2, 128)), ("falcon", (2, 32, 4, 2, 128)), ("mpt", (2, 32, 4, 4, 64))],
+)
+def test_plan_reads_each_architectures_own_config_names(
+    arch: str, expected: tuple[int, ...], tmp_path: Path
+) -> None:
+    """layers, hidden, heads, kv heads (Falcon's num_kv_heads) and MLP width from the config."""
+    make, targets, _ = ARCHITECTURES[arch]
+    folder = save_model(make(), tmp_path / arch)
+    s = model_shape(str(folder), targets)
+    assert (s.layers, s.hidden, s.heads, s.kv_heads, s.intermediate) == expected
+    assert s.targets == target_linear_modules(meta_model(str(folder)), targets)

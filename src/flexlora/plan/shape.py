@@ -77,9 +77,16 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
         architecture=type(model).__name__,
         hidden=hidden,
         layers=_first(c, "num_hidden_layers", "n_layer", "num_layers"),
-        intermediate=_first(c, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        intermediate=_first(
+            c,
+            "intermediate_size",
+            "n_inner",
+            "ffn_dim",
+            "ffn_hidden_size",  # Falcon
+            default=int(getattr(c, "expansion_ratio", 4) * hidden),  # MPT: d_model x ratio
+        ),
         heads=heads,
-        kv_heads=_first(c, "num_key_value_heads", default=heads),
+        kv_heads=_first(c, "num_key_value_heads", "num_kv_heads", default=heads),
         vocab=_first(c, "vocab_size"),
         gated_mlp=bool(names & {"gate_proj", "gate_up_proj", "w1", "w3"}),
         params=int(params),
