@@ -162,7 +162,7 @@ def test_estimate_is_close_to_the_measured_peak_of_a_small_client(tmp_path: Path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     ratio = float(re.search(r"estimate / measured: ([0-9.]+)", done.stdout).group(1))
-    assert 0.7 <= ratio <= 1.3, done.stdout
+    assert 0.75 <= ratio <= 1.25, done.stdout  # the issue: within 25 % (measured 0.92)
 
 
 def test_server_keep_rank_all_and_a_number() -> None:

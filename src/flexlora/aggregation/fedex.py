@@ -8,8 +8,9 @@ keeps the averaged factors as the adapter every client starts from and adds the 
 to the frozen weights, so the global model is exactly W0 + Σ_i p_i ΔW_i, where ΔW_i is client
 i's whole update since W0 (the remainder of earlier rounds, which every client held, plus its
 adapter). R (plus the previous rounds' residual) is kept as an exact thin SVD (≤ min(m, n)
-components) in :attr:`GlobalUpdate.frozen`; it is never written into quantized weights (the
-drivers add it as a separate float32 term there, see ``AdapterHost.set_base_delta``).
+components) in :attr:`GlobalUpdate.frozen`; it is never written into the weights, whatever
+their dtype or quantization (the drivers add it as a separate float32 term, see
+``AdapterHost.set_base_delta``).
 
 Replies are folded as they arrive (:class:`FedExModule`): per module the server keeps the
 running padded sums Σ w_i s_i pad(B_i), Σ w_i pad(A_i) (the FedAvg factors) and the exact
