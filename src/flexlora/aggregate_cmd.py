@@ -5,9 +5,11 @@ every output is computed before anything is written, so bad input writes nothing
 
 For a streaming strategy (FlexLoRA, FLoRA, FedIT, FFA-LoRA, HetLoRA, FedEx-LoRA) the folders
 are read module by module (safetensors ``safe_open``): the peak memory is one module's
-accumulator (for FlexLoRA its factor stacks or dense sum, whichever is smaller) plus the
-outputs, whatever the number of clients. HetLoRA's per-client weights (the norm of a client's
-whole update) take one more pass over the modules first. Other strategies load every adapter.
+accumulator (for FlexLoRA its factor stacks or dense sum, whichever is smaller) and its
+decomposition, plus the outputs. It grows with the clients only until Σ r_i reaches a module's
+min(m, n) (then the dense sum and its full SVD, fixed by the module's shape). HetLoRA's
+per-client weights (the norm of a client's whole update) take one more pass over the modules
+first. Other strategies load every adapter.
 """
 
 from __future__ import annotations
