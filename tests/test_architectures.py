@@ -216,3 +216,33 @@ def test_plan_reads_each_architectures_own_config_names(
     s = model_shape(str(folder), targets)
     assert (s.layers, s.hidden, s.heads, s.kv_heads, s.intermediate) == expected
     assert s.targets == target_linear_modules(meta_model(str(folder)), targets)
+
+
+def test_feed_forward_names_of_other_architectures_and_the_warning_when_none_match() -> None:
+    """Falcon's dense_h_to_4h takes the FFN rank by default; a model whose feed-forward
+    names are not in lora.ffn_modules is warned about (its rank types would act as attention)."""
+    import warnings
+
+    from flexlora.config import load_config
+    from flexlora.server import Coordinator
+
+    types = {"c0": "2-8", "c1": "4-4"}
+    rank_types = {"2-8": [2, 8], "4-4": [4, 4]}
+    falcon = {"h.0.self_attention.query_key_value": (24, 8), "h.0.mlp.dense_h_to_4h": (32, 8)}
+    cfg = load_config(values={"federation": {"rank_types": rank_types}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: a feed-forward module is found
+        coord = Coordinator(cfg, falcon, types)
+    assert coord.slot_ranks["2-8"] == {
+        "h.0.self_attention.query_key_value": 2,
+        "h.0.mlp.dense_h_to_4h": 8,
+    }
+    moe = {"layers.0.attn.wq": (8, 8), "layers.0.ffn.w1": (16, 8)}
+    with pytest.warns(UserWarning, match=r"no target module \['w1', 'wq'\] matches lora.ffn"):
+        Coordinator(cfg, moe, types)
+    named = load_config(
+        values={"federation": {"rank_types": rank_types}, "lora": {"ffn_modules": ["w1"]}}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Coordinator(named, moe, types).slot_ranks["2-8"]["layers.0.ffn.w1"] == 8

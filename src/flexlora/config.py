@@ -151,6 +151,10 @@ class LoRASettings:
             "fc2",
             "c_fc",
             "mlp.c_proj",
+            "dense_h_to_4h",  # Falcon, GPT-NeoX, Bloom
+            "dense_4h_to_h",
+            "fc_in",  # GPT-J, CodeGen
+            "fc_out",
         ],
     )
     alpha: float = _help(

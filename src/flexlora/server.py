@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -193,6 +194,7 @@ class Coordinator:
         self.slot_ranks: dict[str, dict[str, int]] = {
             t: module_ranks(modules, fed.rank_types[t], cfg.lora.ffn_modules) for t in used
         }
+        _warn_if_no_ffn_module(modules, {t: fed.rank_types[t] for t in used}, cfg.lora.ffn_modules)
         self.aggregator = build_aggregator(cfg, self.max_ranks() if self.slot_ranks else None)
         if self.aggregator.needs_uniform_rank and len(set(self.client_type.values())) > 1:
             raise UsageError(
@@ -666,3 +668,21 @@ class Coordinator:
 
     def restore_extra(self, extra: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_extra`; older checkpoints' keys are ignored."""
+
+
+def _warn_if_no_ffn_module(
+    modules: Sequence[str], rank_types: Mapping[str, Sequence[int]], ffn_modules: Sequence[str]
+) -> None:
+    """A rank type with its own FFN rank means nothing if no target is feed-forward: say so
+    (another architecture's names, e.g. ``w1`` / ``w2``, need ``lora.ffn_modules``)."""
+    mixed = sorted(t for t, (attn, ffn) in rank_types.items() if attn != ffn)
+    ranks = module_ranks(modules, [0, 1], ffn_modules)
+    if mixed and not any(ranks.values()):
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        warnings.warn(
+            f"rank types {mixed} give feed-forward modules their own rank, but no target module "
+            f"{leaves} matches lora.ffn_modules {list(ffn_modules)}: every module takes the "
+            "attention rank; name this model's feed-forward layers in lora.ffn_modules",
+            UserWarning,
+            stacklevel=3,
+        )
