@@ -23,6 +23,7 @@ from flexlora.errors import InvalidUpdateError, UsageError
 from flexlora.server import Coordinator
 from flexlora.types import ClientUpdate, LoRAFactors
 from tests.test_aggregation import STRATEGIES, UP, Q, Round, make_round, rel_err, rounds
+from tests.test_baselines import ref_fedsa
 
 
 def fold(strategy: str, case: Round, order: list[int], **options) -> object:
@@ -265,8 +266,6 @@ def test_fedsa_folded_in_any_order_is_the_row_wise_dense_reference(
     """FedSA-LoRA's accumulator, with raw weights and in any order, on top of a previous state
     of larger rank or none: Ā row by row over the clients that have the row (the previous row
     where none has it) and B̄ = Σ p_i s_i pad(B_i), computed the slow way."""
-    from tests.test_baselines import ref_fedsa
-
     shapes = {name: f.shape for name, f in case.updates[0].factors.items()}
     previous = None
     if again:  # a previous state of rank 9 > any client's: its tail rows must survive
