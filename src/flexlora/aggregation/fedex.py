@@ -84,8 +84,9 @@ class FedExModule(ModuleAccumulator):
         to = {"device": self.device, "dtype": self.dtype}
         rank = self.exact.total_rank + A.shape[0] + (prev.rank if prev is not None else 0)
         if self.exact.stacked:
-            Bs = [self.exact.Bt.rows().T / total_weight, -B]
-            As = [self.exact.As.rows(), A]
+            B_sum, A_sum = self.exact.stacks()  # (m, R), (R, n)
+            Bs = [B_sum / total_weight, -B]
+            As = [A_sum, A]
             if prev is not None:
                 Bs.append(prev.U.to(**to) * prev.S.to(**to))  # (m, k)
                 As.append(prev.Vh.to(**to))  # (k, n)

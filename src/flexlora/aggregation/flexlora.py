@@ -108,8 +108,12 @@ class FlexLoRAModule(ModuleAccumulator):
     def stacked(self) -> bool:
         return self.delta is None
 
+    def stacks(self) -> tuple[Tensor, Tensor]:
+        """The weighted B stack (m, R), a column-major view, and the A stack (R, n)."""
+        return self.Bt.rows().T, self.As.rows()
+
     def tensors(self) -> list[Tensor]:
-        return [self.Bt.rows(), self.As.rows()] if self.delta is None else [self.delta]
+        return list(self.stacks()) if self.delta is None else [self.delta]
 
     def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
         m, n = self.shape
@@ -124,7 +128,7 @@ class FlexLoRAModule(ModuleAccumulator):
         if self.delta is None:
             self.delta = torch.zeros(m, n, dtype=self.dtype, device=self.device)  # (m, n)
             if self.Bt.len:
-                self.delta.addmm_(self.Bt.rows().T, self.As.rows())
+                self.delta.addmm_(*self.stacks())
             self.Bt = RowStack(m, self.dtype, self.device)
             self.As = RowStack(n, self.dtype, self.device)
         self.delta.addmm_(B, A, alpha=w)
@@ -133,8 +137,7 @@ class FlexLoRAModule(ModuleAccumulator):
         m, n = self.shape
         keep = self.keep
         if self.delta is None:
-            B = self.Bt.rows().T  # (m, R), a column-major view
-            A = self.As.rows()  # (R, n)
+            B, A = self.stacks()  # (m, R), (R, n)
             if keep is not None and keep < self.total_rank < min(m, n):
                 U, S, Vh = gram_svd(B, A, keep)  # only the kept triplets are formed
             else:  # every triplet is kept: Householder QR and a float32 core SVD are cheaper

@@ -51,7 +51,7 @@ class ModelShape:
 
 def model_shape(name: str, target_modules: list[str]) -> ModelShape:
     """Build the model on the meta device and read its shape (no weight is allocated)."""
-    model = meta_model(model_config(name))
+    model = meta_model(name)
     assert all(p.is_meta for p in model.parameters())
     return shape_of(model, target_modules)
 
