@@ -63,6 +63,7 @@ from pathlib import Path
 # As the flexlora package does on import: sleeping OpenMP waiters, set before torch loads its
 # runtime (spinning ones make both paths tens of times slower when another job shares a core).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for large tensors, as flexlora
 
 import torch
 from safetensors.torch import load_file, save_file

@@ -271,3 +271,88 @@ def test_top_eigh_without_scipy_takes_torch(monkeypatch: pytest.MonkeyPatch) -> 
     lam_t, Q_t = svd._top_eigh(M, 5)
     torch.testing.assert_close(lam_t, lam, rtol=1e-12, atol=0)
     torch.testing.assert_close((Q * Q_t).sum(0).abs(), torch.ones(5, dtype=torch.float64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 30),
+    st.integers(1, 12),
+    st.sampled_from([torch.float32, torch.float64]),
+)
+def test_gram_from_the_upper_blocks_equals_the_full_product(
+    R: int, rows: int, block: int, dtype: torch.dtype
+) -> None:
+    """gram's 1-3 row blocks (upper triangle computed, lower copied) give exactly XᵀX's
+    entries up to the gemm's rounding, for stacks as the server holds them (a
+    column-major view of a row-major (R, rows) buffer) and for contiguous ones."""
+    import flexlora.lora.svd as svd
+
+    g = torch.Generator().manual_seed(R * 1000 + rows * 10 + block)
+    stack = torch.randn(R, rows, generator=g, dtype=dtype)  # (R, rows), as a RowStack holds it
+    old = svd.GRAM_BLOCK_ROWS
+    svd.GRAM_BLOCK_ROWS = block  # small blocks, so small shapes reach two and three blocks
+    try:
+        for X in (stack.T, stack.T.contiguous()):  # (rows, R)
+            G = svd.gram(X)
+            ref = X.double().T @ X.double()
+            assert G.dtype == dtype and G.shape == (R, R)
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(G.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    finally:
+        svd.GRAM_BLOCK_ROWS = old
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_sees_every_nan_and_inf_and_no_false_alarm(dtype: torch.dtype) -> None:
+    """all_finite is False for one NaN, +Inf or -Inf anywhere (also +Inf and -Inf together,
+    whose sum is NaN), True for finite tensors, empty ones and ones whose sum overflows."""
+    from flexlora.lora.finite import all_finite
+
+    x = torch.randn(37, 53).to(dtype)
+    assert all_finite(x) and all_finite(torch.empty(0, 5, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (36, 52), (17, 3)):
+            y = x.clone()
+            y[where] = bad
+            assert not all_finite(y)
+    y = x.clone()
+    y[1, 1], y[2, 2] = float("inf"), -float("inf")
+    assert not all_finite(y)
+    huge = torch.full((64, 64), torch.finfo(dtype).max, dtype=dtype)  # finite; its sum is not
+    assert all_finite(huge)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.integers(1, 12), st.sampled_from(["none", "duplicate", "near"]))
+def test_householder_svd_top_k_equals_dense_truncation(case, k: int, collinear: str) -> None:
+    """gram_svd's fallback (reflectors applied to k columns only) gives the dense SVD's top-k
+    truncation, orthonormal U and Vh, for independent stacks and for rank-deficient or nearly
+    rank-deficient ones (a client repeating another's A rows, as after a shared start)."""
+    from flexlora.lora.svd import householder_svd
+
+    m, n, ranks, seed = case
+    Bs, As, weights, _ = random_stack(m, n, ranks, seed)
+    B = torch.cat([w * b for w, b in zip(weights, Bs, strict=True)], dim=1)  # (m, R)
+    A = torch.cat(As, dim=0)  # (R, n)
+    R = B.shape[1]
+    if R > min(m, n):
+        return
+    if collinear != "none" and R >= 2:
+        g = torch.Generator().manual_seed(seed)
+        half = R // 2
+        noise = 0.0 if collinear == "duplicate" else 1e-7
+        A[R - half :] = A[:half] + noise * torch.randn(half, n, generator=g, dtype=A.dtype)
+    M = (B @ A).numpy()
+    U0, S0, Vh0 = reference(M)
+    k = min(k, R)
+    U, S, Vh = householder_svd(B, A, k)
+    assert U.shape == (m, k) and S.shape == (k,) and Vh.shape == (k, n)
+    scale = max(float(np.linalg.norm(M)), 1e-300)
+    err = np.linalg.norm(truncate(U.numpy(), S.numpy(), Vh.numpy(), k) - truncate(U0, S0, Vh0, k))
+    gap = (S0[k - 1] - (S0[k] if k < S0.shape[0] else 0.0)) / max(S0[0], 1e-300)
+    if gap >= 1e-6:  # a truncation inside a degenerate cluster is not unique
+        assert err / scale <= 1e-8
+    np.testing.assert_allclose(S.numpy(), S0[:k], rtol=0, atol=1e-10 * max(S0[0], 1e-300))
+    np.testing.assert_allclose(U.numpy().T @ U.numpy(), np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(Vh.numpy() @ Vh.numpy().T, np.eye(k), atol=1e-10)

@@ -12,6 +12,11 @@ import os
 # Read when torch loads its OpenMP runtime, so this only helps if flexlora is imported first
 # (the ``flexlora`` command always is). An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch's CPU allocator backs tensors of 2 MiB and more with transparent huge pages: the server
+# writes every reply into fresh stacks, and 4 KiB page faults made that write 2-6x slower
+# (0.018 s against 0.003 s to fill an 800 x 11008 float32 buffer). Also read once, when torch
+# first allocates; an explicit setting (THP_MEM_ALLOC_ENABLE=0) wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
 from flexlora.types import ClientUpdate, LoRAFactors

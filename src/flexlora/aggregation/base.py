@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.lora.finite import all_finite
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
 __all__ = [
@@ -144,7 +145,7 @@ def check_updates(updates: Sequence[ClientUpdate]) -> dict[str, tuple[int, int]]
                     raise InvalidUpdateError(
                         u.client_id, name, "dtype", f"lora_{label} has dtype {t.dtype}, not float"
                     )
-                if not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise InvalidUpdateError(
                         u.client_id, name, "nonfinite", f"lora_{label} holds NaN or Inf values"
                     )
@@ -169,7 +170,7 @@ def check_factors(cid: str, module: str, f: object, shape: tuple[int, int]) -> N
             raise InvalidUpdateError(
                 cid, module, "dtype", f"lora_{label} has dtype {t.dtype}, not float"
             )
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InvalidUpdateError(
                 cid, module, "nonfinite", f"lora_{label} holds NaN or Inf values"
             )

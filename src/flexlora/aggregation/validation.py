@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from flexlora.errors import InvalidUpdateError
+from flexlora.lora.finite import all_finite
 from flexlora.lora.norms import frobenius_norm
 from flexlora.types import ClientUpdate, LoRAFactors
 
@@ -188,10 +189,14 @@ class UpdateValidator:
                 cid, name, "scaling", f"use_rslora={f.use_rslora!r}; the run scales by {rule}"
             )
         for label, t in pair:
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise _reject(cid, name, "nonfinite", f"lora_{label} holds NaN or Inf values")
         for label, t in pair:
-            peak = float(t.abs().max()) if t.numel() else 0.0
+            if t.numel():  # the extremes in one pass, no |t| temporary
+                low, high = torch.aminmax(t)
+                peak = max(-float(low), float(high))
+            else:
+                peak = 0.0
             if peak > self.max_abs:
                 raise _reject(
                     cid,

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from flexlora.errors import InvalidUpdateError
+from flexlora.lora.finite import all_finite
 from flexlora.types import LoRAFactors, match_pattern
 
 __all__ = [
@@ -162,7 +163,7 @@ def checked_factors(
     for which, t in (("A", A), ("B", B)):
         if not t.dtype.is_floating_point:
             raise InvalidUpdateError(source, module, "dtype", f"lora_{which} is {t.dtype}")
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InvalidUpdateError(
                 source, module, "nonfinite", f"lora_{which} holds NaN or Inf values"
             )

@@ -32,7 +32,9 @@ __all__ = [
     "canonical_signs",
     "dense_svd",
     "factored_svd",
+    "gram",
     "gram_svd",
+    "householder_svd",
     "low_rank_sum_svd",
     "randomized_svd",
 ]
@@ -88,6 +90,34 @@ def factored_svd(B: Tensor, A: Tensor) -> SVD:
     return SVD(U, S, Vh)
 
 
+#: the Gram's row blocks have at least this many rows (smaller blocks run below the gemm's rate)
+GRAM_BLOCK_ROWS = 256
+
+
+def gram(X: Tensor) -> Tensor:
+    """``XᵀX`` (R, R) for X (rows, R) in X's dtype, from the upper block triangle only.
+
+    With up to three row blocks of ``Xᵀ`` the product takes 6 of the 9 block products a full
+    gemm does (0.72x its time for R = 800 on two cores; a SYRK would take half, but
+    OpenBLAS's ran at 57 % of the gemm's rate and torch exposes none); the lower blocks are
+    transposed copies. Holds the (R, R) result.
+    """
+    Y = X.T  # (R, rows); row-major when X is a column-major view, as the stacks are
+    R = Y.shape[0]
+    blocks = max(1, min(3, R // GRAM_BLOCK_ROWS))
+    if blocks == 1:
+        return Y @ Y.T
+    cuts = [R * i // blocks for i in range(blocks + 1)]
+    G = torch.empty(R, R, dtype=X.dtype, device=X.device)
+    for i in range(blocks):
+        lo, hi = cuts[i], cuts[i + 1]
+        G[lo:hi, lo:] = Y[lo:hi] @ Y[lo:].T  # (hi - lo, R - lo)
+    for i in range(1, blocks):
+        lo = cuts[i]
+        G[lo:, :lo] = G[:lo, lo:].T
+    return G
+
+
 def _gram_factor(X: Tensor, fast: bool = False) -> Tensor | None:
     """Upper-triangular Rx with XᵀX = RxᵀRx by Cholesky of the Gram; None if ill-conditioned.
 
@@ -97,8 +127,7 @@ def _gram_factor(X: Tensor, fast: bool = False) -> Tensor | None:
     Cholesky factor of the equilibrated Gram bounds from below; ``fast`` accepts only
     FAST_GRAM_MAX_COND (the caller also checks the result's orthonormality).
     """
-    Xg = X if fast else X.double()  # (rows, R) in the Gram's precision
-    G = (Xg.T @ Xg).double()  # (R, R)
+    G = gram(X if fast else X.double()).double()  # (R, R)
     scale = torch.diagonal(G).sqrt()  # (R,) column norms
     if not bool((scale > 0).all()):
         return None
@@ -130,7 +159,7 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
     blocked half-product by client was slower on two cores, its small blocks run far below
     the gemm's rate) and two (·, R)·(R, k) products. Float32 input first tries float32 Grams
     (well-conditioned stacks, and U_k, Vh_k orthonormal to FAST_ORTHO_TOL, else redone),
-    then float64 Grams; it falls back to :func:`factored_svd` (Householder QR) when either
+    then float64 Grams; it falls back to :func:`householder_svd` (Householder QR) when either
     stack is rank-deficient or too ill-conditioned for the Gram route (see GRAM_MAX_COND).
     Holds the two Grams and the R×R core besides the inputs and the result.
     """
@@ -142,7 +171,9 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
         Ra = _gram_factor(A.T, fast) if Rb is not None else None
         if Rb is None or Ra is None:
             continue
-        core = Rb @ Ra.T  # (R, R) float64
+        # (R, R) float64; with float32 Grams from a float32 product, 2.5x faster: its rounding,
+        # relative to |Rb|·|Ra|, is that of the float32 inputs themselves
+        core = (Rb.float() @ Ra.T.float()).double() if fast else Rb @ Ra.T
         Uc, S, Vc = _top_core(core, k)  # (R, k), (k,), (R, k)
         left = torch.linalg.solve_triangular(Rb, Uc, upper=True)  # (R, k)
         right = torch.linalg.solve_triangular(Ra, Vc, upper=True)  # (R, k)
@@ -151,19 +182,53 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
         if fast and not (_orthonormal(U, FAST_ORTHO_TOL) and _orthonormal(V, FAST_ORTHO_TOL)):
             continue
         return SVD(U, S.to(B.dtype), V.T)
-    U, S, Vh = factored_svd(B, A)
-    return SVD(U[:, :k], S[:k], Vh[:k])
+    return householder_svd(B, A, k)
+
+
+def householder_svd(B: Tensor, A: Tensor, k: int) -> SVD:
+    """The top ``k`` triplets of ``B·A`` from Householder QR of both stacks, exact for any
+    conditioning (rank-deficient stacks too: clients that start a round from the same global
+    factors send nearly collinear ones); ``B: (m, R)``, ``A: (R, n)``, R ≤ min(m, n).
+
+    ``geqrf`` keeps each Q as its reflectors: core = Rb·Raᵀ (R×R), its top k triplets as in
+    :func:`gram_svd`, and ``ormqr`` applies Qb and Qa to those k columns only; forming both
+    Q explicitly, the full core SVD and two (·, R)·(R, R) products (:func:`factored_svd`)
+    took 2x the time for R = 800. Holds the two reflector blocks (copies of the stacks).
+    """
+    R = B.shape[1]
+    hb, tb = torch.geqrf(B)  # (m, R) reflectors below the diagonal, Rb on and above it; (R,)
+    ha, ta = torch.geqrf(A.T)  # (n, R), (R,)
+    Rb, Ra = hb[:R].triu(), ha[:R].triu()  # (R, R) upper
+    core = (Rb @ Ra.T).double()  # in the stacks' precision: its rounding is theirs
+    Uc, S, Vc = _top_core(core, k)  # (R, k), (k,), (R, k)
+    Uk = torch.zeros(B.shape[0], Uc.shape[1], dtype=B.dtype, device=B.device)  # (m, k)
+    Uk[:R] = Uc.to(B.dtype)
+    Vk = torch.zeros(A.shape[1], Vc.shape[1], dtype=A.dtype, device=A.device)  # (n, k)
+    Vk[:R] = Vc.to(A.dtype)
+    U = torch.ormqr(hb, tb, Uk)  # (m, k) = Qb·[Uc; 0]
+    V = torch.ormqr(ha, ta, Vk)  # (n, k) = Qa·[Vc; 0]
+    return SVD(U, S.to(B.dtype), V.T)
+
+
+#: _top_eigh takes LAPACK's divide and conquer (every eigenvector) up to R = this times k,
+#: MRRR for the top k only above it (one thread, two cores: at k = 200, dsyevd 0.007 s against
+#: dsyevr's 0.023 s for R = 250, 0.049 against 0.072 s for R = 600, 0.099 against 0.112 s for
+#: R = 800; at k = 30 and R = 300 dsyevr is faster, 0.0065 against 0.0087 s)
+EVD_MAX_RATIO = 4.0
 
 
 def _top_eigh(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest eigenpairs of a symmetric float64 ``M`` (R, R), descending.
 
-    On the CPU, LAPACK's dsyevr through SciPy with ``subset_by_index`` forms only those k
-    eigenvectors (MRRR), on one BLAS thread: the tridiagonal reduction that dominates is
-    bound by memory bandwidth, so a second thread gains nothing, and with the package's
-    passive OpenMP waiters torch's multithreaded syevd was 2-3x slower (0.46 s against 0.15 s
-    for R = 900 on two cores). Elsewhere (a CUDA server, or a source tree run without the
-    declared SciPy, as benchmarks/gpu_check.py may be) ``torch.linalg.eigh``.
+    On the CPU, LAPACK through SciPy on one BLAS thread: ``dsyevd`` (all eigenpairs, divide
+    and conquer) while R ≤ EVD_MAX_RATIO·k, else ``dsyevr`` with ``subset_by_index``, which
+    forms only the k eigenvectors (MRRR). Both spend most of their time in the tridiagonal
+    reduction, bound by memory bandwidth; a second OpenBLAS thread gained 10-25 % in the
+    eigensolver but its spinning waiters then slowed every torch product after it, and
+    torch's own ``syevd`` was 2-3x slower under the package's passive OpenMP waiters (0.46 s
+    against 0.15 s for R = 900 on two cores). Elsewhere (a CUDA server,
+    or a source tree run without the declared SciPy, as benchmarks/gpu_check.py may be)
+    ``torch.linalg.eigh``. Holds M's copy and the eigenvectors kept.
     """
     R = M.shape[0]
     if M.device.type == "cpu" and _HAVE_SCIPY:
@@ -171,9 +236,13 @@ def _top_eigh(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(1, user_api="blas"):
-            lam, Q = scipy.linalg.eigh(
-                M.numpy(), subset_by_index=(R - k, R - 1), driver="evr", check_finite=False
-            )
+            if EVD_MAX_RATIO * k >= R:
+                lam, Q = scipy.linalg.eigh(M.numpy(), driver="evd", check_finite=False)
+                lam, Q = lam[R - k :], Q[:, R - k :]
+            else:
+                lam, Q = scipy.linalg.eigh(
+                    M.numpy(), subset_by_index=(R - k, R - 1), driver="evr", check_finite=False
+                )
         return torch.from_numpy(lam).flip(0), torch.from_numpy(Q).flip(1)
     lam, Q = torch.linalg.eigh(M)  # ascending, (R,), (R, R)
     return lam[-k:].flip(0), Q[:, -k:].flip(1)
@@ -190,7 +259,7 @@ def _top_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """
     R = core.shape[0]
     if k < R:
-        lam_top, Uc = _top_eigh(core @ core.T, k)  # (k,), (R, k)
+        lam_top, Uc = _top_eigh(gram(core.T), k)  # core·coreᵀ from its upper blocks; (k,), (R, k)
         if bool(lam_top[-1] >= 1e-10 * lam_top[0]) and bool(lam_top[0] > 0):
             S = lam_top.sqrt()
             Vc = (core.T @ Uc) / S  # (R, k)

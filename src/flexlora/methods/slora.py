@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.lora.finite import all_finite
 from flexlora.schedule import derive_seed
 from flexlora.types import GlobalUpdate, ModuleDelta
 
@@ -335,7 +336,7 @@ def validate_sparse(
                     raise InvalidUpdateError(
                         cid, name, "shape", f"{tuple(v.shape)} values for a mask of {mask.nnz}"
                     )
-                if not bool(torch.isfinite(v).all()):
+                if not all_finite(v):
                     raise InvalidUpdateError(cid, name, "nonfinite", "values hold NaN or Inf")
         except InvalidUpdateError as exc:
             key = cid if isinstance(cid, str) and cid not in rejected else f"#{i}"
