@@ -16,6 +16,7 @@ from flexlora.config import ModelConfig, TrainConfig
 from flexlora.errors import UsageError
 from flexlora.models import (
     build_tiny_llama,
+    keep_4bit_layout,
     load_base_model,
     load_model,
     prepare_for_training,
@@ -122,6 +123,90 @@ def test_4bit_nf4_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
     )
     q = base.model.layers[0].self_attn.q_proj.get_base_layer()  # PEFT wrapped it in place
     assert q.weight.quant_type == "nf4" and q.compute_dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
+def test_4bit_layers_keep_their_stored_layout_on_every_cpu() -> None:
+    """bitsandbytes repacks a Linear4bit for its AVX512-BF16 CPU kernel at a no-grad eval
+    forward (scales rounded to bf16, re-quantized when read back), and with a bias every
+    training forward after it fails in place; keep_4bit_layout turns that off, and undoes a
+    repack that already happened, whatever this machine's CPU."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 64, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(64, 64), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )._quantize("cpu")
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.support_avx512bf16_for_cpu = True  # as on an AVX512-BF16 CPU
+    layer.eval()
+    x = torch.randn(3, 64)
+    repacked = True
+    try:
+        with torch.no_grad():
+            layer(x)
+    except Exception:  # no fused kernel on this CPU: the packed layout cannot run here
+        repacked = False
+    if repacked:
+        assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    model = torch.nn.Sequential(layer)
+    assert keep_4bit_layout(model) == 1
+    assert not layer.support_avx512bf16_for_cpu
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    with torch.no_grad():
+        layer(x)  # an eval forward no longer repacks
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    layer.train()
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()  # the bias path that failed after a repack
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    if not repacked:  # a repack's round trip re-quantizes the scales: compare only without one
+        after = layer.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in stored.items())
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
+def test_4bit_base_with_biases_trains_after_an_evaluation(tmp_path: Path) -> None:
+    """Qwen2 (biased q/k/v) on a 4-bit base, evaluated at the start and after each round:
+    every client of both rounds is aggregated, and the quantized base is unchanged."""
+    import bitsandbytes as bnb
+    import transformers as tf
+
+    from tests.test_architectures import IDS, save_model
+
+    config = tf.Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **IDS,
+    )
+    folder = save_model(config, tmp_path / "qwen2")
+    cfg = tiny_config(
+        str(tmp_path / "run"),
+        model={"name": str(folder), "quantization": "4bit"},
+        lora={"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+        train={"local_steps": 1},
+        federation={"rounds": 2, "clients_per_round": 2},
+        eval={"at_start": True, "max_examples_per_client": 1, "max_new_tokens": 2},
+    )
+    base, tokenizer = load_model(cfg.model)
+    quantized = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and any(m.bias is not None for m in quantized)
+    packed = [{k: v.clone() for k, v in m.state_dict().items()} for m in quantized]
+    rows = FederatedRun(
+        cfg,
+        dataset=make_dataset(n_seen=4, n_unseen=1, per_client=6),
+        model_and_tokenizer=(base, tokenizer),
+    ).run()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(len(r["aggregated"]) == 2 and not r.get("failed") for r in rows[1:]), rows
+    for m, before in zip(quantized, packed, strict=True):
+        after = m.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 @pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")

@@ -15,6 +15,7 @@ from flexlora.models.gguf import (
 from flexlora.models.loading import (
     DTYPES,
     is_quantized,
+    keep_4bit_layout,
     load_base_model,
     load_model,
     model_source,
@@ -45,6 +46,7 @@ __all__ = [
     "gguf_folder",
     "is_adaptable",
     "is_quantized",
+    "keep_4bit_layout",
     "layer_kind",
     "layer_shape",
     "load_base_model",

@@ -145,9 +145,43 @@ def load_base_model(
             quantization if quant is not None else dtype,
         )
     _ensure_pad_token(model, tokenizer, name_or_path)
+    if quant is not None:
+        keep_4bit_layout(model)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights in place on the CPU; returns how many
+    layers it touched.
+
+    On a CPU with AVX512-BF16, bitsandbytes ≥ 0.50 converts a ``Linear4bit``'s weight to its
+    CPU kernel's layout at the first no-grad forward in eval mode, rounding the
+    double-quantized block scales to bfloat16, and converts it back (re-quantizing those
+    scales: "best effort") whenever the state dict is read. Evaluation would then rewrite the
+    frozen base, and training after it would see slightly different weights than training
+    before it, depending on the CPU. With the repack off, every forward dequantizes the
+    weights as stored: the base stays bit for bit what was loaded, on every CPU.
+    """
+    try:
+        from bitsandbytes import functional as bnb_f
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    unpack = getattr(bnb_f, "_convert_weight_packed_for_cpu_inverse", None)
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if unpack is not None and getattr(state, "packing_format_for_cpu", False):
+            # already repacked by a forward before it reached us: back to the stored layout
+            module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def model_source(name_or_path: str, local_files_only: bool | None = None) -> Path | str:

@@ -12,7 +12,7 @@ from torch import nn
 
 from flexlora.config import TrainConfig
 from flexlora.errors import UsageError
-from flexlora.models.loading import is_quantized
+from flexlora.models.loading import is_quantized, keep_4bit_layout
 
 __all__ = ["prepare_for_training"]
 
@@ -29,12 +29,14 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     On a bitsandbytes base, PEFT's ``prepare_model_for_kbit_training`` casts every parameter
     that is not quantized (embeddings, norms, the output head) to float32, as QLoRA does, so
     the float32 LoRA weights and the loss see float32 activations; the quantized weights are
-    never touched. ``train.gradient_checkpointing`` recomputes each decoder layer's
+    never touched (nor repacked: :func:`~flexlora.models.loading.keep_4bit_layout`).
+    ``train.gradient_checkpointing`` recomputes each decoder layer's
     activations in the backward pass instead of keeping them (``use_reentrant=False``).
     Idempotent; returns ``model``.
     """
     model.requires_grad_(False)
     if is_quantized(model):
+        keep_4bit_layout(model)  # also for a base the caller loaded itself
         from peft import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(
