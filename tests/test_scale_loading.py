@@ -335,3 +335,19 @@ def test_model_loading_keys_are_checked(key: str, value: str, message: str) -> N
         ModelConfig(**{key: value})
     with pytest.raises(UsageError, match="cannot be combined"):
         ModelConfig(device="cpu", device_map="auto")
+
+
+def test_device_map_naming_one_device_is_passed_on(tmp_path: Path) -> None:
+    """``model.device_map = "cpu"`` (or cuda:N, or a GPU index) is one of from_pretrained's own
+    forms: accepted alone or with the same model.device, refused against another device."""
+    assert ModelConfig(device_map="cpu").device_map == "cpu"
+    assert ModelConfig(device="cpu", device_map="cpu").device_map == "cpu"
+    assert ModelConfig(device="cuda:1", device_map="cuda:1").device_map == "cuda:1"
+    with pytest.raises(UsageError, match=r"disagrees with model\.device"):
+        ModelConfig(device="cpu", device_map="cuda:0")
+    folder = tmp_path / "tiny"
+    model, tokenizer = build_tiny_llama()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    loaded, _ = load_base_model(str(folder), device="auto", device_map="cpu")
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}

@@ -209,6 +209,23 @@ def test_coordinator_caps_the_flexlora_state_by_federation_keep_rank(
                 torch.testing.assert_close(got[name].A, f.A, rtol=1e-5, atol=1e-6)
 
 
+def test_flexlora_aggregator_takes_keep_rank_as_the_config_spells_it() -> None:
+    """``keep_rank="all"`` is None (the exact ΔW), ``"2"`` is 2; ``"max"`` needs the ranks."""
+    ranks = [{Q: 4, UP: 3}, {Q: 2, UP: 1}]
+    updates = make_round(
+        5, {Q: (9, 7), UP: (11, 7)}, ranks, [1, 2], [8.0, 8.0], dtype=torch.float32
+    )
+    assert get_aggregator("flexlora", keep_rank="all").keep_rank is None
+    assert get_aggregator("flexlora", keep_rank={Q: "all", UP: "2"}).keep_for(UP) == 2
+    capped = get_aggregator("flexlora", keep_rank="2").aggregate(updates)
+    assert all(capped[m].rank == 2 for m in (Q, UP))
+    exact = get_aggregator("flexlora", keep_rank="all").aggregate(updates)
+    assert exact[Q].rank == 6 and exact[UP].rank == 4
+    for bad, needle in (("max", "needs the clients' ranks"), (0, "positive"), ("x", "'all'")):
+        with pytest.raises(UsageError, match=needle):
+            get_aggregator("flexlora", keep_rank=bad)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "needle"),
     [

@@ -57,6 +57,8 @@ def _help(text: str, **kw: Any) -> Any:
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
+#: a device_map that names one device (what from_pretrained also takes): cpu, cuda:0, 0, ...
+DEVICE_PATTERN = r"cpu|mps|cuda(:\d+)?|\d+"
 
 
 @dataclass
@@ -90,7 +92,8 @@ class ModelConfig:
     )
     device_map: str = _help(
         "transformers device map: empty puts the whole model on model.device as it loads; "
-        "auto, balanced, balanced_low_0 or sequential spread it over the visible GPUs",
+        "auto, balanced, balanced_low_0 or sequential spread it over the visible GPUs; one "
+        "device (cpu, cuda, cuda:N, mps, or a GPU index) puts it all there",
         default="",
     )
     attn_implementation: str = _help(
@@ -115,12 +118,19 @@ class ModelConfig:
                 f"model.bnb_4bit_compute_dtype: {self.bnb_4bit_compute_dtype!r} is not "
                 "auto/bfloat16/float16/float32"
             )
-        if self.device_map not in DEVICE_MAPS:
+        one_device = re.fullmatch(DEVICE_PATTERN, self.device_map) is not None
+        if self.device_map not in DEVICE_MAPS and not one_device:
             raise UsageError(
                 f"model.device_map: {self.device_map!r} is not one of "
-                f"{', '.join(repr(m) for m in DEVICE_MAPS)}"
+                f"{', '.join(repr(m) for m in DEVICE_MAPS)} nor one device (cpu, cuda, cuda:N, "
+                "mps or a GPU index)"
             )
-        if self.device_map and self.device not in ("auto", "cuda"):
+        if one_device and self.device != "auto" and self.device != self.device_map:
+            raise UsageError(
+                f"model.device_map = {self.device_map!r} puts the model on one device; it "
+                f"disagrees with model.device = {self.device!r} (leave one of them out)"
+            )
+        if self.device_map and not one_device and self.device not in ("auto", "cuda"):
             raise UsageError(
                 f"model.device_map = {self.device_map!r} spreads the model over the GPUs; it "
                 f"cannot be combined with model.device = {self.device!r} (leave one of them out)"

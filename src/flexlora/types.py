@@ -236,7 +236,8 @@ class SVDState:
         if rank > self.rank and pad is None:
             raise RankError(
                 f"module {module}: rank {rank} was asked for but the global update has only "
-                f"{self.rank} components (sum of the clients' ranks, or min(m, n))"
+                f"{self.rank} components (at most the sum of the clients' ranks and min(m, n), "
+                "or the state's keep_rank cap)"
             )
         if split not in ("B", "balanced"):
             raise ValueError(f"split must be 'B' or 'balanced', got {split!r}")

@@ -159,6 +159,22 @@ class FlexLoRAModule(ModuleAccumulator):
         )
 
 
+def _keep_value(k: object) -> int | None:
+    """One ``keep_rank`` value: a positive integer (also as text), or ``None`` / ``"all"``."""
+    if k is None or (isinstance(k, str) and k.strip().lower() == "all"):
+        return None
+    if isinstance(k, str) and k.strip().isdigit():
+        k = int(k)
+    if isinstance(k, str) and k.strip().lower() == "max":
+        raise UsageError(
+            "keep_rank = 'max' needs the clients' ranks: pass the largest rank any client "
+            "receives (federation.keep_rank = 'max' resolves it from the rank types)"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise UsageError(f"keep_rank must be a positive integer or 'all', got {k!r}")
+    return k
+
+
 @register
 class FlexLoRA(Aggregator):
     """Weighted sum of full-size updates, redistributed by truncated SVD at each client's rank.
@@ -172,8 +188,8 @@ class FlexLoRA(Aggregator):
     keep_rank:
         Keep only this many singular triplets per module in the global state: one number, or
         a number per module (the largest rank any client can receive there: then every
-        client gets exactly what the full state would give it). ``None`` keeps them all, so
-        the state is exactly ΔW.
+        client gets exactly what the full state would give it). ``None`` or ``"all"`` keeps
+        them all, so the state is exactly ΔW.
     dtype, device:
         Compute dtype (float32 or float64) and device of the server step.
     """
@@ -191,10 +207,10 @@ class FlexLoRA(Aggregator):
         super().__init__(dtype, device)
         if svd not in SVD_METHODS:
             raise UsageError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
-        values = keep_rank.values() if isinstance(keep_rank, Mapping) else [keep_rank]
-        for k in values:
-            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
-                raise UsageError(f"keep_rank must be a positive integer, got {k!r}")
+        if isinstance(keep_rank, Mapping):
+            keep_rank = {m: _keep_value(k) for m, k in keep_rank.items()}
+        else:
+            keep_rank = _keep_value(keep_rank)
         self.svd = svd
         self.keep_rank = keep_rank
         self.niter = niter

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from flexlora.config import ModelConfig
+from flexlora.config import DEVICE_PATTERN, ModelConfig
 from flexlora.errors import UsageError
 from flexlora.models.gguf import SMOLLM2, SMOLLM2_PIP, gguf_folder, smollm2_folder
 from flexlora.models.tiny import TINY_LLAMA, build_tiny_llama
@@ -96,12 +97,17 @@ def load_base_model(
     ``dtype`` is ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's own);
     ``quantization`` is ``none``, ``4bit`` or ``8bit`` (bitsandbytes). ``device_map`` empty puts
     the whole model on ``device``; ``auto`` / ``balanced`` / ``sequential`` spread it over the
-    visible GPUs (transformers' device maps). ``local_files_only`` (default: on when
+    visible GPUs (transformers' device maps); one device (``cpu``, ``cuda:1``, ``0``) puts the
+    whole model there. ``local_files_only`` (default: on when
     ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set) keeps a hub id off the network.
     """
     torch_dtype = parse_dtype(dtype)
     if local_files_only is None:
         local_files_only = _offline_env()
+    one_device = re.fullmatch(DEVICE_PATTERN, device_map) is not None
+    if one_device:  # one device named by the map: the model's device
+        device = f"cuda:{device_map}" if device_map.isdigit() else device_map
+        device_map = ""
     target = resolve_device(device)
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
