@@ -19,8 +19,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from flexlora.errors import UsageError
-from flexlora.models import build_byte_tokenizer, target_linear_modules
+from flexlora.models import build_byte_tokenizer, resolve_targets, target_linear_modules
 from flexlora.models.meta import meta_model
+from flexlora.models.targets import DEFAULT_TARGETS
 from flexlora.plan.shape import model_shape
 from flexlora.simulation.runner import FederatedRun
 from tests.sim_helpers import make_dataset, tiny_config
@@ -246,3 +247,34 @@ def test_feed_forward_names_of_other_architectures_and_the_warning_when_none_mat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Coordinator(named, moe, types).slot_ranks["2-8"]["layers.0.ffn.w1"] == 8
+
+
+def test_default_targets_become_peft_defaults_on_a_model_without_those_names(
+    tmp_path: Path,
+) -> None:
+    """GPT-2 has no q_proj / v_proj / up_proj / down_proj: with lora.target_modules left at
+    its default, a run adapts PEFT's default for GPT-2 (c_attn) and exports adapters with it;
+    names a user chose that match nothing stay the clear error."""
+    folder = save_model(ARCHITECTURES["gpt2"][0](), tmp_path / "gpt2")
+    meta = meta_model(str(folder))
+    assert resolve_targets(meta, list(DEFAULT_TARGETS)) == ["c_attn"]
+    assert resolve_targets(meta, ["c_fc"]) == ["c_fc"]
+    llama = meta_model("tiny-llama")
+    assert resolve_targets(llama, list(DEFAULT_TARGETS)) == list(DEFAULT_TARGETS)
+    assert set(model_shape(str(folder), list(DEFAULT_TARGETS)).targets) == {
+        f"transformer.h.{i}.attn.c_attn" for i in range(2)
+    }
+    cfg = tiny_config(
+        str(tmp_path / "run"),
+        model={"name": str(folder)},
+        train={"local_steps": 1},
+        federation={"rounds": 1, "clients_per_round": 2},
+        eval={"at_start": False, "max_examples_per_client": 1, "max_new_tokens": 2},
+    )
+    cfg.lora.target_modules = list(DEFAULT_TARGETS)
+    rows = FederatedRun(cfg, dataset=make_dataset(n_seen=4, n_unseen=1, per_client=6)).run()
+    assert rows[0]["aggregated"] and not rows[0]["failed"]
+    stored = load_file(tmp_path / "run" / "adapters" / "rank-8" / "adapter_model.safetensors")
+    assert stored and all(".attn.c_attn." in k for k in stored)
+    with pytest.raises(UsageError, match="no adaptable layer matches"):
+        target_linear_modules(meta, resolve_targets(meta, ["q_proj"]))

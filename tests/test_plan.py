@@ -22,6 +22,7 @@ from flexlora.models import build_tiny_llama
 from flexlora.plan import (
     base_weight_bytes,
     client_memory,
+    format_plan,
     model_shape,
     parse_size,
     server_memory,
@@ -307,3 +308,13 @@ def test_parallel_clients_auto_uses_the_plans_client_memory(
         assert capacity.auto_parallel_clients(model, slots, cfg) == 8  # clients_per_round
         needs[checkpointing] = need
     assert needs[True] < needs[False]  # checkpointing leaves room for more clients
+
+
+@pytest.mark.parametrize(("strategy", "modelled"), [("flexlora", True), ("hetlora", False)])
+def test_server_table_says_when_it_is_not_the_strategys_own(strategy: str, modelled: bool) -> None:
+    cfg = load_config(
+        values={"model": {"name": "tiny-llama"}, "federation": {"strategy": strategy}}
+    )
+    text = format_plan(cfg)
+    assert "server memory" in text
+    assert ("does not model" in text) != modelled, text

@@ -146,7 +146,8 @@ class ModelConfig:
 @dataclass
 class LoRASettings:
     target_modules: list[str] = _help(
-        "leaf names of the linear layers to adapt",
+        "leaf names of the linear layers to adapt (the default, on a model with none of these "
+        "names, becomes PEFT's default for its model type)",
         default_factory=lambda: ["q_proj", "v_proj", "up_proj", "down_proj"],
     )
     ffn_modules: list[str] = _help(

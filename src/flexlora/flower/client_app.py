@@ -82,11 +82,12 @@ class NodeRuntime:
         self.own_ranks = LocalStore(Path(cfg.output.dir) / CLIENT_RANKS) if pruned else None
 
     def _load(self) -> ClientWorker:
-        from flexlora.models import load_model, target_linear_modules
+        from flexlora.models import load_model, resolve_targets, target_linear_modules
 
         if self._worker is None:
             cfg = self.cfg
             model, tokenizer = load_model(cfg.model)
+            cfg.lora.target_modules = resolve_targets(model, cfg.lora.target_modules)
             self._shapes = target_linear_modules(model, cfg.lora.target_modules)
             # Every configured type's ranks; a slot is allocated only for the types this
             # process trains (a node: its own one), at its first message.

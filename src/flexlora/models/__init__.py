@@ -28,6 +28,7 @@ from flexlora.models.targets import (
     is_adaptable,
     layer_kind,
     layer_shape,
+    resolve_targets,
     target_linear_modules,
 )
 from flexlora.models.tiny import TINY_LLAMA, build_byte_tokenizer, build_tiny_llama, tiny_config
@@ -55,6 +56,7 @@ __all__ = [
     "prepare_for_training",
     "quantization_config",
     "resolve_device",
+    "resolve_targets",
     "smollm2_folder",
     "target_linear_modules",
     "tiny_config",

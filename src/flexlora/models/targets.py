@@ -10,6 +10,7 @@ PEFT adapts it with ``fan_in_fan_out``. Shapes are always reported as ``(out, in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from peft import PeftModel
@@ -18,7 +19,20 @@ from transformers.pytorch_utils import Conv1D
 
 from flexlora.errors import UsageError
 
-__all__ = ["ADAPTABLE_KINDS", "is_adaptable", "layer_kind", "layer_shape", "target_linear_modules"]
+__all__ = [
+    "ADAPTABLE_KINDS",
+    "DEFAULT_TARGETS",
+    "is_adaptable",
+    "layer_kind",
+    "layer_shape",
+    "resolve_targets",
+    "target_linear_modules",
+]
+
+log = logging.getLogger(__name__)
+
+#: lora.target_modules' default (LLaMA-style names): the paper's q, v and feed-forward layers
+DEFAULT_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 
 ADAPTABLE_KINDS = (
     "torch.nn.Linear (and bitsandbytes Linear4bit / Linear8bitLt), transformers Conv1D (GPT-2)"
@@ -86,3 +100,33 @@ def target_linear_modules(
             f"are named {sorted(leaves - {'base_layer', 'default'})}"
         )
     return shapes
+
+
+def resolve_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """The target modules to use on ``model``: ``target_modules`` as given, except that the
+    default (LLaMA-style names) on a model with none of them becomes PEFT's own default for
+    the model type (GPT-2's ``c_attn``, GPT-NeoX's and Falcon's ``query_key_value``, ...), as
+    PEFT does when no targets are named. Names a user chose are never replaced: a mismatch
+    is :func:`target_linear_modules`' clear error. Works on the meta device.
+    """
+    targets = list(target_modules)
+    if tuple(targets) != DEFAULT_TARGETS:
+        return targets
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    names = [name for name, _ in root.named_modules()]
+    if any(n == t or n.endswith("." + t) for n in names for t in targets):
+        return targets
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    model_type = getattr(getattr(root, "config", None), "model_type", None)
+    fallback = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
+    if not fallback or not any(n.endswith("." + t) or n == t for n in names for t in fallback):
+        return targets
+    log.warning(
+        "lora.target_modules: the default %s matches no layer of this %s model; using PEFT's "
+        "default for it, %s (set lora.target_modules to choose)",
+        list(DEFAULT_TARGETS),
+        model_type,
+        list(fallback),
+    )
+    return list(fallback)

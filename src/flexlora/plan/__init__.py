@@ -10,6 +10,7 @@ import re
 
 from flexlora.config import RunConfig
 from flexlora.errors import UsageError
+from flexlora.methods.compose import parse_strategy
 from flexlora.plan.memory import (
     ClientMemory,
     ServerMemory,
@@ -55,7 +56,8 @@ def _fmt(n: float, unit: int) -> str:
 
 
 def format_plan(cfg: RunConfig, device_memory: int | None = None) -> str:
-    """The plan as text: the model line, the client table by rank type, the server table."""
+    """The plan as text: the model line, the client table by rank type, the server table
+    (FlexLoRA's server; another aggregator is said to be not modelled)."""
     shape = model_shape(cfg.model.name, list(cfg.lora.target_modules))
     clients = client_memory(shape, cfg)
     server = server_memory(shape, cfg)
@@ -131,4 +133,11 @@ def format_plan(cfg: RunConfig, device_memory: int | None = None) -> str:
         ],
         rule="---:",
     )
+    aggregator = parse_strategy(fed.strategy).aggregator
+    if aggregator != "flexlora":
+        lines += [
+            "",
+            f"(the server table is FlexLoRA's; {fed.strategy} aggregates with {aggregator}, "
+            "whose server memory flexlora plan does not model)",
+        ]
     return "\n".join(lines)

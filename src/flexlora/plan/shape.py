@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from flexlora.errors import UsageError
 from flexlora.models.meta import meta_model, model_config
-from flexlora.models.targets import layer_shape, target_linear_modules
+from flexlora.models.targets import layer_shape, resolve_targets, target_linear_modules
 
 __all__ = ["ModelShape", "model_config", "model_shape", "shape_of"]
 
@@ -53,7 +53,7 @@ def model_shape(name: str, target_modules: list[str]) -> ModelShape:
     """Build the model on the meta device and read its shape (no weight is allocated)."""
     model = meta_model(name)
     assert all(p.is_meta for p in model.parameters())
-    return shape_of(model, target_modules)
+    return shape_of(model, resolve_targets(model, target_modules))
 
 
 def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
@@ -72,7 +72,7 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
     hidden = _first(c, "hidden_size", "n_embd", "d_model")
     heads = _first(c, "num_attention_heads", "n_head")
     names = {n.rsplit(".", 1)[-1] for n in quantizable}
-    dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None) or "float32"
+    dtype = getattr(c, "dtype", None) or vars(c).get("torch_dtype") or "float32"
     return ModelShape(
         architecture=type(model).__name__,
         hidden=hidden,

@@ -39,7 +39,7 @@ from flexlora.federation.round import (
     injected_failures,
     round_frozen,
 )
-from flexlora.models import TINY_LLAMA, target_linear_modules
+from flexlora.models import TINY_LLAMA, resolve_targets, target_linear_modules
 from flexlora.schedule import sample_clients
 from flexlora.server import Coordinator, resolve_client_types
 from flexlora.simulation.checkpoint import (
@@ -110,6 +110,7 @@ class FederatedRun:
             from flexlora.models.meta import meta_model
 
             model = meta_model(cfg.model.name)
+        cfg.lora.target_modules = resolve_targets(model, cfg.lora.target_modules)
         # tiny-llama exists only in memory: its export saves it (the worker wraps the model)
         self._tiny_base = (
             (copy.deepcopy(model), model_and_tokenizer[1])
