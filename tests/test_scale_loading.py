@@ -173,17 +173,10 @@ def test_4bit_base_with_biases_trains_after_an_evaluation(tmp_path: Path) -> Non
     import bitsandbytes as bnb
     import transformers as tf
 
-    from tests.test_architectures import IDS, save_model
+    from tests.test_architectures import IDS, LLAMA_LIKE, save_model
 
-    config = tf.Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **IDS,
-    )
+    # bitsandbytes' CPU NF4 needs rows of at least one 64-entry block: hidden 64
+    config = tf.Qwen2Config(**{**LLAMA_LIKE, "hidden_size": 64, "intermediate_size": 128}, **IDS)
     folder = save_model(config, tmp_path / "qwen2")
     cfg = tiny_config(
         str(tmp_path / "run"),
