@@ -126,6 +126,19 @@ def test_4bit_nf4_run_trains_evaluates_and_exports(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
+def test_4bit_fp4_without_double_quantization_runs(tmp_path: Path) -> None:
+    """FP4 and single quantization (absmax kept in float32) train, evaluate and export too."""
+    import bitsandbytes as bnb
+
+    model = {"quantization": "4bit", "bnb_4bit_quant_type": "fp4"}
+    base = _quantized_run(
+        tmp_path, {**model, "bnb_4bit_use_double_quant": False}, bnb.nn.Linear4bit
+    )
+    q = base.model.layers[0].self_attn.q_proj.get_base_layer()
+    assert q.weight.quant_type == "fp4" and not q.weight.quant_state.nested
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
 def test_4bit_layers_keep_their_stored_layout_on_every_cpu() -> None:
     """bitsandbytes repacks a Linear4bit for its AVX512-BF16 CPU kernel at a no-grad eval
     forward (scales rounded to bf16, re-quantized when read back), and with a bias every
