@@ -56,6 +56,8 @@ def _help(text: str, **kw: Any) -> Any:
 
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
+#: lora.target_modules' default (LLaMA-style names): the paper's q, v and feed-forward layers
+DEFAULT_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 #: a device_map that names one device (what from_pretrained also takes): cpu, cuda:0, 0, ...
 DEVICE_PATTERN = r"cpu|mps|cuda(:\d+)?|\d+"
@@ -148,7 +150,7 @@ class LoRASettings:
     target_modules: list[str] = _help(
         "leaf names of the linear layers to adapt (the default, on a model with none of these "
         "names, becomes PEFT's default for its model type)",
-        default_factory=lambda: ["q_proj", "v_proj", "up_proj", "down_proj"],
+        default_factory=lambda: list(DEFAULT_TARGETS),
     )
     ffn_modules: list[str] = _help(
         "which of the target modules are feed-forward (they take the rank type's FFN rank); a "

@@ -161,15 +161,19 @@ class FlexLoRAModule(ModuleAccumulator):
 
 def _keep_value(k: object) -> int | None:
     """One ``keep_rank`` value: a positive integer (also as text), or ``None`` / ``"all"``."""
-    if k is None or (isinstance(k, str) and k.strip().lower() == "all"):
+    if k is None:
         return None
-    if isinstance(k, str) and k.strip().isdigit():
-        k = int(k)
-    if isinstance(k, str) and k.strip().lower() == "max":
-        raise UsageError(
-            "keep_rank = 'max' needs the clients' ranks: pass the largest rank any client "
-            "receives (federation.keep_rank = 'max' resolves it from the rank types)"
-        )
+    if isinstance(k, str):
+        text = k.strip().lower()
+        if text == "all":
+            return None
+        if text == "max":
+            raise UsageError(
+                "keep_rank = 'max' needs the clients' ranks: pass the largest rank any client "
+                "receives (federation.keep_rank = 'max' resolves it from the rank types)"
+            )
+        if text.isdigit():
+            k = int(text)
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise UsageError(f"keep_rank must be a positive integer or 'all', got {k!r}")
     return k

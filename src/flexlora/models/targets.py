@@ -17,6 +17,7 @@ from peft import PeftModel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from flexlora.config import DEFAULT_TARGETS
 from flexlora.errors import UsageError
 
 __all__ = [
@@ -30,9 +31,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: lora.target_modules' default (LLaMA-style names): the paper's q, v and feed-forward layers
-DEFAULT_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 
 ADAPTABLE_KINDS = (
     "torch.nn.Linear (and bitsandbytes Linear4bit / Linear8bitLt), transformers Conv1D (GPT-2)"
@@ -64,6 +62,11 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
     raise UsageError(f"a {layer_kind(layer)} cannot be adapted; adaptable: {ADAPTABLE_KINDS}")
 
 
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    """Whether module ``name`` is targeted, as PEFT matches: equal to, or ending in ``.t``."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def target_linear_modules(
     model: nn.Module, target_modules: Sequence[str]
 ) -> dict[str, tuple[int, int]]:
@@ -86,7 +89,7 @@ def target_linear_modules(
         layer = getattr(module, "base_layer", module)
         if is_adaptable(layer):
             leaves.add(name.rsplit(".", 1)[-1])
-        if not any(name == t or name.endswith("." + t) for t in targets):
+        if not _matches(name, targets):
             continue
         if not is_adaptable(layer):
             raise UsageError(
@@ -114,13 +117,13 @@ def resolve_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str
         return targets
     root = model.get_base_model() if isinstance(model, PeftModel) else model
     names = [name for name, _ in root.named_modules()]
-    if any(n == t or n.endswith("." + t) for n in names for t in targets):
+    if any(_matches(n, targets) for n in names):
         return targets
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     model_type = getattr(getattr(root, "config", None), "model_type", None)
     fallback = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
-    if not fallback or not any(n.endswith("." + t) or n == t for n in names for t in fallback):
+    if not fallback or not any(_matches(n, fallback) for n in names):
         return targets
     log.warning(
         "lora.target_modules: the default %s matches no layer of this %s model; using PEFT's "
