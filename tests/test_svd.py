@@ -356,3 +356,72 @@ def test_householder_svd_top_k_equals_dense_truncation(case, k: int, collinear: 
     np.testing.assert_allclose(S.numpy(), S0[:k], rtol=0, atol=1e-10 * max(S0[0], 1e-300))
     np.testing.assert_allclose(U.numpy().T @ U.numpy(), np.eye(k), atol=1e-10)
     np.testing.assert_allclose(Vh.numpy() @ Vh.numpy().T, np.eye(k), atol=1e-10)
+
+
+def spd_with_spectrum(lam: torch.Tensor, seed: int) -> torch.Tensor:
+    """A symmetric (R, R) float64 matrix with eigenvalues ``lam`` and random eigenvectors."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=g, dtype=torch.float64))[0]
+    return (Q * lam) @ Q.T
+
+
+def test_refined_eigh_equals_the_float64_eigensolver() -> None:
+    """Float32 eigenvectors refined by one float64 Rayleigh-Ritz step: the top-k eigenvalues to
+    1e-9·λ1 and the rank-k part of M to 1e-5 (what _top_eigh takes for R >= FAST_EIG_MIN)."""
+    from flexlora.lora.svd import FAST_EIG_MIN, _refined_eigh, _top_eigh
+
+    R, k = FAST_EIG_MIN + 88, 120
+    lam_true = torch.linspace(1.0, 0.05, R, dtype=torch.float64) ** 2
+    M = spd_with_spectrum(lam_true, 21)
+    refined = _refined_eigh(M, k)
+    assert refined is not None
+    lam, X = refined
+    lam_ref, Q_ref = torch.linalg.eigh(M)
+    lam_ref, Q_ref = lam_ref.flip(0)[:k], Q_ref.flip(1)[:, :k]
+    assert float((lam - lam_ref).abs().max()) <= 1e-9 * float(lam_ref[0])
+    ours, ref = (X * lam) @ X.T, (Q_ref * lam_ref) @ Q_ref.T
+    assert float(torch.linalg.matrix_norm(ours - ref) / torch.linalg.matrix_norm(ref)) <= 1e-5
+    torch.testing.assert_close(X.T @ X, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0)
+    lam_top, _ = _top_eigh(M, k)  # the same route
+    torch.testing.assert_close(lam_top, lam, rtol=0, atol=0)
+
+
+def test_refined_eigh_refuses_a_spectrum_float32_cannot_hold() -> None:
+    """σ_k below 1e-2·σ_1 (λ_k < 1e-4·λ_1): refused, and _top_eigh solves in float64."""
+    from flexlora.lora.svd import FAST_EIG_MIN, _refined_eigh, _top_eigh
+
+    R, k = FAST_EIG_MIN + 8, 60
+    lam_true = torch.linspace(1.0, 0.5, R, dtype=torch.float64)
+    lam_true[k - 1 :] *= 1e-6  # λ_k down to 5e-7·λ_1
+    M = spd_with_spectrum(lam_true, 22)
+    assert _refined_eigh(M, k) is None
+    lam, _ = _top_eigh(M, k)
+    ref = torch.linalg.eigvalsh(M).flip(0)[:k]
+    assert float(((lam - ref).abs() / ref).max()) <= 1e-6
+
+
+def test_gram_svd_with_a_large_total_rank_equals_the_dense_truncation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """R = Σ r_i >= FAST_EIG_MIN (the refined float32 eigensolver): the rank-k truncation of
+    float32 stacks within 1e-5 of a float64 dense SVD's."""
+    import flexlora.lora.svd as svd
+
+    used: list[bool] = []
+    inner = svd._refined_eigh
+
+    def spy(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        out = inner(M, k)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(svd, "_refined_eigh", spy)
+    m, n, ranks, k = 900, 700, [300, 160, 80], 100
+    g = torch.Generator().manual_seed(23)
+    decay = torch.linspace(1.0, 0.2, sum(ranks), dtype=torch.float64)
+    B = torch.randn(m, sum(ranks), generator=g, dtype=torch.float64) * decay  # (m, R)
+    A = torch.randn(sum(ranks), n, generator=g, dtype=torch.float64)  # (R, n)
+    U0, S0, Vh0 = reference((B @ A).numpy())
+    U, S, Vh = (t.double().numpy() for t in gram_svd(B.float(), A.float(), k))
+    assert used and used[-1]
+    assert rel_err(truncate(U, S, Vh, k), truncate(U0, S0, Vh0, k)) <= 1e-5

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from flexlora.aggregation.parallel import map_modules
 from flexlora.errors import InvalidUpdateError, UsageError
 from flexlora.lora.finite import all_finite
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
@@ -279,6 +280,7 @@ class Accumulator:
         self.strategy = strategy
         self.shapes = {name: (int(m), int(n)) for name, (m, n) in shapes.items()}
         self.modules = dict(modules)
+        self.device = next((acc.device for acc in self.modules.values()), torch.device("cpu"))
         self.clients: list[str] = []
         self.total_weight = 0.0
 
@@ -298,26 +300,37 @@ class Accumulator:
         for name in update.factors:
             if name not in self.shapes:
                 raise InvalidUpdateError(cid, name, "extra_module", "module is not adapted here")
-        for name, shape in self.shapes.items():
+
+        def check(name: str, shape: tuple[int, int]) -> None:
             check_factors(cid, name, update.factors[name], shape)
             if name in self.modules:
                 self.modules[name].check(cid, update.factors[name])
+
+        map_modules(check, self.shapes, self.device)  # the first bad module, in order, raises
         self.fold(update, w)
         self.clients.append(cid)
         self.total_weight += w
 
     def fold(self, update: ClientUpdate, weight: float) -> None:
-        """Fold a checked reply into every module's accumulator."""
-        for name, acc in self.modules.items():
-            acc.fold(update.client_id, update.factors[name], weight)
+        """Fold a checked reply into every module's accumulator (modules side by side)."""
+        map_modules(
+            lambda name, acc: acc.fold(update.client_id, update.factors[name], weight),
+            self.modules,
+            self.device,
+        )
 
     def result(self) -> GlobalUpdate:
-        """The global update of everything folded, on the CPU."""
+        """The global update of everything folded, on the CPU.
+
+        On the CPU the modules are decomposed on torch's threads side by side, one thread each
+        (:func:`~flexlora.aggregation.parallel.map_modules`): the workspaces of that many
+        modules are held at once.
+        """
         if not self.clients:
             raise InvalidUpdateError(None, None, "empty", "no client updates to aggregate")
-        modules = {
-            name: _to_cpu(acc.result(self.total_weight)) for name, acc in self.modules.items()
-        }
+        modules = map_modules(
+            lambda _, acc: _to_cpu(acc.result(self.total_weight)), self.modules, self.device
+        )
         frozen = {name: acc.frozen() for name, acc in self.modules.items()}
         frozen_cpu = {name: _to_cpu(d) for name, d in frozen.items() if d is not None}
         return GlobalUpdate(modules=modules, strategy=self.strategy, frozen=frozen_cpu)
