@@ -105,6 +105,10 @@ class LocalGrid:
         self.drop = set(drop)
         self.tamper = tamper
         self.sent: list[Message] = []
+        self.pending: dict[str, Message] = {}  # pushed messages' replies not pulled yet
+        self.pull_batch = 10**9  # replies one pull returns at most
+        self.pull_interval = 0.0
+        self.pulls = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_configs)
@@ -114,20 +118,47 @@ class LocalGrid:
     ) -> list[Message]:
         replies = []
         for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            if node in self.drop:
-                continue
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config=dict(self.node_configs[node]),
-                state=RecordDict(),
-                run_config=dict(self.run_config),
-            )
-            try:
-                reply = self.client_app(msg, context)
-            except Exception as exc:
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            replies.append(self.tamper(node, reply) if self.tamper else reply)
+            reply = self._reply(msg)
+            if reply is not None:
+                replies.append(reply)
         return replies
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver each message now; its reply waits for :meth:`pull_messages` (ids 'm<i>';
+        a dropped node's message gets none, so nobody waits for it until a timeout)."""
+        ids = []
+        for msg in messages:
+            mid = f"m{len(self.sent)}"
+            reply = self._reply(msg)
+            if reply is not None:  # a dropped node's message is lost: no id to wait for
+                reply.metadata.__dict__["_reply_to_message_id"] = mid  # a tampered one too
+                self.pending[mid] = reply
+                ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The waiting replies to ``message_ids``, at most ``pull_batch`` per call (removed)."""
+        out = []
+        for mid in message_ids:
+            if mid in self.pending and len(out) < self.pull_batch:
+                out.append(self.pending.pop(mid))
+        self.pulls += 1
+        return out
+
+    def _reply(self, msg: Message) -> Message | None:
+        self.sent.append(msg)
+        node = msg.metadata.dst_node_id
+        if node in self.drop:
+            return None
+        context = Context(
+            run_id=1,
+            node_id=node,
+            node_config=dict(self.node_configs[node]),
+            state=RecordDict(),
+            run_config=dict(self.run_config),
+        )
+        try:
+            reply = self.client_app(msg, context)
+        except Exception as exc:
+            reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        return self.tamper(node, reply) if self.tamper else reply

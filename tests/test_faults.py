@@ -35,16 +35,29 @@ def varied_dataset(n: int = 12) -> FederatedDataset:
 
 
 def spy_rounds(sim: FederatedRun) -> list[dict[str, Any]]:
-    """Record what every round's Coordinator.aggregate received and returned."""
+    """Record what every round's aggregation received (each reply the driver added) and
+    returned: the drivers fold replies into ``Coordinator.open_round``'s aggregation."""
     calls: list[dict[str, Any]] = []
-    original = sim.server.aggregate
+    original = sim.server.open_round
 
-    def aggregate(state, round_, clients, updates, failures=None):  # type: ignore[no-untyped-def]
-        new_state, row = original(state, round_, clients, updates, failures)
-        calls.append({"updates": list(updates), "state": new_state, "row": row})
-        return new_state, row
+    def open_round(state, round_, clients, failed=()):  # type: ignore[no-untyped-def]
+        agg = original(state, round_, clients, failed)
+        call: dict[str, Any] = {"updates": []}
+        calls.append(call)
+        add, close = agg.add, agg.close
 
-    sim.server.aggregate = aggregate  # type: ignore[method-assign]
+        def spy_add(update, label=None):  # type: ignore[no-untyped-def]
+            call["updates"].append(update)
+            return add(update, label)
+
+        def spy_close(failures=None):  # type: ignore[no-untyped-def]
+            call["state"], call["row"] = close(failures)
+            return call["state"], call["row"]
+
+        agg.add, agg.close = spy_add, spy_close  # type: ignore[method-assign]
+        return agg
+
+    sim.server.open_round = open_round  # type: ignore[method-assign]
     return calls
 
 

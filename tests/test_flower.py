@@ -303,13 +303,13 @@ class CrashingGrid(LocalGrid):
         super().__init__(*args, **kwargs)
         self.rounds_left = crash_at
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         if messages and messages[0].metadata.message_type == "train":
             self.rounds_left -= 1
             if self.rounds_left == 0:
                 raise KeyboardInterrupt("the ServerApp process is killed")
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def test_a_killed_server_app_resumes_from_its_checkpoint_like_an_uninterrupted_run(

@@ -195,3 +195,127 @@ def test_the_server_app_plans_from_meta_shapes_and_loads_weights_only_to_evaluat
     rows = run.run()
     assert loads == ["tiny-llama"] and "rouge_l_unseen" in rows[-1]
     assert run.worker.host.slot_ranks == {}  # the server evaluates; it trains no slot
+
+
+def state_tensors(state) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{part}": getattr(d, part)
+        for name, d in state.modules.items()
+        for part in ("U", "S", "Vh")
+    }
+
+
+def test_the_collector_folds_in_population_order_whatever_the_arrival(
+    tasks: Path, tmp_path: Path
+) -> None:
+    """A reply that arrives ahead of an earlier client waits for it, and only for it: the sum
+    is the population order's, bit for bit, and nothing is held once the order is complete."""
+    from flexlora.federation.round import RoundCollector
+
+    cfg = toy_config(tmp_path / "x", tasks)
+    runtime = NodeRuntime(cfg)
+    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
+    clients = list(runtime.data.seen[:4])
+    results = {
+        c: ClientResult(c, update_for(server, c, i), seconds=1.0, tokens=3)
+        for i, c in enumerate(clients)
+    }
+    state = server.initial_state()
+    down = dict.fromkeys(clients, 10)
+    in_order, row_in_order = close_round(server, state, 1, clients, list(results.values()), down)
+
+    collector = RoundCollector(server, state, 1, clients)
+    a, b, c, d = clients
+    collector.offer(results[c])  # waits for a and b
+    collector.offer(ClientResult(b, error=INJECTED_FAILURE))
+    assert collector.held == 1 and not collector.aggregation.folded
+    collector.offer(results[a])  # a, then (b failed) c: both folded now
+    assert collector.held == 0
+    assert [f.client_id for f in collector.aggregation.folded] == [a, c]
+    collector.offer(results[d])
+    assert [f.client_id for f in collector.aggregation.folded] == [a, c, d]
+    assert all(r.update is None for r in collector.accepted)  # folded replies are dropped
+    new_state, row = collector.close(down)
+    assert row["aggregated"] == [a, c, d] and row["failed"] == {b: INJECTED_FAILURE}
+
+    reference, _ = close_round(
+        server,
+        state,
+        1,
+        clients,
+        [results[a], ClientResult(b, error="x"), results[c], results[d]],
+        down,
+    )
+    ours, ref = state_tensors(new_state), state_tensors(reference)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
+    assert row_in_order["aggregated"] == clients and in_order is not state
+
+
+def test_the_simulator_folds_each_client_before_training_the_next(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process a round never holds its updates together: each one is folded into the
+    aggregation as its client finishes, before the next client trains."""
+    from flexlora.server import RoundAggregation
+
+    events: list[str] = []
+    add, train = RoundAggregation.add, FederatedRun._train_group
+
+    def spy_add(self, update, label=None):
+        events.append(f"fold {update.client_id}")
+        return add(self, update, label)
+
+    def spy_train(self, jobs, batch):
+        events.extend(f"train {j.client}" for j in jobs)
+        return train(self, jobs, batch)
+
+    monkeypatch.setattr(RoundAggregation, "add", spy_add)
+    monkeypatch.setattr(FederatedRun, "_train_group", spy_train)
+    cfg = toy_config(
+        tmp_path / "sim",
+        tasks,
+        eval={"at_start": False, "unseen": False},
+        federation={"clients_per_round": 3, "rounds": 1},
+        output={"save_adapters": False},
+    )
+    FederatedRun(cfg).run()
+    clients = [e.split()[1] for e in events if e.startswith("train")]
+    assert len(clients) == 3
+    assert events == [f"{kind} {c}" for c in clients for kind in ("train", "fold")]
+
+
+def test_the_flower_server_folds_replies_as_they_are_pulled(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ServerApp pulls replies and folds each before pulling the next (one per pull
+    here), and the run is the simulator's, row for row."""
+    from flexlora.server import RoundAggregation
+
+    pulls_at_fold: list[int] = []
+    add = RoundAggregation.add
+    grids: list[LocalGrid] = []
+
+    def spy_add(self, update, label=None):
+        pulls_at_fold.append(grids[0].pulls if grids else -1)
+        return add(self, update, label)
+
+    monkeypatch.setattr(RoundAggregation, "add", spy_add)
+    sections = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 3, "rounds": 1},
+        "output": {"save_adapters": False},
+    }
+    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **sections))
+    sim.run()
+    flower_cfg = toy_config(tmp_path / "flower", tasks, **sections)
+    nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
+    grid = LocalGrid(make_client_app(to_run_config(flower_cfg)), nodes)
+    grid.pull_batch = 1
+    grids.append(grid)
+    pulls_at_fold.clear()
+    FlowerRun(flower_cfg, grid).run()
+    flower_folds = pulls_at_fold[-3:]
+    assert flower_folds == sorted(set(flower_folds)) and len(set(flower_folds)) == 3
+    assert_rows_match(
+        strip_timings(read_rows(tmp_path / "flower")), strip_timings(read_rows(tmp_path / "sim"))
+    )

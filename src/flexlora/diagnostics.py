@@ -20,7 +20,7 @@ values, or the thin SVD of its factors) and the round's client factors, never fr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -64,10 +64,13 @@ def _sq_norm(B: torch.Tensor, A: torch.Tensor) -> float:
 def rank_energy(
     state: GlobalUpdate,
     slot_ranks: Mapping[str, Mapping[str, int]],
-    updates: Sequence[ClientUpdate],
+    updates: Iterable[ClientUpdate],
     client_type: Mapping[str, str],
 ) -> dict[str, Any]:
-    """The round's ``energy_kept``, ``effective_rank`` and ``update_survival`` (see above)."""
+    """The round's ``energy_kept``, ``effective_rank`` and ``update_survival`` (see above).
+
+    ``updates`` is read once, one update at a time (a spilling store's iterator will do).
+    """
     kept = {t: 0.0 for t in slot_ranks}
     total = 0.0
     ranks: list[float] = []

@@ -34,7 +34,7 @@ from flexlora.lora.norms import update_norm
 from flexlora.lora.svd import dense_svd
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
-__all__ = ["DP_STRATEGIES", "ClientDP", "clip_update", "dp_epsilon"]
+__all__ = ["DP_STRATEGIES", "ClientDP", "DPSum", "clip_update", "dp_epsilon"]
 
 #: strategies whose aggregate is ΔW itself, so that clipping ΔW_i bounds the sensitivity
 DP_STRATEGIES = ("flexlora",)
@@ -136,27 +136,69 @@ class ClientDP:
     ) -> tuple[GlobalUpdate, int]:
         """The noised FlexLoRA state of this round and how many updates were clipped.
 
-        Streams over clients: one dense (m, n) sum per module at a time.
+        :meth:`start` with every update added in order (see :class:`DPSum`).
         """
-        clipped = [clip_update(u, self.clip) for u in updates]
-        n_clipped = sum(1 for _, norm in clipped if norm > self.clip)
-        std = self.noise_multiplier * self.clip
+        acc = self.start(shapes, keep_ranks, dtype)
+        for u in updates:
+            acc.add(u)
+        return acc.result(generator)
+
+    def start(
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        keep_ranks: Mapping[str, int],
+        dtype: torch.dtype = torch.float32,
+    ) -> DPSum:
+        """An empty clipped sum to fold this round's replies into as they arrive."""
+        return DPSum(self, shapes, keep_ranks, dtype)
+
+
+class DPSum:
+    """A round's clipped sum, one reply at a time; :meth:`result` noises it and takes the SVD.
+
+    Holds one dense (m, n) sum per module (the adapted weights' size, whatever the number of
+    clients) and the clipped copy of one reply while it is added.
+    """
+
+    def __init__(
+        self,
+        dp: ClientDP,
+        shapes: Mapping[str, tuple[int, int]],
+        keep_ranks: Mapping[str, int],
+        dtype: torch.dtype,
+    ) -> None:
+        self.dp = dp
+        self.keep_ranks = dict(keep_ranks)
+        self.sums = {name: torch.zeros(m, n, dtype=dtype) for name, (m, n) in shapes.items()}
+        self.clipped = 0
+        self.count = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        """Clip ``update`` to the DP norm and add it to every module's sum."""
+        clipped, norm = clip_update(update, self.dp.clip)
+        self.clipped += int(norm > self.dp.clip)
+        for name, delta in self.sums.items():
+            f = clipped.factors[name]
+            delta.addmm_(f.B.to(delta.dtype), f.A.to(delta.dtype), alpha=f.scaling)
+        self.count += 1
+
+    def result(self, generator: torch.Generator) -> tuple[GlobalUpdate, int]:
+        """The noised state (noise drawn module by module, in order) and the clipped count."""
+        std = self.dp.noise_multiplier * self.dp.clip
         modules: dict[str, ModuleDelta] = {}
-        for name, (m, n) in shapes.items():
-            delta = torch.zeros(m, n, dtype=dtype)  # (m, n): the clipped sum, client by client
-            for u, _ in clipped:
-                f = u.factors[name]
-                delta.addmm_(f.B.to(dtype), f.A.to(dtype), alpha=f.scaling)
+        for name, delta in self.sums.items():
+            m, n = delta.shape
+            noised = delta.clone()  # (m, n): the sum stays as added, should result run twice
             if std > 0:
-                noise = torch.randn(m, n, generator=generator, dtype=dtype)  # (m, n)
-                delta.add_(noise, alpha=std)
-            delta.div_(self.cohort)
-            U, S, Vh = dense_svd(delta)  # (m, k), (k,), (k, n)
-            k = min(int(keep_ranks[name]), S.shape[0])
+                noise = torch.randn(m, n, generator=generator, dtype=delta.dtype)  # (m, n)
+                noised.add_(noise, alpha=std)
+            noised.div_(self.dp.cohort)
+            U, S, Vh = dense_svd(noised)  # (m, k), (k,), (k, n)
+            k = min(int(self.keep_ranks[name]), S.shape[0])
             modules[name] = ModuleDelta(
                 U=U[:, :k].contiguous(),
                 S=S[:k].contiguous(),
                 Vh=Vh[:k].contiguous(),
                 truncation="svd",
             )
-        return GlobalUpdate(modules=modules, strategy="flexlora"), n_clipped
+        return GlobalUpdate(modules=modules, strategy="flexlora"), self.clipped

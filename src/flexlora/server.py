@@ -12,7 +12,9 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from flexlora.aggregation.validation import UpdateValidator, payload_bytes
 from flexlora.config import RunConfig
 from flexlora.diagnostics import rank_energy
 from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
+from flexlora.federation.replies import ReplyStore
 from flexlora.lora.svd import factored_svd
 from flexlora.methods.compose import StrategyPlan, parse_strategy
 from flexlora.methods.slora import (
@@ -42,7 +45,14 @@ from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Coordinator", "StrategyPlan", "plan_strategy", "resolve_client_types"]
+__all__ = [
+    "Coordinator",
+    "Folded",
+    "RoundAggregation",
+    "StrategyPlan",
+    "plan_strategy",
+    "resolve_client_types",
+]
 
 
 def plan_strategy(name: str) -> StrategyPlan:
@@ -316,33 +326,9 @@ class Coordinator:
         updates: Sequence[SparseUpdate],
         failures: Mapping[str, str] | None = None,
     ) -> tuple[SparseState, dict[str, Any]]:
-        """Validate stage-1 replies and average their values (∝ examples), streaming."""
-        assert self.masks is not None
-        failures = dict(failures or {})
-        expected = [cid for cid in clients if cid not in failures]
-        masks_of = {t: self.type_masks(t) for t in {self.client_type[c] for c in expected}}
-        valid, rejected = validate_sparse(
-            updates, self.masks, expected, {c: masks_of[self.client_type[c]] for c in expected}
-        )
-        for cid, reason in rejected.items():
-            log.warning("round %d: update of client %s rejected: %s", round_, cid, reason)
-        t0 = time.perf_counter()
-        kept_previous = len(valid) < self.cfg.federation.min_clients
-        new_state = state
-        if kept_previous:
-            log.warning("round %d: too few valid updates; the sparse state is unchanged", round_)
-        else:
-            acc = SparseAverage(self.masks, previous=state)
-            for u in valid:
-                acc.add(u, positions=self.sparse_positions_of(u.client_id))
-            new_state = acc.result(self.cfg.federation.strategy)
-        row = self._row(
-            round_, clients, valid, failures, rejected, kept_previous, time.perf_counter() - t0
-        )
-        row["bytes_up"] = sum(u.num_bytes() for u in updates if isinstance(u, SparseUpdate))
-        row["stage"] = "sparse"
-        row["sparse_nnz"] = sum(k.nnz for k in self.masks.values())  # the union's
-        return new_state, row
+        """Validate stage-1 replies and average their values (∝ examples): every reply of
+        ``updates`` through :meth:`open_round`, then closed with ``failures``."""
+        return self._aggregate_all(state, round_, clients, updates, failures)
 
     def sample(self, round_: int, clients: Sequence[str] | None = None) -> list[str]:
         pool = list(clients) if clients is not None else list(self.client_type)
@@ -409,70 +395,44 @@ class Coordinator:
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
         """Validate the replies, aggregate the valid ones; return the new state and its row.
 
-        With fewer than ``min_clients`` valid updates the previous state is kept as it is.
-        The weights renormalise over the valid updates; with client-level DP they are uniform
-        over a fixed cohort instead (see :mod:`flexlora.privacy`).
+        The batch form of :meth:`open_round`: a client id that occurs more than once has all
+        its updates rejected (the server cannot tell which is genuine); the others are added
+        in order. With fewer than ``min_clients`` valid updates the previous state is kept.
         """
-        fed = self.cfg.federation
-        failures = dict(failures or {})
-        expected = {cid: self.ranks_of(cid) for cid in clients if cid not in failures}
-        valid, rejected = self.validator.split(updates, expected)
-        valid = self._strategy_check(state, valid, rejected)
-        for cid, reason in rejected.items():
-            log.warning("round %d: update of client %s rejected: %s", round_, cid, reason)
-        t0 = time.perf_counter()
-        kept_previous = len(valid) < fed.min_clients
-        new_state = state
-        dp_clipped: int | None = None
-        if kept_previous:
-            log.warning(
-                "round %d: %d valid updates < min_clients=%d; the global state is unchanged",
-                round_,
-                len(valid),
-                fed.min_clients,
-            )
-        elif self.dp is not None:
-            # Client-level DP (flexlora only): clip, noise the sum, SVD (see flexlora.privacy).
-            new_state, dp_clipped = self.dp.aggregate(
-                valid,
-                self.shapes,
-                self.dp_keep_ranks(),
-                self.generator(round_, "dp-noise"),
-                self.aggregator.dtype,
-            )
-        else:
-            reads = self.aggregator.reads_previous or (self.merges_into_base and round_ > 1)
-            previous = state if reads else None
-            valid, folded, kept_previous = self._fold(valid, previous, rejected, round_)
-            new_state = state if folded is None else folded
-        row = self._row(
-            round_, clients, valid, failures, rejected, kept_previous, time.perf_counter() - t0
-        )
-        row["bytes_up"] = sum(payload_bytes(u) for u in updates)
-        if self.self_pruning is not None:  # clients below their type's ranks, by module
-            row["client_ranks"] = {
-                u.client_id: u.ranks for u in valid if u.ranks != self.ranks_of(u.client_id)
-            }
-        if not kept_previous:
-            row.update(self.diagnostics(new_state, valid))
-        if self.dp is not None:
-            eps = self.dp.epsilon(round_)  # every round so far counts, also a kept one
-            row.update(
-                dp_clip=self.dp.clip,
-                dp_noise_multiplier=self.dp.noise_multiplier,
-                dp_delta=self.dp.delta,
-                dp_epsilon=eps if math.isfinite(eps) else None,  # None: no noise, no bound
-                dp_clipped=dp_clipped,
-            )
-        return new_state, row
+        return self._aggregate_all(state, round_, clients, updates, failures)
 
-    def diagnostics(self, state: GlobalUpdate, valid: Sequence[ClientUpdate]) -> dict[str, Any]:
+    def _aggregate_all(
+        self,
+        state: Any,
+        round_: int,
+        clients: Sequence[str],
+        updates: Sequence[Any],
+        failures: Mapping[str, str] | None,
+    ) -> tuple[Any, dict[str, Any]]:
+        agg = self.open_round(state, round_, clients, failed=failures or ())
+        labels = [_label(u, i) for i, u in enumerate(updates)]
+        counts = Counter(labels)
+        for label, u in zip(labels, updates, strict=True):
+            if counts[label] > 1:
+                agg.refuse(u, label, "duplicate", f"{counts[label]} updates from one client id")
+            else:
+                agg.add(u, label)
+        return agg.close(failures)
+
+    def open_round(
+        self, state: Any, round_: int, clients: Sequence[str], failed: Iterable[str] = ()
+    ) -> RoundAggregation:
+        """An empty aggregation of ``round_`` to add the replies of ``clients`` to as they
+        arrive (see :class:`RoundAggregation`); a reply from a ``failed`` client is refused."""
+        return RoundAggregation(self, state, round_, clients, failed=failed)
+
+    def diagnostics(self, state: GlobalUpdate, valid: Iterable[ClientUpdate]) -> dict[str, Any]:
         """Rank-energy diagnostics of what each rank type receives (:mod:`flexlora.diagnostics`).
 
         Not for FLoRA (every client merges all of ΔW) nor FedSA-LoRA (clients keep their own B;
         they receive only Ā).
         """
-        if self.merges_into_base or self.keeps_local_B or not isinstance(state, GlobalUpdate):
+        if not self.has_diagnostics or not isinstance(state, GlobalUpdate):
             return {}
         try:
             return rank_energy(state, self.slot_ranks, valid, self.client_type)
@@ -480,56 +440,11 @@ class Coordinator:
             log.warning("rank-energy diagnostics skipped: %s", exc)
             return {}
 
-    def _strategy_check(
-        self, state: GlobalUpdate, valid: list[ClientUpdate], rejected: dict[str, str]
-    ) -> list[ClientUpdate]:
-        """The valid updates the strategy can use; the others land in ``rejected`` by name."""
-        usable = []
-        for u in valid:
-            try:
-                self.aggregator.check(u, state)
-            except InvalidUpdateError as exc:
-                rejected[u.client_id] = str(exc)
-                continue
-            usable.append(u)
-        return usable
-
-    def _fold(
-        self,
-        valid: Sequence[ClientUpdate],
-        previous: GlobalUpdate | None,
-        rejected: dict[str, str],
-        round_: int,
-    ) -> tuple[list[ClientUpdate], GlobalUpdate | None, bool]:
-        """Fold the validated replies one by one; (those folded, the new state, kept previous).
-
-        A reply the strategy refuses (FedIT's mixed ranks, FFA-LoRA's moved A) is rejected
-        alone, into ``rejected``; the accumulator is as if it had never arrived.
-        """
-        acc = self.aggregator.start(self.shapes, previous)
-        folded: list[ClientUpdate] = []
-        for u in valid:
-            try:
-                acc.add(u)
-            except InvalidUpdateError as exc:
-                log.warning("round %d: update of client %s rejected: %s", round_, u.client_id, exc)
-                rejected[u.client_id] = str(exc)
-                continue
-            folded.append(u)
-        if len(folded) < self.cfg.federation.min_clients:
-            log.warning(
-                "round %d: %d updates left after the strategy's checks < min_clients=%d; "
-                "the global state is unchanged",
-                round_,
-                len(folded),
-                self.cfg.federation.min_clients,
-            )
-            return folded, None, True
-        try:
-            return folded, acc.result(), False
-        except FlexLoRAError as exc:
-            log.warning("round %d: aggregation failed, state unchanged: %s", round_, exc)
-            return folded, None, True
+    @property
+    def has_diagnostics(self) -> bool:
+        """Whether LoRA rounds' rows carry the rank-energy diagnostics (they need the round's
+        updates once more after the aggregation)."""
+        return not (self.merges_into_base or self.keeps_local_B)
 
     def dp_keep_ranks(self) -> dict[str, int]:
         """Triplets the DP state keeps per module: ``federation.keep_rank`` as resolved."""
@@ -668,6 +583,204 @@ class Coordinator:
 
     def restore_extra(self, extra: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_extra`; older checkpoints' keys are ignored."""
+
+
+def _label(update: object, index: int) -> str:
+    """How a rejection names an update: its client id, else its position."""
+    cid = getattr(update, "client_id", None)
+    return cid if isinstance(cid, str) and cid else f"<update #{index}>"
+
+
+@dataclass(frozen=True)
+class Folded:
+    """What a round's row needs of one folded reply once its factors are gone."""
+
+    client_id: str
+    num_examples: int
+    metrics: Mapping[str, float]
+    ranks: Mapping[str, int]
+
+
+class RoundAggregation:
+    """One round's replies, validated and folded one at a time as a driver receives them.
+
+    :meth:`add` checks a reply (the validator, the strategy's own check, SLoRA's masks) and
+    folds it at once into the strategy's accumulator (client-level DP: the clipped dense sum;
+    SLoRA's first stage: the sparse average), or records why it was refused; :meth:`close`
+    takes the result and builds the round's row. Holds the accumulator (bounded by the
+    adapted weights, whatever the number of clients), a :class:`Folded` summary per reply,
+    and for the rank-energy diagnostics, which read every folded update once more after the
+    SVD, a :class:`~flexlora.federation.replies.ReplyStore` (in memory up to its budget, then
+    spilled to disk). Replies are summed in the order they are added.
+    """
+
+    def __init__(
+        self,
+        server: Coordinator,
+        state: Any,
+        round_: int,
+        clients: Sequence[str],
+        replies: ReplyStore | None = None,
+        failed: Iterable[str] = (),
+    ) -> None:
+        self.server = server
+        self.state = state
+        self.round = round_
+        self.clients = list(clients)
+        self.sparse = server.sparse_round(round_)
+        dropped = set(failed)
+        self.expected = {c: server.ranks_of(c) for c in self.clients if c not in dropped}
+        self.rejected: dict[str, str] = {}
+        self.folded: list[Folded] = []
+        self.bytes_up = 0
+        self.seconds = 0.0
+        self._seen: set[str] = set()
+        self._index = 0
+        self._closed = False
+        fed = server.cfg.federation
+        self.acc: Any
+        if self.sparse:
+            assert server.masks is not None
+            self.acc = SparseAverage(server.masks, previous=state)
+        elif server.dp is not None:
+            dtype = server.aggregator.dtype
+            self.acc = server.dp.start(server.shapes, server.dp_keep_ranks(), dtype)
+        else:
+            reads = server.aggregator.reads_previous or (server.merges_into_base and round_ > 1)
+            self.acc = server.aggregator.start(server.shapes, state if reads else None)
+        wants = server.has_diagnostics and not self.sparse
+        self.replies = (replies if replies is not None else ReplyStore()) if wants else None
+        self.min_clients = fed.min_clients
+
+    def refuse(self, update: object, label: str, reason: str, detail: str) -> None:
+        """Record ``update`` as rejected for ``reason`` without reading it (its bytes count)."""
+        self._index += 1
+        self._count_bytes(update)
+        self._reject(label, str(InvalidUpdateError(label, None, reason, detail)))
+
+    def add(self, update: object, label: str | None = None) -> bool:
+        """Check one reply and fold it; False (and the reason recorded) if it is refused.
+
+        A second reply from a client already added is refused; the first one stands.
+        """
+        assert not self._closed, "the round is closed"
+        label = label or _label(update, self._index)
+        self._index += 1
+        self._count_bytes(update)
+        cid = getattr(update, "client_id", None)
+        if isinstance(cid, str) and cid in self._seen:
+            self._reject(label, str(InvalidUpdateError(cid, None, "duplicate", "a second update")))
+            return False
+        if self.sparse and (problem := self._check_sparse(update)) is not None:
+            self._reject(label, problem)
+            return False
+        try:
+            if not self.sparse:
+                expected = self.expected.get(cid) if isinstance(cid, str) else None
+                self.server.validator.check(update, expected)
+                self.server.aggregator.check(update, self.state)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            try:
+                if self.sparse:
+                    self.acc.add(update, positions=self.server.sparse_positions_of(cid))
+                else:
+                    self.acc.add(update)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        except InvalidUpdateError as exc:
+            self._reject(label, str(exc))
+            return False
+        assert isinstance(cid, str)
+        self._seen.add(cid)
+        u: Any = update
+        ranks = u.ranks if not self.sparse else {}
+        self.folded.append(Folded(cid, int(u.num_examples), dict(u.metrics), ranks))
+        if self.replies is not None:
+            self.replies.put(u)
+        return True
+
+    def close(self, failures: Mapping[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
+        """The new state (the previous one if too few replies were folded) and the row."""
+        assert not self._closed, "the round is closed"
+        self._closed = True
+        server, round_ = self.server, self.round
+        failures = dict(failures or {})
+        kept_previous = len(self.folded) < self.min_clients
+        new_state = self.state
+        dp_clipped: int | None = None
+        t0 = time.perf_counter()
+        if kept_previous:
+            log.warning(
+                "round %d: %d valid updates < min_clients=%d; the global state is unchanged",
+                round_,
+                len(self.folded),
+                self.min_clients,
+            )
+        elif self.sparse:
+            new_state = self.acc.result(server.cfg.federation.strategy)
+        elif server.dp is not None:
+            new_state, dp_clipped = self.acc.result(server.generator(round_, "dp-noise"))
+        else:
+            try:
+                new_state = self.acc.result()
+            except FlexLoRAError as exc:
+                log.warning("round %d: aggregation failed, state unchanged: %s", round_, exc)
+                new_state, kept_previous = self.state, True
+        self.seconds += time.perf_counter() - t0
+        self.acc = None  # the accumulator's memory goes before the diagnostics' pass
+        row = server._row(
+            round_, self.clients, self.folded, failures, self.rejected, kept_previous, self.seconds
+        )
+        row["bytes_up"] = self.bytes_up
+        if self.sparse:
+            assert server.masks is not None
+            row["stage"] = "sparse"
+            row["sparse_nnz"] = sum(k.nnz for k in server.masks.values())  # the union's
+            return new_state, row
+        if server.self_pruning is not None:  # clients below their type's ranks, by module
+            row["client_ranks"] = {
+                f.client_id: dict(f.ranks)
+                for f in self.folded
+                if dict(f.ranks) != server.ranks_of(f.client_id)
+            }
+        if self.replies is not None:
+            with self.replies:
+                if not kept_previous:
+                    row.update(server.diagnostics(new_state, self.replies))
+        if server.dp is not None:
+            assert server.dp is not None
+            eps = server.dp.epsilon(round_)  # every round so far counts, also a kept one
+            row.update(
+                dp_clip=server.dp.clip,
+                dp_noise_multiplier=server.dp.noise_multiplier,
+                dp_delta=server.dp.delta,
+                dp_epsilon=eps if math.isfinite(eps) else None,  # None: no noise, no bound
+                dp_clipped=dp_clipped,
+            )
+        return new_state, row
+
+    def _check_sparse(self, update: object) -> str | None:
+        """Why a stage-1 reply is refused (its type's masks, see validate_sparse), or None."""
+        server = self.server
+        assert server.masks is not None
+        cid = getattr(update, "client_id", None)
+        known = isinstance(cid, str) and cid in self.expected
+        own = server.type_masks(server.client_type[cid]) if known else None
+        _, rejected = validate_sparse(
+            [update], server.masks, list(self.expected), {cid: own} if own is not None else None
+        )
+        return next(iter(rejected.values()), None)
+
+    def _count_bytes(self, update: object) -> None:
+        if self.sparse:
+            self.bytes_up += update.num_bytes() if isinstance(update, SparseUpdate) else 0
+        else:
+            self.bytes_up += payload_bytes(update)
+
+    def _reject(self, label: str, message: str) -> None:
+        log.warning("round %d: update of client %s rejected: %s", self.round, label, message)
+        earlier = self.rejected.get(label)
+        self.rejected[label] = message if earlier is None else f"{earlier}; {message}"
 
 
 def _warn_if_no_ffn_module(

@@ -9,15 +9,16 @@ each downloaded) and get the same new state and metrics row. What lives here exi
 2. the FLoRA / FedEx-LoRA merge step: what every client adds to its frozen base this round;
 3. reading the results: failures, the straggler rule (``federation.client_timeout``),
    replies that could not be read, each with its message and log line;
-4. the aggregation (by the :class:`~flexlora.server.Coordinator`) and the row's transport
-   keys: ``train_tokens``, ``seconds_train``, ``bytes_down``, per-client bytes.
+4. the aggregation (by the :class:`~flexlora.server.Coordinator`), each reply folded as it is
+   received (:class:`RoundCollector`), and the row's transport keys: ``train_tokens``,
+   ``seconds_train``, ``bytes_down``, per-client bytes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "INJECTED_FAILURE",
     "NO_REPLY",
     "ClientResult",
+    "RoundCollector",
     "close_round",
     "injected_failures",
     "round_frozen",
@@ -62,6 +64,7 @@ class ClientResult:
     error: str | None = None
     rejected: str | None = None
     batch: int | None = None
+    upload_bytes: int = 0  # set when the update is folded and dropped
 
 
 def injected_failures(server: Coordinator, round_: int, clients: Sequence[str]) -> set[str]:
@@ -92,6 +95,108 @@ def straggler_reason(replied_after: float, timeout: float) -> str | None:
     return None
 
 
+class RoundCollector:
+    """One round's results as a driver receives them, folded in the order of ``clients``.
+
+    :meth:`offer` reads a result at once: a failure, a straggler (``federation.client_timeout``)
+    or a reply that could not be read is recorded with its message and log line; an update
+    is folded into the round's aggregation (:meth:`Coordinator.open_round`) as soon as every
+    client before it in ``clients`` has been resolved, so that every driver forms the same sum
+    bit for bit. In process (the simulator) results come in that order and nothing waits; on
+    Flower a reply that arrives ahead of an earlier client's is held until that client
+    replies, fails or the round closes. :meth:`close` treats a client without a result as one
+    that did not reply and returns the new state and the row. Holds the aggregation (bounded
+    by the adapted weights), the held-back updates, and a few numbers per client.
+    """
+
+    def __init__(self, server: Coordinator, state: Any, round_: int, clients: Sequence[str]):
+        self.server = server
+        self.round = round_
+        self.clients = list(clients)
+        self.timeout = server.cfg.federation.client_timeout
+        self.aggregation = server.open_round(state, round_, self.clients)
+        self.failures: dict[str, str] = {}
+        self.rejected: dict[str, str] = {}
+        self.accepted: list[ClientResult] = []  # their updates dropped once folded
+        self._results: dict[str, ClientResult | None] = {}  # client -> held result (None: done)
+        self._next = 0  # the first client of ``clients`` not folded or passed over yet
+        self._closed = False
+
+    @property
+    def held(self) -> int:
+        """Updates that arrived and wait for an earlier client."""
+        return sum(1 for r in self._results.values() if r is not None)
+
+    def offer(self, result: ClientResult) -> None:
+        """Read one client's result (a second result or an unknown client: logged, ignored)."""
+        assert not self._closed, "the round is closed"
+        cid = result.client
+        if cid not in self.clients or cid in self._results:
+            log.warning("round %d: unexpected result for client %s ignored", self.round, cid)
+            return
+        reason = result.error
+        if reason is None and result.rejected is None:
+            waited = result.seconds if result.replied_after is None else result.replied_after
+            reason = straggler_reason(waited, self.timeout)
+        if reason is not None:
+            self.failures[cid] = reason
+            log.warning("round %d: client %s dropped: %s", self.round, cid, reason)
+            self._results[cid] = None
+        elif result.rejected is not None:
+            self.rejected[cid] = result.rejected
+            log.warning(
+                "round %d: update of client %s rejected: %s", self.round, cid, result.rejected
+            )
+            self._results[cid] = None
+        else:
+            self._results[cid] = result
+        self._drain()
+
+    def close(self, bytes_down: Mapping[str, int]) -> tuple[Any, dict[str, Any]]:
+        """Fold what is held, aggregate; the new state and the row (with transport keys)."""
+        assert not self._closed, "the round is closed"
+        for cid in self.clients:
+            if cid not in self._results:
+                self.failures[cid] = NO_REPLY
+                log.warning("round %d: client %s dropped: %s", self.round, cid, NO_REPLY)
+                self._results[cid] = None
+        self._drain()
+        self._closed = True
+        new_state, row = self.aggregation.close(self.failures)
+        row["rejected"] = {**self.rejected, **row["rejected"]}
+        batches: dict[Any, float] = {}
+        for i, r in enumerate(self.accepted):
+            key = ("alone", i) if r.batch is None else r.batch
+            batches[key] = max(batches.get(key, 0.0), r.seconds)
+        row.update(
+            {
+                "train_tokens": int(sum(r.tokens for r in self.accepted)),
+                "seconds_train": round(sum(batches.values()), 4),
+                "bytes_down": sum(bytes_down.values()),
+                "bytes_up_per_client": {r.client: r.upload_bytes for r in self.accepted},
+                "bytes_down_per_client": dict(bytes_down),
+            }
+        )
+        return new_state, row
+
+    def _drain(self) -> None:
+        """Fold the held updates whose predecessors in ``clients`` are all resolved."""
+        while self._next < len(self.clients) and self.clients[self._next] in self._results:
+            cid = self.clients[self._next]
+            r = self._results[cid]
+            if r is not None:
+                self.aggregation.add(r.update)
+                self.accepted.append(_spent(r))
+                self._results[cid] = None
+            self._next += 1
+
+
+def _spent(r: ClientResult) -> ClientResult:
+    """``r`` without its update (folded: only its counts stay for the row)."""
+    size = r.update.num_bytes() if hasattr(r.update, "num_bytes") else 0
+    return replace(r, update=None, upload_bytes=size)
+
+
 def close_round(
     server: Coordinator,
     state: Any,
@@ -102,43 +207,11 @@ def close_round(
 ) -> tuple[Any, dict[str, Any]]:
     """Read the results of ``clients``, aggregate the usable updates; the new state and row.
 
-    A sampled client without a result did not reply in time. Updates are aggregated in the
-    order of ``clients`` (the population's), so every driver forms the same sum.
+    A :class:`RoundCollector` offered every result, then closed: a sampled client without a
+    result did not reply in time, and updates are aggregated in the order of ``clients``
+    (the population's), so every driver forms the same sum.
     """
-    timeout = server.cfg.federation.client_timeout
-    by_client = {r.client: r for r in results}
-    failures: dict[str, str] = {}
-    rejected: dict[str, str] = {}
-    accepted: list[ClientResult] = []
-    for cid in clients:
-        r = by_client.get(cid)
-        reason = NO_REPLY if r is None else r.error
-        if r is not None and reason is None and r.rejected is None:
-            waited = r.seconds if r.replied_after is None else r.replied_after
-            reason = straggler_reason(waited, timeout)
-        if reason is not None:
-            failures[cid] = reason
-            log.warning("round %d: client %s dropped: %s", round_, cid, reason)
-        elif r is not None and r.rejected is not None:
-            rejected[cid] = r.rejected
-            log.warning("round %d: update of client %s rejected: %s", round_, cid, r.rejected)
-        elif r is not None:
-            accepted.append(r)
-    updates = [r.update for r in accepted]
-    aggregate = server.aggregate_sparse if server.sparse_round(round_) else server.aggregate
-    new_state, row = aggregate(state, round_, list(clients), updates, failures)
-    row["rejected"] = {**rejected, **row["rejected"]}
-    batches: dict[Any, float] = {}
-    for i, r in enumerate(accepted):
-        key = ("alone", i) if r.batch is None else r.batch
-        batches[key] = max(batches.get(key, 0.0), r.seconds)
-    row.update(
-        {
-            "train_tokens": int(sum(r.tokens for r in accepted)),
-            "seconds_train": round(sum(batches.values()), 4),
-            "bytes_down": sum(bytes_down.values()),
-            "bytes_up_per_client": {u.client_id: u.num_bytes() for u in updates},
-            "bytes_down_per_client": dict(bytes_down),
-        }
-    )
-    return new_state, row
+    collector = RoundCollector(server, state, round_, clients)
+    for r in results:
+        collector.offer(r)
+    return collector.close(bytes_down)

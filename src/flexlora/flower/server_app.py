@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,35 @@ def _node_info(reply: Message) -> NodeInfo | str:
     if not all(isinstance(v, str) and v for v in values) or not isinstance(num, int):
         return f"node {node}: its reply does not say who it is ({info})"
     return NodeInfo(node, str(values[0]), str(values[1]), int(num))
+
+
+def stream_replies(
+    grid: Grid, messages: Iterable[Message], timeout: float | None
+) -> Iterator[Message]:
+    """Push ``messages`` and yield each reply as soon as it is pulled, until every message has
+    its reply or ``timeout`` seconds have passed (``None``: no limit).
+
+    ``Grid.send_and_receive``'s loop (push, then pull every ``pull_interval`` seconds), but a
+    reply at a time, so that the caller folds it before the next ones arrive instead of
+    holding the whole round's. A grid without ``push_messages`` / ``pull_messages``: its
+    ``send_and_receive``.
+    """
+    push = getattr(grid, "push_messages", None)
+    pull = getattr(grid, "pull_messages", None)
+    if push is None or pull is None:
+        yield from grid.send_and_receive(messages, timeout=timeout)
+        return
+    order = list(push(messages))
+    waiting = set(order)
+    end = None if timeout is None else time.monotonic() + timeout
+    interval = float(getattr(grid, "pull_interval", 0.1) or 0.1)
+    while waiting:
+        for reply in pull([m for m in order if m in waiting]):  # in the order sent
+            waiting.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if not waiting or (end is not None and time.monotonic() >= end):
+            return
+        time.sleep(interval)
 
 
 def discover_nodes(
@@ -180,8 +209,8 @@ class FlowerRun(FederatedRun):
         """Send one message per sampled node, wait for the replies, aggregate."""
         state = self.server.round_state(state, round_)  # SLoRA: the SVD initialisation
         plan = self.last_plan = self.strategy.plan(state, round_)
-        replies = self.grid.send_and_receive(plan.messages, timeout=self.timeout)
-        new_state, row = self.strategy.collect(state, plan, replies)
+        replies = stream_replies(self.grid, plan.messages, self.timeout)
+        new_state, row = self.strategy.collect(state, plan, replies)  # folded as they come
         log.debug(
             "round %d: %d bytes of arrays sent (%d accounted)",
             round_,

@@ -25,7 +25,7 @@ from flexlora.errors import InvalidUpdateError
 from flexlora.federation.round import (
     NO_REPLY,
     ClientResult,
-    close_round,
+    RoundCollector,
     injected_failures,
     round_frozen,
 )
@@ -200,37 +200,45 @@ class FlexLoRAStrategy(Strategy):
     def collect(
         self, state: GlobalUpdate, plan: RoundPlan, replies: Iterable[Message]
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
-        """Validate the replies, aggregate with the flexlora math; the new state and its row."""
+        """Validate the replies, aggregate with the flexlora math; the new state and its row.
+
+        Each reply is decoded and offered to a :class:`RoundCollector` as ``replies`` yields
+        it, so an iterator that pulls replies as they arrive (:func:`stream_replies`) folds
+        them then: the decoded updates are not held until the round ends.
+        """
         server = self.coordinator
         lora = server.cfg.lora
         round_ = plan.round
-        results: dict[str, ClientResult] = {}
+        collector = RoundCollector(server, state, round_, plan.clients)
+        seen: set[str] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             cid = plan.node_client.get(node)
-            if cid is None or cid in results:
+            if cid is None or cid in seen:
                 log.warning("round %d: unexpected reply from node %d ignored", round_, node)
                 continue
-            if reply.has_error():
-                results[cid] = ClientResult(cid, error=reply.error.reason)
-                continue
-            failure = reply.content.config_records.get("failure")
-            if failure is not None:
-                results[cid] = ClientResult(cid, error=str(failure.get("reason")))
-                continue
-            try:
-                if plan.sparse:
-                    update, seconds = decode_sparse_reply(reply.content, cid)
-                else:
-                    update, seconds = decode_reply(reply.content, cid, lora.alpha, lora.use_rslora)
-            except InvalidUpdateError as exc:
-                results[cid] = ClientResult(cid, rejected=str(exc))
-                continue
-            tokens = int(update.metrics["tokens"])
-            results[cid] = ClientResult(cid, update, seconds, tokens)
-        return close_round(
-            server, state, round_, plan.clients, list(results.values()), plan.bytes_down
-        )
+            seen.add(cid)
+            collector.offer(self._read_reply(reply, cid, plan.sparse, lora.alpha, lora.use_rslora))
+        return collector.close(plan.bytes_down)
+
+    @staticmethod
+    def _read_reply(
+        reply: Message, cid: str, sparse: bool, alpha: float, use_rslora: bool
+    ) -> ClientResult:
+        """One TRAIN reply as the client's result: its update, error or why it is unreadable."""
+        if reply.has_error():
+            return ClientResult(cid, error=reply.error.reason)
+        failure = reply.content.config_records.get("failure")
+        if failure is not None:
+            return ClientResult(cid, error=str(failure.get("reason")))
+        try:
+            if sparse:
+                update, seconds = decode_sparse_reply(reply.content, cid)
+            else:
+                update, seconds = decode_reply(reply.content, cid, alpha, use_rslora)
+        except InvalidUpdateError as exc:
+            return ClientResult(cid, rejected=str(exc))
+        return ClientResult(cid, update, seconds, int(update.metrics["tokens"]))
 
     # ---------------------------------------------------------------- FedSA's own-B evaluation
     def plan_evaluate(

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from flexlora.errors import FlexLoRAError, UsageError
 from flexlora.federation.round import (
     INJECTED_FAILURE,
     ClientResult,
-    close_round,
+    RoundCollector,
     injected_failures,
     round_frozen,
 )
@@ -280,7 +281,7 @@ class FederatedRun:
         failing = injected_failures(server, round_, clients)
         if not sparse:
             self.worker.set_base_delta(round_frozen(server, state, round_))
-        results: list[ClientResult] = []
+        collector = RoundCollector(server, state, round_, clients)
         bytes_down: dict[str, int] = {}
         jobs: list[ClientJob] = []
         started: dict[str, dict[str, int]] = {}
@@ -295,9 +296,9 @@ class FederatedRun:
                     start = with_own_ranks(cid, start, own)
                     started[cid] = {name: f.rank for name, f in start.items()}
             if cid in failing:
-                results.append(ClientResult(cid, error=INJECTED_FAILURE))
+                collector.offer(ClientResult(cid, error=INJECTED_FAILURE))
             elif sparse:
-                results.append(self._train_sparse(cid, state, round_))
+                collector.offer(self._train_sparse(cid, state, round_))
             else:
                 if self.local is not None:  # FedSA-LoRA: the client's own B, zeros at first
                     start = with_local_B(cid, start, self.local.load(cid, before_round=round_))
@@ -312,37 +313,36 @@ class FederatedRun:
                     self.worker.check(job)
                     jobs.append(job)
                 except (RuntimeError, FlexLoRAError) as exc:
-                    results.append(ClientResult(cid, error=str(exc)))
-        results.extend(self.train_clients(jobs, round_, bar))
-        new_state, row = close_round(server, state, round_, clients, results, bytes_down)
-        # A client that trained keeps what it trained (FedSA's B, HetLoRA's pruned ranks) even
-        # when the server drops its reply as a straggler: a Flower node cannot know it was.
-        if self.local is not None:
-            for r in results:
-                if r.update is not None:
-                    self.local.save(r.client, round_, {n: f.B for n, f in r.update.factors.items()})
-        if self.own_ranks is not None:  # a client that pruned keeps its new ranks
-            for r in results:
-                if r.update is not None and r.update.ranks != started.get(r.client):
-                    self.own_ranks.save(r.client, round_, rank_tensors(r.update.factors))
+                    collector.offer(ClientResult(cid, error=str(exc)))
+        for r in self.train_clients(jobs, round_, bar):
+            # A client that trained keeps what it trained (FedSA's B, HetLoRA's pruned ranks)
+            # even when the server drops its reply as a straggler: a Flower node cannot know.
+            if r.update is not None and self.local is not None:
+                self.local.save(r.client, round_, {n: f.B for n, f in r.update.factors.items()})
+            pruned = r.update is not None and r.update.ranks != started.get(r.client)
+            if pruned and self.own_ranks is not None:
+                self.own_ranks.save(r.client, round_, rank_tensors(r.update.factors))
+            collector.offer(r)  # folded now: the round's updates are never held together
+        new_state, row = collector.close(bytes_down)
         return new_state, row
 
     def train_clients(
         self, jobs: list[ClientJob], round_: int, bar: bool = False
-    ) -> list[ClientResult]:
-        """Train the round's clients, ``train.parallel_clients`` at a time in one batched pass;
-        the one place the simulator trains (the transport of :func:`close_round`)."""
+    ) -> Iterator[ClientResult]:
+        """Train the round's clients, ``train.parallel_clients`` at a time in one batched pass,
+        yielding each group's results as it finishes; the one place the simulator trains (the
+        transport of :class:`~flexlora.federation.round.RoundCollector`)."""
         size = self.parallel_clients
-        results: list[ClientResult] = []
         progress = tqdm(
             total=len(jobs), desc=f"round {round_} clients", leave=False, disable=not bar
         )
-        for start in range(0, len(jobs), size):
-            group = jobs[start : start + size]
-            results.extend(self._train_group(group, batch=start if len(group) > 1 else None))
-            progress.update(len(group))
-        progress.close()
-        return results
+        try:
+            for start in range(0, len(jobs), size):
+                group = jobs[start : start + size]
+                yield from self._train_group(group, batch=start if len(group) > 1 else None)
+                progress.update(len(group))
+        finally:
+            progress.close()
 
     def _train_sparse(self, cid: str, state: Any, round_: int) -> ClientResult:
         """SLoRA's stage 1 for one client."""
