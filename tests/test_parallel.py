@@ -70,3 +70,53 @@ def test_map_modules_keeps_order_and_raises_the_first_error() -> None:
     finally:
         torch.set_num_threads(threads)
     assert module_workers("meta", 10) == 1  # another device: one module at a time
+
+
+def test_map_modules_starts_the_costliest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a cost, modules are submitted from the most costly down (longest processing time
+    first, so the workers end together); results still come in the items' order."""
+    import concurrent.futures
+
+    import flexlora.aggregation.parallel as parallel
+
+    started: list[str] = []
+
+    class InOrder(concurrent.futures.ThreadPoolExecutor):
+        """Runs each task at submission, so the call order is the submission order."""
+
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_result(fn(*args, **kwargs))
+            return future
+
+    monkeypatch.setattr(parallel, "ThreadPoolExecutor", InOrder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        items = {"q": 3.0, "k": 1.0, "down": 9.0, "v": 2.0}
+
+        def record(name: str, cost: float) -> float:
+            started.append(name)
+            return cost
+
+        out = map_modules(record, items, cost=lambda c: c)
+    finally:
+        torch.set_num_threads(threads)
+    assert started == ["down", "q", "v", "k"]
+    assert list(out) == list(items) and out == items
+
+
+def test_flexlora_modules_report_their_work() -> None:
+    """FlexLoRA's estimate grows with the module's size and R = Σ r_i: the wider module first."""
+    agg = get_aggregator("flexlora", keep_rank=4)
+    acc = agg.start({"small": (48, 40), "wide": (40, 96)})
+    for u in updates(5):
+        acc.add(
+            ClientUpdate(
+                u.client_id,
+                u.num_examples,
+                {"small": u.factors["layers.0.q_proj"], "wide": u.factors["layers.0.down_proj"]},
+            )
+        )
+    small, wide = acc.modules["small"], acc.modules["wide"]
+    assert wide.work() > small.work() > 0

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexlora.lora.svd import dense_svd, factored_svd, gram_svd, low_rank_sum_svd, randomized_svd
+from flexlora.lora.topk import EVR_MIN, FAST_EIG_MIN, refined_core, top_core
 
 # In float32 a rank-k truncation is only well defined to ~eps·σ1/(σk − σk+1) (Davis–Kahan);
 # compare truncations only where the spectral gap makes 1e-4 a fair demand.
@@ -196,7 +197,7 @@ def test_gram_svd_falls_back_to_qr_on_rank_deficient_stacks() -> None:
 def test_top_core_equals_the_core_svd_top_k(decay: float, k: int) -> None:
     """The eigh route and its SVD fallback (a spectrum spanning more than 1e5) agree with the
     SVD's top-k truncation of the core."""
-    from flexlora.lora.svd import _top_core
+    from flexlora.lora.topk import top_core
 
     g = torch.Generator().manual_seed(3)
     R = 40
@@ -204,7 +205,7 @@ def test_top_core_equals_the_core_svd_top_k(decay: float, k: int) -> None:
     Q2, _ = torch.linalg.qr(torch.randn(R, R, generator=g, dtype=torch.float64))
     s = torch.logspace(0, math.log10(decay) if decay < 1 else -0.5, R, dtype=torch.float64)
     core = (Q1 * s) @ Q2.T
-    Uc, S, Vc = _top_core(core, k)
+    Uc, S, Vc = top_core(core, k)
     T = (Uc * S) @ Vc.T
     ref = (Q1[:, :k] * s[:k]) @ Q2[:, :k].T
     assert torch.linalg.norm(T - ref) <= 1e-10 * torch.linalg.norm(ref)
@@ -245,12 +246,12 @@ def test_gram_svd_float32_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("k", [1, 7, 39])
 def test_top_eigh_equals_the_full_eigendecomposition(k: int) -> None:
     """The subset eigensolver's k largest eigenpairs are the full decomposition's, descending."""
-    from flexlora.lora.svd import _top_eigh
+    from flexlora.lora.topk import top_eigh
 
     g = torch.Generator().manual_seed(11)
     X = torch.randn(40, 40, generator=g, dtype=torch.float64)
     M = X @ X.T  # (40, 40) symmetric positive definite, distinct eigenvalues
-    lam, Q = _top_eigh(M, k)
+    lam, Q = top_eigh(M, k)
     lam_all, Q_all = torch.linalg.eigh(M)  # ascending
     torch.testing.assert_close(lam, lam_all.flip(0)[:k], rtol=1e-12, atol=0)
     # eigenvectors up to sign: |<q_i, q_i'>| = 1
@@ -261,14 +262,14 @@ def test_top_eigh_equals_the_full_eigendecomposition(k: int) -> None:
 
 def test_top_eigh_without_scipy_takes_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without SciPy (a bare source tree) the same eigenpairs come from torch.linalg.eigh."""
-    import flexlora.lora.svd as svd
+    import flexlora.lora.topk as topk
 
     g = torch.Generator().manual_seed(12)
     X = torch.randn(30, 30, generator=g, dtype=torch.float64)
     M = X @ X.T
-    lam, Q = svd._top_eigh(M, 5)
-    monkeypatch.setattr(svd, "_HAVE_SCIPY", False)
-    lam_t, Q_t = svd._top_eigh(M, 5)
+    lam, Q = topk.top_eigh(M, 5)
+    monkeypatch.setattr(topk, "_HAVE_SCIPY", False)
+    lam_t, Q_t = topk.top_eigh(M, 5)
     torch.testing.assert_close(lam_t, lam, rtol=1e-12, atol=0)
     torch.testing.assert_close((Q * Q_t).sum(0).abs(), torch.ones(5, dtype=torch.float64))
 
@@ -283,24 +284,24 @@ def test_top_eigh_without_scipy_takes_torch(monkeypatch: pytest.MonkeyPatch) -> 
 def test_gram_from_the_upper_blocks_equals_the_full_product(
     R: int, rows: int, block: int, dtype: torch.dtype
 ) -> None:
-    """gram's 1-3 row blocks (upper triangle computed, lower copied) give exactly XᵀX's
-    entries up to the gemm's rounding, for stacks as the server holds them (a
-    column-major view of a row-major (R, rows) buffer) and for contiguous ones."""
-    import flexlora.lora.svd as svd
+    """gram's row blocks (upper triangle computed, lower copied) give exactly XᵀX's entries
+    up to the gemm's rounding, for stacks as the server holds them (a column-major view of a
+    row-major (R, rows) buffer) and for contiguous ones."""
+    import flexlora.lora.products as products
 
     g = torch.Generator().manual_seed(R * 1000 + rows * 10 + block)
     stack = torch.randn(R, rows, generator=g, dtype=dtype)  # (R, rows), as a RowStack holds it
-    old = svd.GRAM_BLOCK_ROWS
-    svd.GRAM_BLOCK_ROWS = block  # small blocks, so small shapes reach two and three blocks
+    old = products.GRAM_BLOCK_ROWS
+    products.GRAM_BLOCK_ROWS = block  # small blocks, so small shapes reach several blocks
     try:
         for X in (stack.T, stack.T.contiguous()):  # (rows, R)
-            G = svd.gram(X)
+            G = products.gram(X)
             ref = X.double().T @ X.double()
             assert G.dtype == dtype and G.shape == (R, R)
             tol = 1e-5 if dtype == torch.float32 else 1e-12
             torch.testing.assert_close(G.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
     finally:
-        svd.GRAM_BLOCK_ROWS = old
+        products.GRAM_BLOCK_ROWS = old
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -358,46 +359,72 @@ def test_householder_svd_top_k_equals_dense_truncation(case, k: int, collinear: 
     np.testing.assert_allclose(Vh.numpy() @ Vh.numpy().T, np.eye(k), atol=1e-10)
 
 
-def spd_with_spectrum(lam: torch.Tensor, seed: int) -> torch.Tensor:
-    """A symmetric (R, R) float64 matrix with eigenvalues ``lam`` and random eigenvectors."""
+def core_with_spectrum(s: torch.Tensor, seed: int) -> torch.Tensor:
+    """A square (R, R) float64 core with singular values ``s`` and random singular vectors."""
     g = torch.Generator().manual_seed(seed)
-    Q = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=g, dtype=torch.float64))[0]
-    return (Q * lam) @ Q.T
+    R = s.numel()
+    Q1 = torch.linalg.qr(torch.randn(R, R, generator=g, dtype=torch.float64))[0]
+    Q2 = torch.linalg.qr(torch.randn(R, R, generator=g, dtype=torch.float64))[0]
+    return (Q1 * s) @ Q2.T
 
 
-def test_refined_eigh_equals_the_float64_eigensolver() -> None:
-    """Float32 eigenvectors refined by one float64 Rayleigh-Ritz step: the top-k eigenvalues to
-    1e-9·λ1 and the rank-k part of M to 1e-5 (what _top_eigh takes for R >= FAST_EIG_MIN)."""
-    from flexlora.lora.svd import FAST_EIG_MIN, _refined_eigh, _top_eigh
-
-    R, k = FAST_EIG_MIN + 88, 120
-    lam_true = torch.linspace(1.0, 0.05, R, dtype=torch.float64) ** 2
-    M = spd_with_spectrum(lam_true, 21)
-    refined = _refined_eigh(M, k)
+@pytest.mark.parametrize("R", [FAST_EIG_MIN + 88, EVR_MIN + 40])
+def test_refined_core_equals_the_float64_svd(R: int) -> None:
+    """Float32 eigenvectors of core·coreᵀ refined by one float64 Rayleigh-Ritz step through the
+    core: the top-k singular values to 1e-9·σ1, the core's rank-k part to 1e-5, Uc and Vc
+    orthonormal; below and above EVR_MIN (torch's eigensolver, then LAPACK's ssyevr)."""
+    k = 120
+    s = torch.linspace(1.0, 0.05, R, dtype=torch.float64)
+    core = core_with_spectrum(s, 21)
+    refined = refined_core(core, k)
     assert refined is not None
-    lam, X = refined
-    lam_ref, Q_ref = torch.linalg.eigh(M)
-    lam_ref, Q_ref = lam_ref.flip(0)[:k], Q_ref.flip(1)[:, :k]
-    assert float((lam - lam_ref).abs().max()) <= 1e-9 * float(lam_ref[0])
-    ours, ref = (X * lam) @ X.T, (Q_ref * lam_ref) @ Q_ref.T
+    Uc, S, Vc = refined
+    U0, S0, Vh0 = torch.linalg.svd(core)
+    assert float((S - S0[:k]).abs().max()) <= 1e-9 * float(S0[0])
+    ours, ref = (Uc * S) @ Vc.T, (U0[:, :k] * S0[:k]) @ Vh0[:k]
     assert float(torch.linalg.matrix_norm(ours - ref) / torch.linalg.matrix_norm(ref)) <= 1e-5
-    torch.testing.assert_close(X.T @ X, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0)
-    lam_top, _ = _top_eigh(M, k)  # the same route
-    torch.testing.assert_close(lam_top, lam, rtol=0, atol=0)
+    eye = torch.eye(k, dtype=torch.float64)
+    torch.testing.assert_close(Uc.T @ Uc, eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(Vc.T @ Vc, eye, atol=1e-9, rtol=0)
+    _, S_top, _ = top_core(core, k)  # the same route
+    torch.testing.assert_close(S_top, S, rtol=0, atol=0)
 
 
-def test_refined_eigh_refuses_a_spectrum_float32_cannot_hold() -> None:
-    """σ_k below 1e-2·σ_1 (λ_k < 1e-4·λ_1): refused, and _top_eigh solves in float64."""
-    from flexlora.lora.svd import FAST_EIG_MIN, _refined_eigh, _top_eigh
-
+def test_refined_core_refuses_a_spectrum_float32_cannot_hold() -> None:
+    """σ_k below 1e-2·σ_1: refused, and top_core solves in float64."""
     R, k = FAST_EIG_MIN + 8, 60
-    lam_true = torch.linspace(1.0, 0.5, R, dtype=torch.float64)
-    lam_true[k - 1 :] *= 1e-6  # λ_k down to 5e-7·λ_1
-    M = spd_with_spectrum(lam_true, 22)
-    assert _refined_eigh(M, k) is None
-    lam, _ = _top_eigh(M, k)
-    ref = torch.linalg.eigvalsh(M).flip(0)[:k]
-    assert float(((lam - ref).abs() / ref).max()) <= 1e-6
+    s = torch.linspace(1.0, 0.7, R, dtype=torch.float64)
+    s[k - 1 :] *= 1e-3  # σ_k down to 7e-4·σ_1
+    core = core_with_spectrum(s, 22)
+    assert refined_core(core, k) is None
+    _, S, _ = top_core(core, k)
+    ref = torch.linalg.svdvals(core)[:k]
+    assert float(((S - ref).abs() / ref).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lapack_top_eigh_equals_torch_eigh(dtype: torch.dtype) -> None:
+    """The ctypes binding of LAPACK's ?syevr: the count largest eigenpairs, ascending, as
+    torch's full decomposition gives them, also called from two threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flexlora.lora import lapack
+
+    g = torch.Generator().manual_seed(31)
+    X = torch.randn(90, 90, generator=g, dtype=torch.float64)
+    M = (X @ X.T).to(dtype)  # (90, 90), distinct eigenvalues
+    lam_all, Q_all = torch.linalg.eigh(M.double())
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: lapack.top_eigh(M, 17), range(4)))
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    for found in results:
+        assert found is not None
+        lam, Q = found
+        assert lam.dtype == dtype and lam.shape == (17,) and Q.shape == (90, 17)
+        torch.testing.assert_close(lam.double(), lam_all[-17:], rtol=tol, atol=0)
+        overlap = (Q.double() * Q_all[:, -17:]).sum(0).abs()  # up to sign
+        torch.testing.assert_close(overlap, torch.ones(17, dtype=torch.float64), atol=tol, rtol=0)
+    assert lapack.top_eigh(M, 0) is None and lapack.top_eigh(M, 91) is None
 
 
 def test_gram_svd_with_a_large_total_rank_equals_the_dense_truncation(
@@ -405,17 +432,17 @@ def test_gram_svd_with_a_large_total_rank_equals_the_dense_truncation(
 ) -> None:
     """R = Σ r_i >= FAST_EIG_MIN (the refined float32 eigensolver): the rank-k truncation of
     float32 stacks within 1e-5 of a float64 dense SVD's."""
-    import flexlora.lora.svd as svd
+    import flexlora.lora.topk as topk
 
     used: list[bool] = []
-    inner = svd._refined_eigh
+    inner = topk.refined_core
 
-    def spy(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        out = inner(M, k)
+    def spy(core: torch.Tensor, k: int) -> tuple[torch.Tensor, ...] | None:
+        out = inner(core, k)
         used.append(out is not None)
         return out
 
-    monkeypatch.setattr(svd, "_refined_eigh", spy)
+    monkeypatch.setattr(topk, "refined_core", spy)
     m, n, ranks, k = 900, 700, [300, 160, 80], 100
     g = torch.Generator().manual_seed(23)
     decay = torch.linspace(1.0, 0.2, sum(ranks), dtype=torch.float64)
@@ -425,3 +452,25 @@ def test_gram_svd_with_a_large_total_rank_equals_the_dense_truncation(
     U, S, Vh = (t.double().numpy() for t in gram_svd(B.float(), A.float(), k))
     assert used and used[-1]
     assert rel_err(truncate(U, S, Vh, k), truncate(U0, S0, Vh0, k)) <= 1e-5
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 25), st.sampled_from([torch.float32, torch.float64]))
+def test_upper_product_equals_the_full_product(R: int, block: int, dtype: torch.dtype) -> None:
+    """upper_product skips the zero blocks of two upper-triangular factors: P·Qᵀ exactly, up
+    to the gemm's rounding, whatever the number of blocks."""
+    import flexlora.lora.products as products
+
+    g = torch.Generator().manual_seed(R * 100 + block)
+    P = torch.randn(R, R, generator=g, dtype=dtype).triu()
+    Q = torch.randn(R, R, generator=g, dtype=dtype).triu()
+    old = products.UPPER_BLOCK
+    products.UPPER_BLOCK = block  # small blocks, so small shapes reach several of them
+    try:
+        out = products.upper_product(P, Q)
+    finally:
+        products.UPPER_BLOCK = old
+    ref = P.double() @ Q.double().T
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert out.dtype == dtype and out.shape == (R, R)
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from flexlora.aggregation.parallel import map_modules
+from flexlora.aggregation.parallel import map_modules, one_blas_thread
 from flexlora.errors import InvalidUpdateError, UsageError
 from flexlora.lora.finite import all_finite
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
@@ -239,6 +239,11 @@ class ModuleAccumulator(ABC):
         for after :meth:`result`; ``None`` (the default): the strategy has none."""
         return None
 
+    def work(self) -> float:
+        """A relative estimate of :meth:`result`'s cost, to schedule the costliest modules
+        first; the default, m·n, suits a strategy whose result is a pass over the module."""
+        return float(self.shape[0] * self.shape[1])
+
     def tensors(self) -> list[Tensor]:
         """The tensors this accumulator holds now (to report its memory)."""
         held = [v for v in vars(self).values() if isinstance(v, Tensor)]
@@ -323,14 +328,18 @@ class Accumulator:
         """The global update of everything folded, on the CPU.
 
         On the CPU the modules are decomposed on torch's threads side by side, one thread each
-        (:func:`~flexlora.aggregation.parallel.map_modules`): the workspaces of that many
-        modules are held at once.
+        and the costliest first (:func:`~flexlora.aggregation.parallel.map_modules`,
+        :meth:`ModuleAccumulator.work`): the workspaces of that many modules are held at once.
         """
         if not self.clients:
             raise InvalidUpdateError(None, None, "empty", "no client updates to aggregate")
-        modules = map_modules(
-            lambda _, acc: _to_cpu(acc.result(self.total_weight)), self.modules, self.device
-        )
+        with one_blas_thread():
+            modules = map_modules(
+                lambda _, acc: _to_cpu(acc.result(self.total_weight)),
+                self.modules,
+                self.device,
+                cost=ModuleAccumulator.work,
+            )
         frozen = {name: acc.frozen() for name, acc in self.modules.items()}
         frozen_cpu = {name: _to_cpu(d) for name, d in frozen.items() if d is not None}
         return GlobalUpdate(modules=modules, strategy=self.strategy, frozen=frozen_cpu)

@@ -115,6 +115,14 @@ class FlexLoRAModule(ModuleAccumulator):
     def tensors(self) -> list[Tensor]:
         return list(self.stacks()) if self.delta is None else [self.delta]
 
+    def work(self) -> float:
+        """Stacks: two Grams ((m + n)·R²) and the core's eigensolver (~R³ at a few times
+        below the gemm's rate); dense: an SVD of the (m, n) sum."""
+        m, n = self.shape
+        if self.delta is None:
+            return float((m + n) * self.total_rank**2 + 8 * self.total_rank**3)
+        return float(m * n * min(m, n))
+
     def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
         m, n = self.shape
         A, B = self.load(f)

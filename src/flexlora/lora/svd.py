@@ -20,12 +20,14 @@ with ``torch.svd_lowrank``.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from flexlora.lora.products import gram, upper_product
+from flexlora.lora.topk import top_core
 
 __all__ = [
     "SVD",
@@ -50,11 +52,6 @@ FAST_GRAM_MAX_COND = 30.0
 FAST_ORTHO_TOL = 2e-6
 
 SVD_METHODS = ("auto", "factored", "dense", "randomized")
-
-_HAVE_SCIPY = (
-    importlib.util.find_spec("scipy") is not None
-    and importlib.util.find_spec("threadpoolctl") is not None
-)
 
 
 class SVD(NamedTuple):
@@ -90,44 +87,17 @@ def factored_svd(B: Tensor, A: Tensor) -> SVD:
     return SVD(U, S, Vh)
 
 
-#: the Gram's row blocks have at least this many rows (smaller blocks run below the gemm's rate)
-GRAM_BLOCK_ROWS = 256
-
-
-def gram(X: Tensor) -> Tensor:
-    """``XᵀX`` (R, R) for X (rows, R) in X's dtype, from the upper block triangle only.
-
-    With up to three row blocks of ``Xᵀ`` the product takes 6 of the 9 block products a full
-    gemm does (0.72x its time for R = 800 on two cores; a SYRK would take half, but
-    OpenBLAS's ran at 57 % of the gemm's rate and torch exposes none); the lower blocks are
-    transposed copies. Holds the (R, R) result.
-    """
-    Y = X.T  # (R, rows); row-major when X is a column-major view, as the stacks are
-    R = Y.shape[0]
-    blocks = max(1, min(3, R // GRAM_BLOCK_ROWS))
-    if blocks == 1:
-        return Y @ Y.T
-    cuts = [R * i // blocks for i in range(blocks + 1)]
-    G = torch.empty(R, R, dtype=X.dtype, device=X.device)
-    for i in range(blocks):
-        lo, hi = cuts[i], cuts[i + 1]
-        G[lo:hi, lo:] = Y[lo:hi] @ Y[lo:].T  # (hi - lo, R - lo)
-    for i in range(1, blocks):
-        lo = cuts[i]
-        G[lo:, :lo] = G[:lo, lo:].T
-    return G
-
-
 def _gram_factor(X: Tensor, fast: bool = False) -> Tensor | None:
     """Upper-triangular Rx with XᵀX = RxᵀRx by Cholesky of the Gram; None if ill-conditioned.
 
-    The Gram is formed in float64 (products of float32 entries are exact), or with ``fast``
-    in X's own float32, 2-3x cheaper: a dot product's rounding is relative to its columns'
-    norms, so the loss is governed by the condition of the column-equilibrated X, which the
-    Cholesky factor of the equilibrated Gram bounds from below; ``fast`` accepts only
-    FAST_GRAM_MAX_COND (the caller also checks the result's orthonormality).
+    The Gram and its Cholesky factor are formed in float64 (products of float32 entries are
+    exact), or with ``fast`` in X's own float32, 2-3x cheaper: a dot product's rounding is
+    relative to its columns' norms, so the loss is governed by the condition of the
+    column-equilibrated X, which the Cholesky factor of the equilibrated Gram bounds from
+    below; ``fast`` accepts only FAST_GRAM_MAX_COND (the caller also checks the result's
+    orthonormality). Rx is in the Gram's precision.
     """
-    G = gram(X if fast else X.double()).double()  # (R, R)
+    G = gram(X) if fast else gram(X.double())  # (R, R)
     scale = torch.diagonal(G).sqrt()  # (R,) column norms
     if not bool((scale > 0).all()):
         return None
@@ -144,7 +114,7 @@ def _gram_factor(X: Tensor, fast: bool = False) -> Tensor | None:
 
 def _orthonormal(X: Tensor, tol: float) -> bool:
     """Whether the columns of X (rows, k) are orthonormal to ``tol`` (max |XᵀX − I|)."""
-    G = X.T @ X  # (k, k)
+    G = gram(X)  # (k, k)
     G.diagonal().sub_(1.0)
     return bool(G.abs().max() <= tol)
 
@@ -155,13 +125,14 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
 
     Rb, Ra are Cholesky factors of the Grams BᵀB and AAᵀ, so B = Qb·Rb and Aᵀ = Qa·Ra with
     Qb = B·Rb⁻¹ never formed: core = Rb·Raᵀ = Uc·S·Vcᵀ (R×R) and U_k = B·(Rb⁻¹·Uc[:, :k]),
-    Vh_k = (Aᵀ·(Ra⁻¹·Vc[:, :k]))ᵀ. The cost is two Gram products (one full product each: a
-    blocked half-product by client was slower on two cores, its small blocks run far below
-    the gemm's rate) and two (·, R)·(R, k) products. Float32 input first tries float32 Grams
-    (well-conditioned stacks, and U_k, Vh_k orthonormal to FAST_ORTHO_TOL, else redone),
-    then float64 Grams; it falls back to :func:`householder_svd` (Householder QR) when either
-    stack is rank-deficient or too ill-conditioned for the Gram route (see GRAM_MAX_COND).
-    Holds the two Grams and the R×R core besides the inputs and the result.
+    Vh_k = (Ra⁻¹·Vc[:, :k])ᵀ·A. The cost is two Gram products (from their upper row blocks,
+    :func:`~flexlora.lora.products.gram`), the core's top k triplets
+    (:func:`~flexlora.lora.topk.top_core`) and two (·, R)·(R, k) products. Float32 input
+    first tries float32 Grams (well-conditioned stacks, and U_k, Vh_k orthonormal to
+    FAST_ORTHO_TOL, else redone), then float64 Grams; it falls back to
+    :func:`householder_svd` (Householder QR) when either stack is rank-deficient or too
+    ill-conditioned for the Gram route (see GRAM_MAX_COND). Holds the two Grams and the R×R
+    core besides the inputs and the result.
     """
     R = B.shape[1]
     k = R if k is None else min(k, R)
@@ -173,15 +144,15 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
             continue
         # (R, R) float64; with float32 Grams from a float32 product, 2.5x faster: its rounding,
         # relative to |Rb|·|Ra|, is that of the float32 inputs themselves
-        core = (Rb.float() @ Ra.T.float()).double() if fast else Rb @ Ra.T
-        Uc, S, Vc = _top_core(core, k)  # (R, k), (k,), (R, k)
-        left = torch.linalg.solve_triangular(Rb, Uc, upper=True)  # (R, k)
-        right = torch.linalg.solve_triangular(Ra, Vc, upper=True)  # (R, k)
+        core = upper_product(Rb, Ra).double()
+        Uc, S, Vc = top_core(core, k)  # (R, k), (k,), (R, k)
+        left = torch.linalg.solve_triangular(Rb.double(), Uc, upper=True)  # (R, k)
+        right = torch.linalg.solve_triangular(Ra.double(), Vc, upper=True)  # (R, k)
         U = B @ left.to(B.dtype)  # (m, k)
-        V = A.T @ right.to(A.dtype)  # (n, k)
-        if fast and not (_orthonormal(U, FAST_ORTHO_TOL) and _orthonormal(V, FAST_ORTHO_TOL)):
+        Vh = right.T.to(A.dtype) @ A  # (k, n), row-major as the state keeps it
+        if fast and not (_orthonormal(U, FAST_ORTHO_TOL) and _orthonormal(Vh.T, FAST_ORTHO_TOL)):
             continue
-        return SVD(U, S.to(B.dtype), V.T)
+        return SVD(U, S.to(B.dtype), Vh)
     return householder_svd(B, A, k)
 
 
@@ -200,7 +171,7 @@ def householder_svd(B: Tensor, A: Tensor, k: int) -> SVD:
     ha, ta = torch.geqrf(A.T)  # (n, R), (R,)
     Rb, Ra = hb[:R].triu(), ha[:R].triu()  # (R, R) upper
     core = (Rb @ Ra.T).double()  # in the stacks' precision: its rounding is theirs
-    Uc, S, Vc = _top_core(core, k)  # (R, k), (k,), (R, k)
+    Uc, S, Vc = top_core(core, k)  # (R, k), (k,), (R, k)
     Uk = torch.zeros(B.shape[0], Uc.shape[1], dtype=B.dtype, device=B.device)  # (m, k)
     Uk[:R] = Uc.to(B.dtype)
     Vk = torch.zeros(A.shape[1], Vc.shape[1], dtype=A.dtype, device=A.device)  # (n, k)
@@ -208,115 +179,6 @@ def householder_svd(B: Tensor, A: Tensor, k: int) -> SVD:
     U = torch.ormqr(hb, tb, Uk)  # (m, k) = Qb·[Uc; 0]
     V = torch.ormqr(ha, ta, Vk)  # (n, k) = Qa·[Vc; 0]
     return SVD(U, S.to(B.dtype), V.T)
-
-
-#: _top_eigh takes LAPACK's divide and conquer (every eigenvector) up to R = this times k,
-#: MRRR for the top k only above it (one thread, two cores: at k = 200, dsyevd 0.007 s against
-#: dsyevr's 0.023 s for R = 250, 0.049 against 0.072 s for R = 600, 0.099 against 0.112 s for
-#: R = 800; at k = 30 and R = 300 dsyevr is faster, 0.0065 against 0.0087 s)
-EVD_MAX_RATIO = 4.0
-
-
-#: _top_eigh takes a float32 eigensolver refined in float64 (:func:`_refined_eigh`) from this R
-FAST_EIG_MIN = 512
-#: the refinement's extra Ritz vectors beyond k, and what it accepts: the kept pairs' residual
-#: block ‖M·X − X·Θ‖_F at most FAST_EIG_RESIDUAL·‖Θ‖_F (the rank-k part of M then moves by about
-#: that much, measured: 1.5e-6 for a residual ratio of 1.2e-6 at R = 1,106; a float64
-#: eigensolver's is ~1e-15), and θ_k ≥ FAST_EIG_MIN_RATIO·θ_1 (σ_k ≥ 1e-2·σ_1: the squared
-#: spectrum's tail keeps its digits in float32)
-FAST_EIG_OVERSAMPLE = 32
-FAST_EIG_RESIDUAL = 1e-5
-FAST_EIG_MIN_RATIO = 1e-4
-
-
-def _refined_eigh(M: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """The ``k`` largest eigenpairs of a symmetric float64 ``M`` (R, R), descending, from a
-    float32 eigensolver (half the memory traffic of the float64 one, which dominates the
-    server step once R is in the hundreds) and one float64 Rayleigh-Ritz step on its top
-    k + FAST_EIG_OVERSAMPLE eigenvectors, made orthonormal in float64 first; ``None`` when the
-    residual or the spectrum's spread is beyond what it accepts (see FAST_EIG_RESIDUAL; the
-    caller then solves in float64).
-    Holds M's float32 copy, its eigenvectors and a few (R, k + oversample) blocks.
-    """
-    R = M.shape[0]
-    wide = min(R, k + FAST_EIG_OVERSAMPLE)
-    Q = torch.linalg.eigh(M.float())[1][:, R - wide :].double()  # (R, wide), ascending order
-    L, info = torch.linalg.cholesky_ex(Q.T @ Q)  # ≈ I: CholeskyQR, exact for so small a cond
-    if int(info) != 0:
-        return None
-    Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T  # (R, wide) orthonormal
-    MQ = M @ Q  # (R, wide)
-    H = Q.T @ MQ  # (wide, wide)
-    theta, W = torch.linalg.eigh((H + H.T) / 2)  # ascending
-    theta, W = theta[wide - k :].flip(0), W[:, wide - k :].flip(1)  # (k,), (wide, k)
-    X = Q @ W  # (R, k) Ritz vectors
-    residual = torch.linalg.matrix_norm(MQ @ W - X * theta)  # ‖M·X − X·Θ‖_F
-    if not bool(theta[-1] >= FAST_EIG_MIN_RATIO * theta[0]) or not bool(theta[-1] > 0):
-        return None
-    if not bool(residual <= FAST_EIG_RESIDUAL * torch.linalg.vector_norm(theta)):
-        return None
-    return theta, X
-
-
-def _top_eigh(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest eigenpairs of a symmetric float64 ``M`` (R, R), descending.
-
-    On the CPU from R = FAST_EIG_MIN, a float32 eigensolver refined in float64
-    (:func:`_refined_eigh`), unless it refuses. Otherwise, inside a module-parallel worker
-    (one torch thread: :mod:`flexlora.aggregation.parallel`) ``torch.linalg.eigh``, which
-    releases the GIL so that the workers' eigensolvers run side by side; else, on the CPU,
-    LAPACK through SciPy on one BLAS thread: ``dsyevd`` (all eigenpairs, divide
-    and conquer) while R ≤ EVD_MAX_RATIO·k, else ``dsyevr`` with ``subset_by_index``, which
-    forms only the k eigenvectors (MRRR). Both spend most of their time in the tridiagonal
-    reduction, bound by memory bandwidth; a second OpenBLAS thread gained 10-25 % in the
-    eigensolver but its spinning waiters then slowed every torch product after it, and
-    torch's own ``syevd`` was 2-3x slower under the package's passive OpenMP waiters (0.46 s
-    against 0.15 s for R = 900 on two cores). Elsewhere (a CUDA server,
-    or a source tree run without the declared SciPy, as benchmarks/gpu_check.py may be)
-    ``torch.linalg.eigh``. Holds M's copy and the eigenvectors kept.
-    """
-    R = M.shape[0]
-    if M.device.type == "cpu" and FAST_EIG_MIN <= R and k + FAST_EIG_OVERSAMPLE < R:
-        refined = _refined_eigh(M, k)
-        if refined is not None:
-            return refined
-    # one torch thread (a module-parallel worker, see flexlora.aggregation.parallel): torch's
-    # eigh, which releases the GIL, so the workers' eigensolvers run side by side
-    if M.device.type == "cpu" and _HAVE_SCIPY and torch.get_num_threads() > 1:
-        import scipy.linalg
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1, user_api="blas"):
-            if EVD_MAX_RATIO * k >= R:
-                lam, Q = scipy.linalg.eigh(M.numpy(), driver="evd", check_finite=False)
-                lam, Q = lam[R - k :], Q[:, R - k :]
-            else:
-                lam, Q = scipy.linalg.eigh(
-                    M.numpy(), subset_by_index=(R - k, R - 1), driver="evr", check_finite=False
-                )
-        return torch.from_numpy(lam).flip(0), torch.from_numpy(Q).flip(1)
-    lam, Q = torch.linalg.eigh(M)  # ascending, (R,), (R, R)
-    return lam[-k:].flip(0), Q[:, -k:].flip(1)
-
-
-def _top_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top ``k`` singular triplets of a square float64 ``core`` (R, R): Uc, Vc (R, k) and S.
-
-    For k < R they come from the top k eigenpairs of core·coreᵀ (:func:`_top_eigh`, several
-    times cheaper than the SVD of the core, which dominated the server step once R is in the
-    hundreds): Uc the eigenvectors, S = √λ, Vc = coreᵀ·Uc / S. In float64 the squared
-    spectrum keeps every digit a float32 result needs while σ_k ≥ 1e-5·σ_1; below that (or for
-    k = R) the full SVD of the core is taken instead.
-    """
-    R = core.shape[0]
-    if k < R:
-        lam_top, Uc = _top_eigh(gram(core.T), k)  # core·coreᵀ from its upper blocks; (k,), (R, k)
-        if bool(lam_top[-1] >= 1e-10 * lam_top[0]) and bool(lam_top[0] > 0):
-            S = lam_top.sqrt()
-            Vc = (core.T @ Uc) / S  # (R, k)
-            return Uc, S, Vc
-    Uc, S, Vhc = torch.linalg.svd(core)  # (R, R), (R,), (R, R)
-    return Uc[:, :k], S[:k], Vhc[:k].T
 
 
 def dense_svd(delta: Tensor) -> SVD:
