@@ -474,3 +474,32 @@ def test_upper_product_equals_the_full_product(R: int, block: int, dtype: torch.
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert out.dtype == dtype and out.shape == (R, R)
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 8), st.integers(0, 2**31 - 1), st.booleans())
+def test_canonical_signs_makes_the_first_largest_entry_positive(
+    m: int, k: int, seed: int, ties: bool
+) -> None:
+    """Each column's first entry of largest magnitude ends positive (columns of zeros stay),
+    Vh's rows flip with U's columns, and the product is unchanged; with small integer entries
+    (many ties between a positive and a negative entry) too."""
+    from flexlora.lora.svd import canonical_signs
+
+    g = torch.Generator().manual_seed(seed)
+    if ties:
+        U = torch.randint(-2, 3, (m, k), generator=g).to(torch.float64)
+    else:
+        U = torch.randn(m, k, generator=g, dtype=torch.float64)
+    Vh = torch.randn(k, 6, generator=g, dtype=torch.float64)
+    S = torch.rand(k, generator=g, dtype=torch.float64)
+    before = (U * S) @ Vh
+    U0 = U.clone()
+    Uc, _, Vhc = canonical_signs(U, S, Vh)
+    for j in range(k):
+        column = U0[:, j].tolist()
+        first = max(range(m), key=lambda i: (abs(column[i]), -i))  # first of largest |.|
+        flip = -1.0 if column[first] < 0 else 1.0
+        assert Uc[:, j].tolist() == [flip * x for x in column]
+        assert Uc[first, j] >= 0
+    torch.testing.assert_close((Uc * S) @ Vhc, before, rtol=0, atol=0)
