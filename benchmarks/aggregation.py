@@ -31,7 +31,9 @@ server step (``FlexLoRA(keep_rank=max client rank).start`` / ``add`` / ``result`
 layer, the clients' factors made before each layer and not timed) against the old path in the
 same process (``low_rank_sum_svd``: concatenated stacks, Householder QR with explicit Q, the
 full R×R SVD, then the cut), with one 4096³ float32 matmul timed in the same process as the
-yardstick (the goal: ≤ 40 of them, ≈ 15 s on 2 quiet cores). ``max err@r`` is the largest
+yardstick (the goal: ≤ 40 of them, ≈ 15 s on 2 quiet cores): timed three times at the start and
+once after every layer, the median of all of them (one product's time varies by tens of percent
+on a shared machine). ``max err@r`` is the largest
 ``‖T_r − T*_r‖_F / ‖T*_r‖_F`` over the q_proj and down_proj of layer 0 and of the layer with
 the largest R (a float64 LAPACK SVD of each ΔW is the reference; all would take minutes).
 
@@ -53,6 +55,7 @@ import math
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -284,18 +287,28 @@ def whole_set(quick: bool, seed: int) -> int:
     n0 = 512 if quick else 4096
     a, b = torch.randn(n0, n0), torch.randn(n0, n0)
     a @ b
-    samples = []
-    for _ in range(3):  # the median of three: one product's time varies by tens of percent here
+    samples: list[float] = []
+
+    def yardstick() -> None:
         start = time.perf_counter()
         a @ b
         samples.append(time.perf_counter() - start)
-    matmul = sorted(samples)[1]
-    del a, b
+
+    for _ in range(3):
+        yardstick()
+    # one-off costs (SciPy's LAPACK and threadpoolctl's library scan) out of the timing
+    warm = {m: make_updates(QUICK, m, seed) for m in QUICK.modules}
+    FlexLoRA(keep_rank=4).aggregate(
+        [
+            ClientUpdate(u.client_id, u.num_examples, {m: warm[m][i].factors[m] for m in warm})
+            for i, u in enumerate(warm["q_proj"])
+        ]
+    )
     print(
         f"# whole adapter set: {layers} layers x {len(setup.modules)} modules, "
         f"{setup.clients} clients, ranks {ranks}, keep_rank {keep}; "
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; "
-        f"one {n0}^3 float32 matmul (median of 3): {matmul:.3f} s"
+        f"one {n0}^3 float32 matmul timed 3 times now and once after each layer"
     )
     times = {"new": 0.0, "old": 0.0}
     peaks = {"new": 0, "old": 0}
@@ -335,6 +348,14 @@ def whole_set(quick: bool, seed: int) -> int:
                     del delta, U, Vh, best, ours
             del out
         del per_layer
+        yardstick()  # the machine's speed through the run, not only at its start
+    # one product's time varies by tens of percent on a shared machine (1.0-1.8 s seen in one
+    # run): the yardstick is the median of every sample taken through the run
+    matmul = statistics.median(samples)
+    print(
+        f"# {n0}^3 float32 matmul over {len(samples)} samples: min {min(samples):.3f} s, "
+        f"median {matmul:.3f} s, max {max(samples):.3f} s"
+    )
     budget = 40 * matmul
     print(f"{'whole-set':<10} {'path':>6} {'time s':>8} {'x matmul':>9} {'peak MiB':>9}")
     for path in ("new", "old"):
