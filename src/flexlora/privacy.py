@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from flexlora.aggregation.flexlora import FlexLoRAModule
 from flexlora.errors import UsageError
 from flexlora.lora.norms import update_norm
 from flexlora.lora.svd import dense_svd
@@ -156,8 +157,13 @@ class ClientDP:
 class DPSum:
     """A round's clipped sum, one reply at a time; :meth:`result` noises it and takes the SVD.
 
-    Holds one dense (m, n) sum per module (the adapted weights' size, whatever the number of
-    clients) and the clipped copy of one reply while it is added.
+    Holds, per module, the clipped replies in the smaller exact form, as FlexLoRA's server
+    does (a :class:`~flexlora.aggregation.flexlora.FlexLoRAModule`, ``auto``): the stacked
+    factors s_i·c_i·B_i and A_i, R·(m + n) numbers for R = Σ r_i, until one more reply would
+    make them exceed m·n, then the running dense (m, n) sum. So no module ever holds more
+    than min(R·(m + n), m·n) numbers: bounded by the adapted weights, whatever the number of
+    clients. While a reply is added, its clipped copy (B_i scaled by c_i, every module) is
+    held as well. :meth:`result` forms one module's dense sum at a time.
     """
 
     def __init__(
@@ -169,31 +175,64 @@ class DPSum:
     ) -> None:
         self.dp = dp
         self.keep_ranks = dict(keep_ranks)
-        self.sums = {name: torch.zeros(m, n, dtype=dtype) for name, (m, n) in shapes.items()}
+        self.dtype = dtype
+        cpu = torch.device("cpu")
+        #: per module Σ_i s_i·c_i·B_i·A_i of the clipped replies: stacks or a dense sum
+        self.modules = {
+            name: FlexLoRAModule(name, (m, n), dtype, cpu, "auto", None, niter=4)
+            for name, (m, n) in shapes.items()
+        }
         self.clipped = 0
         self.count = 0
 
     def add(self, update: ClientUpdate) -> None:
-        """Clip ``update`` to the DP norm and add it to every module's sum."""
+        """Clip ``update`` to the DP norm and fold it into every module's sum.
+
+        The caller has validated ``update`` (the round's ``UpdateValidator``: every module,
+        of the round's shape, finite values). Its clipped copy is made, and every module
+        looked up, before anything is folded.
+        """
         clipped, norm = clip_update(update, self.dp.clip)
+        factors = [(acc, clipped.factors[name]) for name, acc in self.modules.items()]
+        for acc, f in factors:
+            acc.fold(update.client_id, f, 1.0)  # weight 1: adds s·(c·B)·A, uniform weights
         self.clipped += int(norm > self.dp.clip)
-        for name, delta in self.sums.items():
-            f = clipped.factors[name]
-            delta.addmm_(f.B.to(delta.dtype), f.A.to(delta.dtype), alpha=f.scaling)
         self.count += 1
 
+    def num_bytes(self) -> int:
+        """Bytes held by the modules' sums (stacks or dense)."""
+        return sum(acc.num_bytes() for acc in self.modules.values())
+
     def result(self, generator: torch.Generator) -> tuple[GlobalUpdate, int]:
-        """The noised state (noise drawn module by module, in order) and the clipped count."""
+        """The noised state (noise drawn module by module, in order) and the clipped count.
+
+        Module by module: the dense clipped sum (one product of the stacks, or the running
+        sum), plus σ·C·Z, divided by the cohort K, then its dense SVD cut to the kept rank.
+        Besides what :class:`DPSum` holds, one module's (m, n) sum and (m, n) noise are held
+        at once, then the noised matrix and its SVD; they are freed before the next module.
+        The sums are not modified, so calling it again with an equal generator gives the same
+        state.
+        """
         std = self.dp.noise_multiplier * self.dp.clip
         modules: dict[str, ModuleDelta] = {}
-        for name, delta in self.sums.items():
-            m, n = delta.shape
-            noised = delta.clone()  # (m, n): the sum stays as added, should result run twice
+        for name, acc in self.modules.items():
+            m, n = acc.shape
+            if acc.delta is None:
+                B, A = acc.stacks()  # (m, R), (R, n)
+                total = B @ A  # (m, n), formed here: ours to overwrite
+                owned = True
+            else:
+                total = acc.delta  # (m, n): the running sum, left as it is
+                owned = False
             if std > 0:
-                noise = torch.randn(m, n, generator=generator, dtype=delta.dtype)  # (m, n)
-                noised.add_(noise, alpha=std)
+                noised = torch.randn(m, n, generator=generator, dtype=self.dtype)  # (m, n)
+                torch.add(total, noised, alpha=std, out=noised)  # total + σC·Z, in Z's buffer
+            else:
+                noised = total if owned else total.clone()
+            del total
             noised.div_(self.dp.cohort)
             U, S, Vh = dense_svd(noised)  # (m, k), (k,), (k, n)
+            del noised
             k = min(int(self.keep_ranks[name]), S.shape[0])
             modules[name] = ModuleDelta(
                 U=U[:, :k].contiguous(),
@@ -201,4 +240,5 @@ class DPSum:
                 Vh=Vh[:k].contiguous(),
                 truncation="svd",
             )
+            del U, S, Vh
         return GlobalUpdate(modules=modules, strategy="flexlora"), self.clipped

@@ -605,13 +605,14 @@ class RoundAggregation:
     """One round's replies, validated and folded one at a time as a driver receives them.
 
     :meth:`add` checks a reply (the validator, the strategy's own check, SLoRA's masks) and
-    folds it at once into the strategy's accumulator (client-level DP: the clipped dense sum;
-    SLoRA's first stage: the sparse average), or records why it was refused; :meth:`close`
-    takes the result and builds the round's row. Holds the accumulator (bounded by the
-    adapted weights, whatever the number of clients), a :class:`Folded` summary per reply,
-    and for the rank-energy diagnostics, which read every folded update once more after the
-    SVD, a :class:`~flexlora.federation.replies.ReplyStore` (in memory up to its budget, then
-    spilled to disk). Replies are summed in the order they are added.
+    folds it at once into the strategy's accumulator (client-level DP: the clipped sum, as
+    stacks or dense per module; SLoRA's first stage: the sparse average), or records why it
+    was refused; :meth:`close` takes the result and builds the round's row. Holds the
+    accumulator (bounded by the adapted weights, whatever the number of clients), a
+    :class:`Folded` summary per reply, and for the rank-energy diagnostics, which read every
+    folded update once more after the SVD, a :class:`~flexlora.federation.replies.ReplyStore`
+    (in memory up to its budget, then spilled to disk). Replies are summed in the order they
+    are added.
     """
 
     def __init__(
