@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flexlora.config import RunConfig
 from flexlora.config_io import load_toml
 from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.federation import replies as replies_mod
 from flexlora.federation.round import NO_REPLY
 from flexlora.flower.client_app import NodeRuntime, make_client_app
 from flexlora.flower.records import (
@@ -274,6 +277,31 @@ def test_bad_replies_are_rejected_failures_recorded_and_the_rest_aggregated(
     assert new_state is not state
     assert f"update of client {cid[bad]} rejected" in caplog.text
     assert set(row["bytes_up_per_client"]) == {cid[bad], *row["aggregated"]} - {cid[bad]}
+
+
+def test_a_grid_error_mid_round_leaves_no_spilled_update(
+    job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grid fails after two replies were folded (and spilled): collect raises, and the
+    spilled updates are deleted with the round, not left for good."""
+    cfg, values, runtime = job
+    strategy, node_configs = _strategy(cfg, runtime)
+    monkeypatch.setattr(replies_mod, "REPLY_MEMORY_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a Coordinator spills
+    state = strategy.coordinator.initial_state()
+    plan = strategy.plan(state, 1)
+    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(plan.messages)
+    spilled: list[Path] = []
+
+    def pulled() -> Iterator[Message]:
+        yield from replies[:2]
+        spilled.extend(tmp_path.glob("flexlora-replies-*/*.safetensors"))
+        raise ConnectionError("the grid went away")
+
+    with pytest.raises(ConnectionError, match="the grid went away"):
+        strategy.collect(state, plan, pulled())
+    assert len(spilled) == 2
+    assert not list(tmp_path.glob("flexlora-replies-*"))
 
 
 def test_the_stock_strategy_loop_reaches_the_simulators_global_update(job, tmp_path: Path) -> None:

@@ -209,17 +209,20 @@ class FlexLoRAStrategy(Strategy):
         server = self.coordinator
         lora = server.cfg.lora
         round_ = plan.round
-        collector = RoundCollector(server, state, round_, plan.clients)
         seen: set[str] = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            cid = plan.node_client.get(node)
-            if cid is None or cid in seen:
-                log.warning("round %d: unexpected reply from node %d ignored", round_, node)
-                continue
-            seen.add(cid)
-            collector.offer(self._read_reply(reply, cid, plan.sparse, lora.alpha, lora.use_rslora))
-        return collector.close(plan.bytes_down)
+        # released however the round ends: a grid error or an interrupt while replies are
+        # pulled leaves no spilled update behind
+        with RoundCollector(server, state, round_, plan.clients) as collector:
+            for reply in replies:
+                node = reply.metadata.src_node_id
+                cid = plan.node_client.get(node)
+                if cid is None or cid in seen:
+                    log.warning("round %d: unexpected reply from node %d ignored", round_, node)
+                    continue
+                seen.add(cid)
+                alpha, rslora = lora.alpha, lora.use_rslora
+                collector.offer(self._read_reply(reply, cid, plan.sparse, alpha, rslora))
+            return collector.close(plan.bytes_down)
 
     @staticmethod
     def _read_reply(
