@@ -395,6 +395,38 @@ def test_replies_with_unreadable_arrays_are_rejected_and_the_round_goes_on(
     assert f"update of client {cid[0]} rejected" in caplog.text
 
 
+def test_a_reply_the_decoder_chokes_on_is_rejected_not_the_round(
+    job, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a decoder misses (here: a TypeError it should never raise) rejects that
+    reply as ``type``, with its traceback logged; the round aggregates the others."""
+    from flexlora.flower import strategy as strategy_mod
+
+    cfg, values, runtime = job
+    strategy, node_configs = _strategy(cfg, runtime)
+    state = strategy.coordinator.initial_state()
+    plan = strategy.plan(state, 1)
+    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(plan.messages)
+    cid = [plan.node_client[r.metadata.src_node_id] for r in replies]
+    decode = strategy_mod.decode_reply
+
+    def choking(content, client, alpha, use_rslora):  # type: ignore[no-untyped-def]
+        if client == cid[0]:
+            raise TypeError("can't convert np.ndarray of type numpy.weird")
+        return decode(content, client, alpha, use_rslora)
+
+    monkeypatch.setattr(strategy_mod, "decode_reply", choking)
+    caplog.set_level(logging.WARNING, logger="flexlora")
+    _, row = strategy.collect(state, plan, replies)
+    assert set(row["rejected"]) == {cid[0]}
+    assert row["rejected"][cid[0]] == (
+        f"client {cid[0]}: the reply cannot be decoded: TypeError: can't convert np.ndarray "
+        "of type numpy.weird [type]"
+    )
+    assert row["aggregated"] == cid[1:]
+    assert "Traceback" in caplog.text
+
+
 def test_a_grid_error_mid_round_leaves_no_spilled_update(
     job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
