@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flexlora.config import RunConfig
 from flexlora.config_io import load_toml
 from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.federation import replies as replies_mod
 from flexlora.federation.round import NO_REPLY
 from flexlora.flower.client_app import NodeRuntime, make_client_app
 from flexlora.flower.records import (
@@ -126,6 +129,79 @@ def test_bad_factor_records_are_refused_naming_client_and_module(
     assert info.value.reason == reason
     assert info.value.client == "client-7"
     assert "client client-7" in str(info.value)
+
+
+def _npy_bytes(data: bytes) -> Array:
+    """An array whose payload is exactly ``data`` (as a hostile node may send)."""
+    return Array(dtype="float32", shape=(2, 5), stype="numpy.ndarray", data=data)
+
+
+def _garbled(old: bytes, new: bytes) -> Array:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 5), dtype=np.float32))
+    return _npy_bytes(buf.getvalue().replace(old, new, 1))
+
+
+#: arrays no float tensor comes from: longdouble is kind "f" but torch has no such type
+NOT_FLOAT = {
+    "longdouble": np.zeros((2, 5), dtype=np.longdouble),
+    "big-endian longdouble": np.zeros((2, 5), dtype=np.dtype(np.longdouble).newbyteorder(">")),
+    "complex64": np.zeros((2, 5), dtype=np.complex64),
+    "int32": np.zeros((2, 5), dtype=np.int32),
+    "big-endian int64": np.zeros((2, 5), dtype=">i8"),
+    "bool": np.zeros((2, 5), dtype=np.bool_),
+    "unicode": np.full((2, 5), "ab"),
+    "datetime64": np.zeros((2, 5), dtype="datetime64[s]"),
+    "structured": np.zeros((2, 5), dtype=[("x", "<f4"), ("y", "<f4")]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FLOAT))
+def test_arrays_of_other_dtypes_are_refused_naming_client_module_and_dtype(kind: str) -> None:
+    arr = NOT_FLOAT[kind]
+    record = factors_to_record({"m": random_factors(4, 5, 2, seed=0, dtype=torch.float32)})
+    record["m.lora_A"] = _npy(arr)
+    with pytest.raises(InvalidUpdateError) as info:
+        record_to_factors(record, "client-7", alpha=16.0)
+    assert (info.value.reason, info.value.client, info.value.module) == ("dtype", "client-7", "m")
+    assert "client client-7, module m: m.lora_A has dtype" in str(info.value)
+    assert arr.dtype.str in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (_npy_bytes(b""), "EOFError"),
+        (_garbled(b"}", b" "), "TokenError"),  # a header that is not a closed dict
+        (_garbled(b"'<f4'", b"f(1)"), "ValueError"),
+        (_npy(np.array([object()]), allow_pickle=True), "ValueError"),  # a pickle
+    ],
+)
+def test_unreadable_payloads_are_refused_naming_client_and_module(payload: Array, why: str) -> None:
+    record = factors_to_record({"m": random_factors(4, 5, 2, seed=0, dtype=torch.float32)})
+    record["m.lora_B"] = payload
+    with pytest.raises(InvalidUpdateError) as info:
+        record_to_factors(record, "client-7", alpha=16.0)
+    assert (info.value.reason, info.value.client, info.value.module) == ("type", "client-7", "m")
+    assert f"m.lora_B cannot be read as an npy array: {why}" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_big_endian_floats_decode_to_the_same_native_tensors(dtype: torch.dtype) -> None:
+    """A big-endian host's arrays are the same numbers: converted, not refused."""
+    f = random_factors(4, 5, 2, seed=3, dtype=dtype)
+    record = factors_to_record({"m": f})
+    for key, t in (("m.lora_A", f.A), ("m.lora_B", f.B)):
+        swapped = t.numpy().astype(t.numpy().dtype.newbyteorder(">"))
+        assert not swapped.dtype.isnative
+        record[key] = Array(swapped)
+    back = record_to_factors(record, "c", alpha=16.0)["m"]
+    assert back.A.dtype == dtype and torch.equal(back.A, f.A) and torch.equal(back.B, f.B)
+    back.A.add_(1.0)  # writable, and not a view of the record's bytes
+    values = {"q": torch.arange(6, dtype=dtype)}
+    big = values_to_record(values)
+    big["q.values"] = Array(values["q"].numpy().astype(">f" + str(values["q"].element_size())))
+    assert torch.equal(record_to_values(big, "c")["q"], values["q"])
 
 
 def test_a_factor_without_its_pair_is_refused() -> None:
@@ -274,6 +350,106 @@ def test_bad_replies_are_rejected_failures_recorded_and_the_rest_aggregated(
     assert new_state is not state
     assert f"update of client {cid[bad]} rejected" in caplog.text
     assert set(row["bytes_up_per_client"]) == {cid[bad], *row["aggregated"]} - {cid[bad]}
+
+
+def test_replies_with_unreadable_arrays_are_rejected_and_the_round_goes_on(
+    job, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One node sends an array no tensor comes from (each kind in turn), another a
+    big-endian one: the first is rejected by client and module, the round aggregates the
+    others, the big-endian reply exactly as its native twin."""
+    cfg, values, runtime = job
+    strategy, node_configs = _strategy(cfg, runtime)
+    state = strategy.coordinator.initial_state()
+    plan = strategy.plan(state, 1)
+    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(plan.messages)
+    cid = [plan.node_client[r.metadata.src_node_id] for r in replies]
+    module = next(iter(runtime.shapes))
+    bad_arrays = replies[0].content.array_records["arrays"]
+    big_arrays = replies[1].content.array_records["arrays"]
+    bad_arrays[module + ".lora_B"] = Array(np.zeros((2, 2), dtype=np.int8))
+    want, want_row = strategy.collect(state, plan, replies)  # reference: node 1 native
+    assert want_row["aggregated"] == cid[1:]
+    for key in list(big_arrays):
+        native = big_arrays[key].numpy()
+        big_arrays[key] = Array(native.astype(native.dtype.newbyteorder(">")))
+    caplog.set_level(logging.WARNING, logger="flexlora")
+    kinds = {
+        "longdouble": np.zeros((2, 2), dtype=np.longdouble),
+        "complex": np.zeros((2, 2), dtype=np.complex128),
+        "int": np.zeros((2, 2), dtype=np.int64),
+    }
+    for kind, arr in [*kinds.items(), ("object", None)]:
+        payload = _npy(np.array([object()]), allow_pickle=True) if arr is None else Array(arr)
+        bad_arrays[module + ".lora_B"] = payload
+        new_state, row = strategy.collect(state, plan, replies)
+        assert set(row["rejected"]) == {cid[0]}, kind
+        message = row["rejected"][cid[0]]
+        assert f"client {cid[0]}, module {module}: {module}.lora_B" in message, kind
+        assert message.endswith("[type]" if arr is None else "[dtype]"), kind
+        if arr is not None:
+            assert arr.dtype.str in message, kind
+        assert row["aggregated"] == cid[1:], kind
+        for name in want.names():
+            assert torch.equal(new_state[name].dense(), want[name].dense()), (kind, name)
+    assert f"update of client {cid[0]} rejected" in caplog.text
+
+
+def test_a_reply_the_decoder_chokes_on_is_rejected_not_the_round(
+    job, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a decoder misses (here: a TypeError it should never raise) rejects that
+    reply as ``type``, with its traceback logged; the round aggregates the others."""
+    from flexlora.flower import strategy as strategy_mod
+
+    cfg, values, runtime = job
+    strategy, node_configs = _strategy(cfg, runtime)
+    state = strategy.coordinator.initial_state()
+    plan = strategy.plan(state, 1)
+    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(plan.messages)
+    cid = [plan.node_client[r.metadata.src_node_id] for r in replies]
+    decode = strategy_mod.decode_reply
+
+    def choking(content, client, alpha, use_rslora):  # type: ignore[no-untyped-def]
+        if client == cid[0]:
+            raise TypeError("can't convert np.ndarray of type numpy.weird")
+        return decode(content, client, alpha, use_rslora)
+
+    monkeypatch.setattr(strategy_mod, "decode_reply", choking)
+    caplog.set_level(logging.WARNING, logger="flexlora")
+    _, row = strategy.collect(state, plan, replies)
+    assert set(row["rejected"]) == {cid[0]}
+    assert row["rejected"][cid[0]] == (
+        f"client {cid[0]}: the reply cannot be decoded: TypeError: can't convert np.ndarray "
+        "of type numpy.weird [type]"
+    )
+    assert row["aggregated"] == cid[1:]
+    assert "Traceback" in caplog.text
+
+
+def test_a_grid_error_mid_round_leaves_no_spilled_update(
+    job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grid fails after two replies were folded (and spilled): collect raises, and the
+    spilled updates are deleted with the round, not left for good."""
+    cfg, values, runtime = job
+    strategy, node_configs = _strategy(cfg, runtime)
+    monkeypatch.setattr(replies_mod, "REPLY_MEMORY_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a Coordinator spills
+    state = strategy.coordinator.initial_state()
+    plan = strategy.plan(state, 1)
+    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(plan.messages)
+    spilled: list[Path] = []
+
+    def pulled() -> Iterator[Message]:
+        yield from replies[:2]
+        spilled.extend(tmp_path.glob("flexlora-replies-*/*.safetensors"))
+        raise ConnectionError("the grid went away")
+
+    with pytest.raises(ConnectionError, match="the grid went away"):
+        strategy.collect(state, plan, pulled())
+    assert len(spilled) == 2
+    assert not list(tmp_path.glob("flexlora-replies-*"))
 
 
 def test_the_stock_strategy_loop_reaches_the_simulators_global_update(job, tmp_path: Path) -> None:

@@ -3,14 +3,20 @@ back equal; and a round's diagnostics are the same whether its updates were spil
 
 from __future__ import annotations
 
+import gc
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from flexlora.federation import replies as replies_mod
-from flexlora.federation.replies import ReplyStore
+from flexlora.federation.replies import ReplyStore, remove_spill_folders
+from flexlora.simulation.runner import FederatedRun
+from flexlora.training.model import build_tiny_llama
 from flexlora.types import ClientUpdate, LoRAFactors
+from tests.reliability_helpers import one_torch_thread  # noqa: F401 (fixture)
+from tests.sim_helpers import make_dataset, tiny_config
 from tests.test_validation import CLIENTS, COORD, PREVIOUS, good_update
 
 
@@ -80,3 +86,170 @@ def test_a_round_with_spilled_updates_has_the_same_row(monkeypatch: pytest.Monke
         assert row2[key] == row[key], key
     for name, d in state.modules.items():
         assert torch.equal(d.U, state2[name].U) and torch.equal(d.S, state2[name].S)
+
+
+# ------------------------------------------------------------------ the spill folder's life
+def spill_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("flexlora-replies-*/*.safetensors"))
+
+
+def spy_folders(monkeypatch: pytest.MonkeyPatch) -> list[Path | None]:
+    """The folder of every store that spilled, after each update put in it."""
+    folders: list[Path | None] = []
+    put = ReplyStore.put
+
+    def spy(self: ReplyStore, u: ClientUpdate) -> None:
+        put(self, u)
+        folders.append(self._folder)
+
+    monkeypatch.setattr(ReplyStore, "put", spy)
+    return folders
+
+
+@pytest.fixture
+def system_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The system temporary folder, here a test folder: every store spills, and a store
+    given no folder spills there."""
+    monkeypatch.setattr(replies_mod, "REPLY_MEMORY_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_a_store_dropped_without_close_removes_its_files(tmp_path: Path) -> None:
+    store = ReplyStore(budget=0, directory=tmp_path)
+    for i in range(2):
+        store.put(update(f"c{i}", i))
+    assert len(spill_files(tmp_path)) == 2
+    del store
+    gc.collect()
+    assert not list(tmp_path.glob("flexlora-replies-*"))
+
+
+def test_a_round_dropped_without_close_removes_its_files(system_tmp: Path) -> None:
+    agg = COORD.open_round(PREVIOUS, 2, CLIENTS)
+    for i, c in enumerate(CLIENTS[:2]):
+        assert agg.add(good_update(COORD, c, i))
+    assert len(spill_files(system_tmp)) == 2
+    del agg
+    gc.collect()
+    assert not list(system_tmp.glob("flexlora-replies-*"))
+
+
+def test_an_error_inside_a_round_removes_its_files_at_once(system_tmp: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), COORD.open_round(PREVIOUS, 2, CLIENTS) as agg:
+        for i, c in enumerate(CLIENTS[:2]):
+            agg.add(good_update(COORD, c, i))
+        assert len(spill_files(system_tmp)) == 2
+        raise KeyboardInterrupt  # a crash while a later client trains, an interrupt
+    assert agg is not None  # still referenced: not the garbage collector's doing
+    assert not list(system_tmp.glob("flexlora-replies-*"))
+
+
+def test_an_error_while_a_round_closes_removes_its_files(system_tmp: Path) -> None:
+    agg = COORD.open_round(PREVIOUS, 2, CLIENTS)
+    for i, c in enumerate(CLIENTS):
+        agg.add(good_update(COORD, c, i))
+
+    def broken() -> None:
+        raise RuntimeError("the strategy's result failed")
+
+    agg.acc.result = broken
+    with pytest.raises(RuntimeError, match="the strategy's result failed"):
+        agg.close()
+    assert not list(system_tmp.glob("flexlora-replies-*"))
+
+
+def test_an_error_in_a_collected_round_removes_its_files(system_tmp: Path) -> None:
+    """A driver's round (RoundCollector) abandoned in its ``with`` block, as the simulator's
+    and the Flower strategy's are when a client or the grid fails."""
+    from flexlora.federation.round import ClientResult, RoundCollector
+
+    with (
+        pytest.raises(ConnectionError),
+        RoundCollector(COORD, PREVIOUS, 2, CLIENTS) as collector,
+    ):
+        for i, c in enumerate(CLIENTS[:2]):
+            collector.offer(ClientResult(c, good_update(COORD, c, i)))
+        assert len(spill_files(system_tmp)) == 2
+        raise ConnectionError("the grid went away")
+    assert collector.held == 0
+    assert not list(system_tmp.glob("flexlora-replies-*"))
+
+
+def test_rounds_spill_into_the_coordinators_reply_dir(
+    system_tmp: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path_factory.mktemp("run")
+    monkeypatch.setattr(COORD, "reply_dir", run)
+    folders = spy_folders(monkeypatch)
+    _, row = COORD.aggregate(
+        PREVIOUS, 2, CLIENTS, [good_update(COORD, c, i) for i, c in enumerate(CLIENTS)]
+    )
+    assert "update_survival" in row
+    assert len(folders) == len(CLIENTS) and all(f is not None and f.parent == run for f in folders)
+    assert not list(run.iterdir()) and not list(system_tmp.iterdir())
+
+
+def test_leftover_spill_folders_are_removed(tmp_path: Path) -> None:
+    stale = tmp_path / "flexlora-replies-abc123"
+    stale.mkdir()
+    (stale / "0.safetensors").write_bytes(b"x")
+    keep = tmp_path / "checkpoint"
+    keep.mkdir()
+    assert remove_spill_folders(tmp_path) == [stale]
+    assert not stale.exists() and keep.is_dir()
+
+
+# ------------------------------------------------------------------ the simulator's rounds
+NO_EVAL = {"at_start": False, "every": 0, "unseen": False, "seen": False}
+
+
+def small_run(out: Path) -> FederatedRun:
+    cfg = tiny_config(
+        str(out),
+        federation={"rounds": 1},
+        train={"local_steps": 1},
+        eval=NO_EVAL,
+        output={"save_adapters": False},
+    )
+    return FederatedRun(cfg, dataset=make_dataset(), model_and_tokenizer=build_tiny_llama(seed=0))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_spills_into_its_run_folder_and_leaves_nothing_there(
+    system_tmp: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path_factory.mktemp("run")
+    killed = out / "flexlora-replies-killed"  # what a killed run left
+    killed.mkdir()
+    (killed / "0.safetensors").write_bytes(b"\0")
+    folders = spy_folders(monkeypatch)
+    rows = small_run(out).run()
+    assert "update_survival" in rows[-1]
+    assert len(folders) == 4 and all(f is not None and f.parent == out for f in folders)
+    assert not list(out.glob("flexlora-replies-*"))
+    assert not list(system_tmp.glob("flexlora-replies-*"))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_simulated_round_cut_short_leaves_no_spilled_update(
+    system_tmp: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt while a later client trains: the updates already folded were spilled."""
+    out = tmp_path_factory.mktemp("run")
+    sim = small_run(out)
+    folders = spy_folders(monkeypatch)
+    train = sim.train_clients
+
+    def interrupted(jobs, round_, bar=False):  # type: ignore[no-untyped-def]
+        results = train(jobs, round_, bar)
+        yield next(results)
+        yield next(results)
+        raise KeyboardInterrupt
+
+    sim.train_clients = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        sim.run_round(sim.server.initial_state(), 1, bar=False)
+    assert len(folders) == 2 and all(f is not None for f in folders)
+    assert not list(out.glob("flexlora-replies-*"))
+    assert not list(system_tmp.glob("flexlora-replies-*"))

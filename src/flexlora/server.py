@@ -15,6 +15,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,6 +186,10 @@ class Coordinator:
         Adapted module name -> (m, n) of its weight.
     client_types:
         Client id -> resource type (see :func:`resolve_client_types`).
+    reply_dir:
+        Where a round's :class:`~flexlora.federation.replies.ReplyStore` spills the updates
+        it keeps for the diagnostics (a ``flexlora-replies-*`` folder, removed with the
+        round): the drivers give their run folder; ``None``, the system's temporary folder.
     """
 
     def __init__(
@@ -192,8 +197,11 @@ class Coordinator:
         cfg: RunConfig,
         shapes: Mapping[str, tuple[int, int]],
         client_types: Mapping[str, str],
+        *,
+        reply_dir: str | Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.reply_dir = reply_dir
         fed = cfg.federation
         self.plan = plan_strategy(fed.strategy)
         self.optimizer = cfg.client_train().optimizer  # refuses one the method contradicts
@@ -409,21 +417,24 @@ class Coordinator:
         updates: Sequence[Any],
         failures: Mapping[str, str] | None,
     ) -> tuple[Any, dict[str, Any]]:
-        agg = self.open_round(state, round_, clients, failed=failures or ())
         labels = [_label(u, i) for i, u in enumerate(updates)]
         counts = Counter(labels)
-        for label, u in zip(labels, updates, strict=True):
-            if counts[label] > 1:
-                agg.refuse(u, label, "duplicate", f"{counts[label]} updates from one client id")
-            else:
-                agg.add(u, label)
-        return agg.close(failures)
+        with self.open_round(state, round_, clients, failed=failures or ()) as agg:
+            for label, u in zip(labels, updates, strict=True):
+                if counts[label] > 1:
+                    agg.refuse(u, label, "duplicate", f"{counts[label]} updates from one client id")
+                else:
+                    agg.add(u, label)
+            return agg.close(failures)
 
     def open_round(
         self, state: Any, round_: int, clients: Sequence[str], failed: Iterable[str] = ()
     ) -> RoundAggregation:
         """An empty aggregation of ``round_`` to add the replies of ``clients`` to as they
-        arrive (see :class:`RoundAggregation`); a reply from a ``failed`` client is refused."""
+        arrive (see :class:`RoundAggregation`); a reply from a ``failed`` client is refused.
+
+        Use it in a ``with`` block (or call :meth:`RoundAggregation.release` when the round
+        is abandoned): the updates it spills to disk go when it closes or is released."""
         return RoundAggregation(self, state, round_, clients, failed=failed)
 
     def diagnostics(self, state: GlobalUpdate, valid: Iterable[ClientUpdate]) -> dict[str, Any]:
@@ -611,8 +622,12 @@ class RoundAggregation:
     accumulator (bounded by the adapted weights, whatever the number of clients), a
     :class:`Folded` summary per reply, and for the rank-energy diagnostics, which read every
     folded update once more after the SVD, a :class:`~flexlora.federation.replies.ReplyStore`
-    (in memory up to its budget, then spilled to disk). Replies are summed in the order they
-    are added.
+    (in memory up to its budget, then spilled to disk, in the server's ``reply_dir``).
+    Replies are summed in the order they are added.
+
+    :meth:`close` releases the store (its files included) whether or not it succeeds; a round
+    abandoned before it (an error, an interrupt) is released by :meth:`release`, which a
+    ``with`` block calls on leaving.
     """
 
     def __init__(
@@ -650,8 +665,26 @@ class RoundAggregation:
             reads = server.aggregator.reads_previous or (server.merges_into_base and round_ > 1)
             self.acc = server.aggregator.start(server.shapes, state if reads else None)
         wants = server.has_diagnostics and not self.sparse
-        self.replies = (replies if replies is not None else ReplyStore()) if wants else None
+        self.replies: ReplyStore | None = None
+        if wants:
+            self.replies = (
+                replies if replies is not None else ReplyStore(directory=server.reply_dir)
+            )
         self.min_clients = fed.min_clients
+
+    def __enter__(self) -> RoundAggregation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """End the round without a result (again, or after :meth:`close`: nothing to do):
+        drop the accumulator and the kept updates, delete the spilled files."""
+        self._closed = True
+        self.acc = None
+        if self.replies is not None:
+            self.replies.close()
 
     def refuse(self, update: object, label: str, reason: str, detail: str) -> None:
         """Record ``update`` as rejected for ``reason`` without reading it (its bytes count)."""
@@ -701,9 +734,16 @@ class RoundAggregation:
         return True
 
     def close(self, failures: Mapping[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
-        """The new state (the previous one if too few replies were folded) and the row."""
+        """The new state (the previous one if too few replies were folded) and the row; the
+        round is released afterwards, also when this raises."""
         assert not self._closed, "the round is closed"
         self._closed = True
+        try:
+            return self._result(failures)
+        finally:
+            self.release()
+
+    def _result(self, failures: Mapping[str, str] | None) -> tuple[Any, dict[str, Any]]:
         server, round_ = self.server, self.round
         failures = dict(failures or {})
         kept_previous = len(self.folded) < self.min_clients
@@ -744,10 +784,8 @@ class RoundAggregation:
                 for f in self.folded
                 if dict(f.ranks) != server.ranks_of(f.client_id)
             }
-        if self.replies is not None:
-            with self.replies:
-                if not kept_previous:
-                    row.update(server.diagnostics(new_state, self.replies))
+        if self.replies is not None and not kept_previous:
+            row.update(server.diagnostics(new_state, self.replies))
         if server.dp is not None:
             assert server.dp is not None
             eps = server.dp.epsilon(round_)  # every round so far counts, also a kept one

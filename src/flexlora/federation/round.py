@@ -106,7 +106,12 @@ class RoundCollector:
     Flower a reply that arrives ahead of an earlier client's is held until that client
     replies, fails or the round closes. :meth:`close` treats a client without a result as one
     that did not reply and returns the new state and the row. Holds the aggregation (bounded
-    by the adapted weights), the held-back updates, and a few numbers per client.
+    by the adapted weights, plus the updates its reply store keeps for the diagnostics), the
+    held-back updates, and a few numbers per client.
+
+    A driver uses it in a ``with`` block: a round abandoned before :meth:`close` (an error
+    while a client trains or a reply is pulled, an interrupt) is then released
+    (:meth:`release`), and the updates its aggregation spilled to disk are deleted at once.
     """
 
     def __init__(self, server: Coordinator, state: Any, round_: int, clients: Sequence[str]):
@@ -121,6 +126,19 @@ class RoundCollector:
         self._results: dict[str, ClientResult | None] = {}  # client -> held result (None: done)
         self._next = 0  # the first client of ``clients`` not folded or passed over yet
         self._closed = False
+
+    def __enter__(self) -> RoundCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """End the round without a result (after :meth:`close`: nothing to do): drop the
+        held updates and release the aggregation (its spilled files deleted)."""
+        self._closed = True
+        self._results = {cid: None for cid in self._results}
+        self.aggregation.release()
 
     @property
     def held(self) -> int:
@@ -153,8 +171,15 @@ class RoundCollector:
         self._drain()
 
     def close(self, bytes_down: Mapping[str, int]) -> tuple[Any, dict[str, Any]]:
-        """Fold what is held, aggregate; the new state and the row (with transport keys)."""
+        """Fold what is held, aggregate; the new state and the row (with transport keys).
+        The round is released afterwards, also when this raises."""
         assert not self._closed, "the round is closed"
+        try:
+            return self._result(bytes_down)
+        finally:
+            self.release()
+
+    def _result(self, bytes_down: Mapping[str, int]) -> tuple[Any, dict[str, Any]]:
         for cid in self.clients:
             if cid not in self._results:
                 self.failures[cid] = NO_REPLY
@@ -211,7 +236,7 @@ def close_round(
     result did not reply in time, and updates are aggregated in the order of ``clients``
     (the population's), so every driver forms the same sum.
     """
-    collector = RoundCollector(server, state, round_, clients)
-    for r in results:
-        collector.offer(r)
-    return collector.close(bytes_down)
+    with RoundCollector(server, state, round_, clients) as collector:
+        for r in results:
+            collector.offer(r)
+        return collector.close(bytes_down)

@@ -5,6 +5,12 @@ server expects; everything decoded here is checked (keys, dtype, 2-D, A/B ranks 
 fault raises :class:`~flexlora.errors.InvalidUpdateError` naming the client and the module.
 Shapes and ranks against the round's expectations are the Coordinator's validator's job.
 
+Arrays are npy payloads read without pickle. Float arrays are float16, float32 or float64
+(:data:`FLOAT_DTYPES`); one in the other byte order (``>f4`` from a big-endian host) is the
+same numbers and is converted to this machine's order, while every other dtype (longdouble,
+complex, integers, bool, strings, structured, object) is refused as ``dtype``. bfloat16 has
+no npy type, so it cannot travel here (the ClientApp sends float32 factors).
+
 Keys: ``<module>.lora_A`` ``(r, n)`` / ``<module>.lora_B`` ``(m, r)`` for factors;
 ``<module>.U`` ``(m, k)``, ``.S`` ``(k,)``, ``.Vh`` ``(k, n)`` and ``.truncation`` (a one-element
 uint8 code) for a :class:`~flexlora.types.GlobalUpdate`; ``<module>.values`` ``(nnz,)`` for
@@ -32,6 +38,9 @@ __all__ = [
     "values_to_record",
 ]
 
+#: the float dtypes an array may have (either byte order): what torch reads from numpy
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
 FACTOR_SUFFIXES = (".lora_A", ".lora_B")
 STATE_SUFFIXES = (".U", ".S", ".Vh", ".truncation")
 
@@ -55,18 +64,36 @@ def factors_to_record(factors: Mapping[str, LoRAFactors]) -> ArrayRecord:
 
 
 def _numpy(record: ArrayRecord, key: str, client: str, module: str) -> np.ndarray:
+    """``record[key]`` read as an npy payload (never unpickled), or an error naming client and
+    module: whatever a malformed payload makes numpy raise (a pickle, a truncated or garbled
+    header or body, an empty payload, a declared size it cannot allocate) is a ``type``
+    fault of this reply, never an error of the round. Holds the decoded array."""
     try:
         return record[key].numpy()
-    except (TypeError, ValueError, OSError) as exc:  # not an npy payload, or a pickled one
-        raise InvalidUpdateError(client, module, "type", f"{key} cannot be read: {exc}") from None
+    except Exception as exc:  # untrusted bytes: every way numpy fails on them
+        detail = f"{key} cannot be read as an npy array: {type(exc).__name__}: {exc}"
+        raise InvalidUpdateError(client, module, "type", detail) from None
 
 
 def _tensor(record: ArrayRecord, key: str, client: str, module: str) -> torch.Tensor:
-    """A float tensor from ``record[key]``, or an error naming client and module."""
+    """A float tensor from ``record[key]``, or an error naming client and module.
+
+    float16/32/64 in either byte order (:data:`FLOAT_DTYPES`), converted to native order;
+    any other dtype, or a conversion torch refuses, is a ``dtype`` fault naming the dtype.
+    Holds the decoded array and one native, writable copy of it, which the tensor shares.
+    """
     arr = _numpy(record, key, client, module)
-    if arr.dtype.kind != "f":
-        raise InvalidUpdateError(client, module, "dtype", f"{key} has dtype {arr.dtype}")
-    return torch.from_numpy(np.array(arr, copy=True))
+    dtype = arr.dtype
+    native = dtype.newbyteorder("=")  # ">f4" -> "float32"; a non-native longdouble stays one
+    if dtype.kind != "f" or native not in FLOAT_DTYPES:
+        allowed = "float16, float32 or float64"
+        detail = f"{key} has dtype {dtype} ({dtype.str}), not {allowed}"
+        raise InvalidUpdateError(client, module, "dtype", detail)
+    try:  # the one copy: writable (np.load's buffer is not) and in this machine's byte order
+        return torch.from_numpy(arr.astype(native, copy=True))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        detail = f"{key} of dtype {dtype} ({dtype.str}) cannot become a tensor: {exc}"
+        raise InvalidUpdateError(client, module, "dtype", detail) from None
 
 
 def _group(

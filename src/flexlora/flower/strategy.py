@@ -209,23 +209,30 @@ class FlexLoRAStrategy(Strategy):
         server = self.coordinator
         lora = server.cfg.lora
         round_ = plan.round
-        collector = RoundCollector(server, state, round_, plan.clients)
         seen: set[str] = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            cid = plan.node_client.get(node)
-            if cid is None or cid in seen:
-                log.warning("round %d: unexpected reply from node %d ignored", round_, node)
-                continue
-            seen.add(cid)
-            collector.offer(self._read_reply(reply, cid, plan.sparse, lora.alpha, lora.use_rslora))
-        return collector.close(plan.bytes_down)
+        # released however the round ends: a grid error or an interrupt while replies are
+        # pulled leaves no spilled update behind
+        with RoundCollector(server, state, round_, plan.clients) as collector:
+            for reply in replies:
+                node = reply.metadata.src_node_id
+                cid = plan.node_client.get(node)
+                if cid is None or cid in seen:
+                    log.warning("round %d: unexpected reply from node %d ignored", round_, node)
+                    continue
+                seen.add(cid)
+                alpha, rslora = lora.alpha, lora.use_rslora
+                collector.offer(self._read_reply(reply, cid, plan.sparse, alpha, rslora))
+            return collector.close(plan.bytes_down)
 
     @staticmethod
     def _read_reply(
         reply: Message, cid: str, sparse: bool, alpha: float, use_rslora: bool
     ) -> ClientResult:
-        """One TRAIN reply as the client's result: its update, error or why it is unreadable."""
+        """One TRAIN reply as the client's result: its update, error or why it is unreadable.
+
+        Nothing in a reply's content aborts the round: a decoding error that is not an
+        :class:`InvalidUpdateError` (a case the decoders missed) rejects this reply as
+        ``type``, logged with its traceback."""
         if reply.has_error():
             return ClientResult(cid, error=reply.error.reason)
         failure = reply.content.config_records.get("failure")
@@ -238,6 +245,10 @@ class FlexLoRAStrategy(Strategy):
                 update, seconds = decode_reply(reply.content, cid, alpha, use_rslora)
         except InvalidUpdateError as exc:
             return ClientResult(cid, rejected=str(exc))
+        except Exception as exc:  # a decoder's blind spot: still this reply's fault alone
+            log.exception("reply of client %s could not be decoded; rejected", cid)
+            detail = f"the reply cannot be decoded: {type(exc).__name__}: {exc}"
+            return ClientResult(cid, rejected=str(InvalidUpdateError(cid, None, "type", detail)))
         return ClientResult(cid, update, seconds, int(update.metrics["tokens"]))
 
     # ---------------------------------------------------------------- FedSA's own-B evaluation

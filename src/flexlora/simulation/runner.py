@@ -33,6 +33,7 @@ from flexlora.client_state import (
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
 from flexlora.errors import FlexLoRAError, UsageError
+from flexlora.federation.replies import remove_spill_folders
 from flexlora.federation.round import (
     INJECTED_FAILURE,
     ClientResult,
@@ -122,10 +123,13 @@ class FederatedRun:
         )
 
         # Resource types are fixed per client for the whole run, the same for every strategy.
+        # A round's replies kept for the diagnostics spill (beyond REPLY_MEMORY_BYTES) into
+        # the run folder, never a system temporary folder: see federation.replies.
         self.server = Coordinator(
             cfg,
             target_linear_modules(model, cfg.lora.target_modules),
             client_types or resolve_client_types(cfg, list(self.data.seen)),
+            reply_dir=self.out,
         )
         self._worker: ClientWorker | None = None
         pc = cfg.train.parallel_clients
@@ -281,50 +285,51 @@ class FederatedRun:
         failing = injected_failures(server, round_, clients)
         if not sparse:
             self.worker.set_base_delta(round_frozen(server, state, round_))
-        collector = RoundCollector(server, state, round_, clients)
-        bytes_down: dict[str, int] = {}
-        jobs: list[ClientJob] = []
-        started: dict[str, dict[str, int]] = {}
-        for cid in clients:
-            if sparse:
-                bytes_down[cid] = state.num_bytes()  # the values; the mask is the seed's
-            else:
-                start = server.start_factors(state, cid, round_)
-                bytes_down[cid] = server.download_bytes(start, state, round_)
-                if self.own_ranks is not None:  # a client that pruned cuts them to its ranks
-                    own = self.own_ranks.load(cid, before_round=round_)
-                    start = with_own_ranks(cid, start, own)
-                    started[cid] = {name: f.rank for name, f in start.items()}
-            if cid in failing:
-                collector.offer(ClientResult(cid, error=INJECTED_FAILURE))
-            elif sparse:
-                collector.offer(self._train_sparse(cid, state, round_))
-            else:
-                if self.local is not None:  # FedSA-LoRA: the client's own B, zeros at first
-                    start = with_local_B(cid, start, self.local.load(cid, before_round=round_))
-                job = ClientJob(
-                    cid,
-                    server.client_type[cid],
-                    start,
-                    self.data.train(cid),
-                    server.client_seed(round_, cid),
-                )
-                try:
-                    self.worker.check(job)
-                    jobs.append(job)
-                except (RuntimeError, FlexLoRAError) as exc:
-                    collector.offer(ClientResult(cid, error=str(exc)))
-        for r in self.train_clients(jobs, round_, bar):
-            # A client that trained keeps what it trained (FedSA's B, HetLoRA's pruned ranks)
-            # even when the server drops its reply as a straggler: a Flower node cannot know.
-            if r.update is not None and self.local is not None:
-                self.local.save(r.client, round_, {n: f.B for n, f in r.update.factors.items()})
-            pruned = r.update is not None and r.update.ranks != started.get(r.client)
-            if pruned and self.own_ranks is not None:
-                self.own_ranks.save(r.client, round_, rank_tensors(r.update.factors))
-            collector.offer(r)  # folded now: the round's updates are never held together
-        new_state, row = collector.close(bytes_down)
-        return new_state, row
+        # released however the round ends: an error or an interrupt while a client trains
+        # leaves no spilled update behind
+        with RoundCollector(server, state, round_, clients) as collector:
+            bytes_down: dict[str, int] = {}
+            jobs: list[ClientJob] = []
+            started: dict[str, dict[str, int]] = {}
+            for cid in clients:
+                if sparse:
+                    bytes_down[cid] = state.num_bytes()  # the values; the mask is the seed's
+                else:
+                    start = server.start_factors(state, cid, round_)
+                    bytes_down[cid] = server.download_bytes(start, state, round_)
+                    if self.own_ranks is not None:  # a client that pruned cuts them to its ranks
+                        own = self.own_ranks.load(cid, before_round=round_)
+                        start = with_own_ranks(cid, start, own)
+                        started[cid] = {name: f.rank for name, f in start.items()}
+                if cid in failing:
+                    collector.offer(ClientResult(cid, error=INJECTED_FAILURE))
+                elif sparse:
+                    collector.offer(self._train_sparse(cid, state, round_))
+                else:
+                    if self.local is not None:  # FedSA-LoRA: the client's own B, zeros at first
+                        start = with_local_B(cid, start, self.local.load(cid, before_round=round_))
+                    job = ClientJob(
+                        cid,
+                        server.client_type[cid],
+                        start,
+                        self.data.train(cid),
+                        server.client_seed(round_, cid),
+                    )
+                    try:
+                        self.worker.check(job)
+                        jobs.append(job)
+                    except (RuntimeError, FlexLoRAError) as exc:
+                        collector.offer(ClientResult(cid, error=str(exc)))
+            for r in self.train_clients(jobs, round_, bar):
+                # A client that trained keeps what it trained (FedSA's B, HetLoRA's pruned ranks)
+                # even when the server drops its reply as a straggler: a Flower node cannot know.
+                if r.update is not None and self.local is not None:
+                    self.local.save(r.client, round_, {n: f.B for n, f in r.update.factors.items()})
+                pruned = r.update is not None and r.update.ranks != started.get(r.client)
+                if pruned and self.own_ranks is not None:
+                    self.own_ranks.save(r.client, round_, rank_tensors(r.update.factors))
+                collector.offer(r)  # folded now: the round's updates are never held together
+            return collector.close(bytes_down)
 
     def train_clients(
         self, jobs: list[ClientJob], round_: int, bar: bool = False
@@ -390,6 +395,7 @@ class FederatedRun:
         cfg = self.cfg
         fed = cfg.federation
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_spill_folders(self.out)  # a killed run's spilled replies (we hold the lock)
         ckpt_dir = self.out / "checkpoint"
         metrics_path = self.out / "metrics.jsonl"
         if resume and not (ckpt_dir / STATE).exists():
