@@ -319,3 +319,72 @@ def test_the_flower_server_folds_replies_as_they_are_pulled(
     assert_rows_match(
         strip_timings(read_rows(tmp_path / "flower")), strip_timings(read_rows(tmp_path / "sim"))
     )
+
+
+def test_replies_held_for_a_slow_first_client_stay_within_the_memory_budget(
+    tasks: Path, tmp_path: Path
+) -> None:
+    """The first client replies last: the others wait for it, but only ``held_budget`` bytes
+    of them in memory (the rest on disk, read back in turn), and the fold is the population
+    order's, bit for bit."""
+    from flexlora.federation.round import RoundCollector
+
+    cfg = toy_config(tmp_path / "x", tasks)
+    runtime = NodeRuntime(cfg)
+    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
+    clients = list(runtime.data.seen[:5])
+    results = [
+        ClientResult(c, update_for(server, c, i), seconds=1.0, tokens=3)
+        for i, c in enumerate(clients)
+    ]
+    state = server.initial_state()
+    down = dict.fromkeys(clients, 10)
+    reference, row_in_order = close_round(server, state, 1, clients, results, down)
+
+    budget = min(r.update.num_bytes() for r in results[1:])  # room for one held update
+    collector = RoundCollector(server, state, 1, clients, held_budget=budget)
+    for r in reversed(results[1:]):
+        collector.offer(r)
+        assert collector.held_bytes <= budget
+    assert collector.held == len(clients) - 1 and not collector.aggregation.folded
+    assert collector.spilled >= len(clients) - 2  # at most one fits the budget
+    folder = collector._store._folder  # the spilled files' temporary folder
+    assert folder is not None and len(list(folder.iterdir())) == collector.spilled
+    collector.offer(results[0])  # the first client at last: everything is folded in order
+    assert collector.held == 0 and collector.held_bytes == 0 and collector.spilled == 0
+    assert [f.client_id for f in collector.aggregation.folded] == clients
+    new_state, row = collector.close(down)
+    assert not folder.exists()  # the store is closed with the round
+    ours, ref = state_tensors(new_state), state_tensors(reference)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
+    assert strip_timings([row]) == strip_timings([row_in_order])
+
+
+def test_held_replies_are_spilled_and_folded_when_the_round_closes(
+    tasks: Path, tmp_path: Path
+) -> None:
+    """The first client never replies: what waited for it is folded at :meth:`close`, from
+    disk, and the temporary files go with the round."""
+    from flexlora.federation.round import RoundCollector
+
+    cfg = toy_config(tmp_path / "x", tasks)
+    runtime = NodeRuntime(cfg)
+    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
+    clients = list(runtime.data.seen[:4])
+    results = [
+        ClientResult(c, update_for(server, c, i), seconds=1.0, tokens=3)
+        for i, c in enumerate(clients)
+    ]
+    state = server.initial_state()
+    down = dict.fromkeys(clients, 10)
+    reference, row_ref = close_round(server, state, 1, clients, results[1:], down)
+    collector = RoundCollector(server, state, 1, clients, held_budget=0)  # all to disk
+    for r in reversed(results[1:]):
+        collector.offer(r)
+    assert collector.held_bytes == 0 and collector.spilled == 3
+    folder = collector._store._folder
+    new_state, row = collector.close(down)
+    assert not folder.exists() and row["failed"] == {clients[0]: NO_REPLY}
+    ours, ref = state_tensors(new_state), state_tensors(reference)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert strip_timings([row]) == strip_timings([row_ref])

@@ -10,7 +10,9 @@ each downloaded) and get the same new state and metrics row. What lives here exi
 3. reading the results: failures, the straggler rule (``federation.client_timeout``),
    replies that could not be read, each with its message and log line;
 4. the aggregation (by the :class:`~flexlora.server.Coordinator`), each reply folded as it is
-   received (:class:`RoundCollector`), and the row's transport keys: ``train_tokens``,
+   received (:class:`RoundCollector`; one that arrives ahead of an earlier client waits in a
+   :class:`~flexlora.federation.replies.ReplyStore`, bounded in memory), and the row's
+   transport keys: ``train_tokens``,
    ``seconds_train``, ``bytes_down``, per-client bytes.
 """
 
@@ -23,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flexlora.types import GlobalUpdate
+from flexlora.federation.replies import ReplyStore
+from flexlora.methods.slora import SparseUpdate
+from flexlora.types import ClientUpdate, GlobalUpdate
 
 if TYPE_CHECKING:
     from flexlora.server import Coordinator
@@ -105,11 +109,25 @@ class RoundCollector:
     bit for bit. In process (the simulator) results come in that order and nothing waits; on
     Flower a reply that arrives ahead of an earlier client's is held until that client
     replies, fails or the round closes. :meth:`close` treats a client without a result as one
-    that did not reply and returns the new state and the row. Holds the aggregation (bounded
-    by the adapted weights), the held-back updates, and a few numbers per client.
+    that did not reply and returns the new state and the row.
+
+    Holds the aggregation (bounded by the adapted weights), a few numbers per client, and the
+    held-back updates in a :class:`~flexlora.federation.replies.ReplyStore`: at most
+    ``held_budget`` bytes of them in memory (default
+    :data:`~flexlora.federation.replies.REPLY_MEMORY_BYTES`), the others in temporary
+    safetensors files, each read back when its turn to be folded comes. A slow or silent first
+    client therefore costs disk, not memory, whatever the number of clients. The store is
+    created at the first held update and closed (its files deleted) by :meth:`close`.
     """
 
-    def __init__(self, server: Coordinator, state: Any, round_: int, clients: Sequence[str]):
+    def __init__(
+        self,
+        server: Coordinator,
+        state: Any,
+        round_: int,
+        clients: Sequence[str],
+        held_budget: int | None = None,
+    ):
         self.server = server
         self.round = round_
         self.clients = list(clients)
@@ -120,12 +138,25 @@ class RoundCollector:
         self.accepted: list[ClientResult] = []  # their updates dropped once folded
         self._results: dict[str, ClientResult | None] = {}  # client -> held result (None: done)
         self._next = 0  # the first client of ``clients`` not folded or passed over yet
+        self._held_budget = held_budget
+        self._store: ReplyStore | None = None  # the held updates (created when one waits)
+        self._keys: dict[str, int] = {}  # client -> its held update's key in the store
         self._closed = False
 
     @property
     def held(self) -> int:
         """Updates that arrived and wait for an earlier client."""
         return sum(1 for r in self._results.values() if r is not None)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the held updates that are in memory (at most the store's budget)."""
+        return self._store.held if self._store is not None else 0
+
+    @property
+    def spilled(self) -> int:
+        """Held updates written to disk (beyond the budget)."""
+        return self._store.spilled if self._store is not None else 0
 
     def offer(self, result: ClientResult) -> None:
         """Read one client's result (a second result or an unknown client: logged, ignored)."""
@@ -149,7 +180,7 @@ class RoundCollector:
             )
             self._results[cid] = None
         else:
-            self._results[cid] = result
+            self._hold(result)
         self._drain()
 
     def close(self, bytes_down: Mapping[str, int]) -> tuple[Any, dict[str, Any]]:
@@ -160,8 +191,13 @@ class RoundCollector:
                 self.failures[cid] = NO_REPLY
                 log.warning("round %d: client %s dropped: %s", self.round, cid, NO_REPLY)
                 self._results[cid] = None
-        self._drain()
-        self._closed = True
+        try:
+            self._drain()
+        finally:
+            self._closed = True
+            if self._store is not None:
+                self._store.close()
+                self._store = None
         new_state, row = self.aggregation.close(self.failures)
         row["rejected"] = {**self.rejected, **row["rejected"]}
         batches: dict[Any, float] = {}
@@ -179,12 +215,27 @@ class RoundCollector:
         )
         return new_state, row
 
+    def _hold(self, result: ClientResult) -> None:
+        """Keep a reply until it is folded: as it is when it is next in ``clients`` (folded at
+        once), else its update in the store (memory up to the budget, then disk)."""
+        cid = result.client
+        waits = cid != self.clients[self._next]
+        if waits and isinstance(result.update, (ClientUpdate, SparseUpdate)):
+            if self._store is None:
+                self._store = ReplyStore(self._held_budget)
+            self._keys[cid] = self._store.put(result.update)
+            result = replace(result, update=None)
+        self._results[cid] = result
+
     def _drain(self) -> None:
         """Fold the held updates whose predecessors in ``clients`` are all resolved."""
         while self._next < len(self.clients) and self.clients[self._next] in self._results:
             cid = self.clients[self._next]
             r = self._results[cid]
             if r is not None:
+                if cid in self._keys:
+                    assert self._store is not None
+                    r = replace(r, update=self._store.take(self._keys.pop(cid)))
                 self.aggregation.add(r.update)
                 self.accepted.append(_spent(r))
                 self._results[cid] = None
