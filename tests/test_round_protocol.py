@@ -4,6 +4,7 @@ Flower ServerApp differ only in transport, so failures, stragglers and rows are 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -388,3 +389,115 @@ def test_held_replies_are_spilled_and_folded_when_the_round_closes(
     ours, ref = state_tensors(new_state), state_tensors(reference)
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
     assert strip_timings([row]) == strip_timings([row_ref])
+
+
+def flower_round(tasks: Path, out: Path, grid_type: type = LocalGrid, **options: Any):
+    """One round of 3 clients on an in-process Grid; the run, its grid and its row."""
+    from flexlora.flower.settings import FlowerOptions
+
+    cfg = toy_config(
+        out,
+        tasks,
+        eval={"at_start": False, "unseen": False},
+        federation={"clients_per_round": 3, "rounds": 1},
+        output={"save_adapters": False},
+    )
+    nodes = {100 + i: {"partition-id": i} for i in range(6)}
+    grid = grid_type(make_client_app(to_run_config(cfg)), nodes)
+    run = FlowerRun(cfg, grid, FlowerOptions(**options))
+    return run, grid, run.run()[-1]
+
+
+def test_the_flower_server_pulls_a_few_replies_at_a_time(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies that are all ready are still pulled ``flower.messages-per-call`` ids at a
+    time, each chunk folded before the next is pulled."""
+    from flexlora.server import RoundAggregation
+
+    grids: list[LocalGrid] = []
+    pulls_at_fold: list[int] = []
+    add = RoundAggregation.add
+
+    def spy_add(self, update, label=None):
+        pulls_at_fold.append(len(grids[0].pulled))
+        return add(self, update, label)
+
+    class Grid(LocalGrid):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            grids.append(self)
+
+    monkeypatch.setattr(RoundAggregation, "add", spy_add)
+    _, grid, row = flower_round(tasks, tmp_path / "flower", Grid, messages_per_call=2)
+    train_pulls = grid.pulled[-2:]  # the node discovery used send_and_receive
+    assert [len(ids) for ids in train_pulls] == [2, 1]
+    first = len(grid.pulled) - 1  # the pulls done when the first chunk is folded
+    assert pulls_at_fold == [first, first, first + 1]
+    assert len(row["aggregated"]) == 3
+
+
+def test_a_message_the_grid_did_not_accept_fails_its_client_and_is_never_pulled(
+    tasks: Path, tmp_path: Path
+) -> None:
+    """``push_messages`` gives ``None`` for a message it could not push (Flower keeps the
+    order): that node's client fails with a message naming it, the others go on."""
+    from flexlora.flower.strategy import not_pushed
+
+    refused: list[int] = []
+
+    class Grid(LocalGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            ids: list[str | None] = []
+            for msg in messages:
+                if msg.metadata.message_type == "train" and not refused:
+                    refused.append(msg.metadata.dst_node_id)
+                    ids.append(None)  # not delivered
+                else:
+                    ids.extend(super().push_messages([msg]))
+            return ids
+
+    run, grid, row = flower_round(tasks, tmp_path / "flower", Grid)
+    client = {n.node_id: n.client for n in run.nodes}[refused[0]]
+    assert row["failed"] == {client: not_pushed(refused[0])}
+    assert len(row["aggregated"]) == 2 and client not in row["aggregated"]
+    assert all(None not in ids for ids in grid.pulled)  # LocalGrid asserts it, too
+
+
+def test_the_pull_interval_is_flowers_unless_set(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Grid with no pull_interval of its own (Flower's deployed one) is polled every 3 s,
+    as its send_and_receive does, not every 0.1 s; one that has one (Flower's simulation
+    Grid) at that; ``flower.pull-interval`` overrides both."""
+    import types as pytypes
+
+    from flexlora.flower import server_app
+    from flexlora.flower.server_app import DEPLOYED_PULL_INTERVAL, pull_interval
+
+    class Deployed:  # push/pull only, like flwr's HttpGrid
+        def __init__(self) -> None:
+            self.polls = 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.polls += 1
+            if self.polls < 3:
+                return []
+            return [
+                pytypes.SimpleNamespace(metadata=pytypes.SimpleNamespace(reply_to_message_id=i))
+                for i in ids
+            ]
+
+    assert DEPLOYED_PULL_INTERVAL == 3.0
+    assert pull_interval(Deployed()) == 3.0
+    assert pull_interval(pytypes.SimpleNamespace(pull_interval=0.1)) == 0.1
+    assert pull_interval(Deployed(), 0.5) == 0.5
+    slept: list[float] = []
+    monkeypatch.setattr(server_app.time, "sleep", slept.append)
+    msg = pytypes.SimpleNamespace(metadata=pytypes.SimpleNamespace(dst_node_id=1))
+    replies = list(server_app.stream_replies(Deployed(), [msg], None))
+    assert len(replies) == 1 and slept == [3.0, 3.0]

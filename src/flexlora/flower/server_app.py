@@ -24,14 +24,28 @@ from flwr.serverapp import Grid, ServerApp
 from flexlora.config import RunConfig
 from flexlora.errors import UsageError
 from flexlora.flower.settings import FlowerOptions, load_run_config
-from flexlora.flower.strategy import FlexLoRAStrategy, RoundPlan
+from flexlora.flower.strategy import FlexLoRAStrategy, RoundPlan, Unsent, not_pushed
 from flexlora.server import resolve_client_types
 from flexlora.simulation.runner import FederatedRun
 from flexlora.types import GlobalUpdate, LoRAFactors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FlowerRun", "NodeInfo", "app", "discover_nodes", "make_server_app"]
+__all__ = [
+    "DEPLOYED_PULL_INTERVAL",
+    "FlowerRun",
+    "NodeInfo",
+    "app",
+    "discover_nodes",
+    "make_server_app",
+    "pull_interval",
+    "stream_replies",
+]
+
+#: seconds between two pulls on a Grid with no ``pull_interval`` of its own: what Flower's
+#: deployed Grid (``HttpGrid.send_and_receive``) waits; its in-memory simulation Grid has a
+#: ``pull_interval`` attribute (0.1 s), used as it is
+DEPLOYED_PULL_INTERVAL = 3.0
 
 
 @dataclass(frozen=True)
@@ -69,33 +83,69 @@ def _node_info(reply: Message) -> NodeInfo | str:
     return NodeInfo(node, str(values[0]), str(values[1]), int(num))
 
 
+def pull_interval(grid: Grid, setting: float = 0.0) -> float:
+    """Seconds between two pulls: ``setting`` (``flower.pull-interval``) when positive, else
+    the Grid's own ``pull_interval`` (Flower's in-memory simulation Grid has one), else
+    :data:`DEPLOYED_PULL_INTERVAL` (what Flower's deployed Grid waits)."""
+    if setting > 0:
+        return float(setting)
+    own = getattr(grid, "pull_interval", None)
+    return float(own) if isinstance(own, (int, float)) and own >= 0 else DEPLOYED_PULL_INTERVAL
+
+
 def stream_replies(
-    grid: Grid, messages: Iterable[Message], timeout: float | None
-) -> Iterator[Message]:
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None,
+    *,
+    per_call: int = 4,
+    interval: float = 0.0,
+) -> Iterator[Message | Unsent]:
     """Push ``messages`` and yield each reply as soon as it is pulled, until every message has
     its reply or ``timeout`` seconds have passed (``None``: no limit).
 
-    ``Grid.send_and_receive``'s loop (push, then pull every ``pull_interval`` seconds), but a
-    reply at a time, so that the caller folds it before the next ones arrive instead of
-    holding the whole round's. A grid without ``push_messages`` / ``pull_messages``: its
-    ``send_and_receive``.
+    ``Grid.send_and_receive``'s loop (push, then pull every :func:`pull_interval` seconds),
+    but each poll pulls the waiting replies ``per_call`` message ids at a time and yields
+    them one by one, so that the caller folds a few replies before the next ones are pulled
+    instead of holding every reply that landed since the last poll. A message the Grid did
+    not accept (``push_messages`` gives ``None`` for its id) is yielded as an :class:`Unsent`
+    naming its node, and never pulled. A grid without ``push_messages`` /
+    ``pull_messages``: its ``send_and_receive``.
     """
     push = getattr(grid, "push_messages", None)
     pull = getattr(grid, "pull_messages", None)
     if push is None or pull is None:
-        yield from grid.send_and_receive(messages, timeout=timeout)
+        yield from grid.send_and_receive(list(messages), timeout=timeout)
         return
-    order = list(push(messages))
+    messages = list(messages)
+    ids = list(push(messages))
+    order: list[str] = []
+    if len(ids) == len(messages):  # Flower's contract: one id per message, None if not pushed
+        for msg, mid in zip(messages, ids, strict=True):
+            if mid is None:
+                node = msg.metadata.dst_node_id
+                log.warning("round message for node %d not pushed: no message id", node)
+                yield Unsent(node, not_pushed(node))
+            else:
+                order.append(mid)
+    else:  # ids for some messages only: wait for those, the others end as not replied
+        order = [mid for mid in ids if mid is not None]
+    del messages
     waiting = set(order)
     end = None if timeout is None else time.monotonic() + timeout
-    interval = float(getattr(grid, "pull_interval", 0.1) or 0.1)
+    pause = pull_interval(grid, interval)
     while waiting:
-        for reply in pull([m for m in order if m in waiting]):  # in the order sent
-            waiting.discard(reply.metadata.reply_to_message_id)
-            yield reply
+        pending = [mid for mid in order if mid in waiting]  # in the order sent
+        for start in range(0, len(pending), per_call):
+            replies = list(pull(pending[start : start + per_call]))
+            replies.reverse()
+            while replies:  # each reply dropped here once the caller has it
+                reply = replies.pop()
+                waiting.discard(reply.metadata.reply_to_message_id)
+                yield reply
         if not waiting or (end is not None and time.monotonic() >= end):
             return
-        time.sleep(interval)
+        time.sleep(pause)
 
 
 def discover_nodes(
@@ -209,7 +259,13 @@ class FlowerRun(FederatedRun):
         """Send one message per sampled node, wait for the replies, aggregate."""
         state = self.server.round_state(state, round_)  # SLoRA: the SVD initialisation
         plan = self.last_plan = self.strategy.plan(state, round_)
-        replies = stream_replies(self.grid, plan.messages, self.timeout)
+        replies = stream_replies(
+            self.grid,
+            plan.messages,
+            self.timeout,
+            per_call=self.options.messages_per_call,
+            interval=self.options.pull_interval,
+        )
         new_state, row = self.strategy.collect(state, plan, replies)  # folded as they come
         log.debug(
             "round %d: %d bytes of arrays sent (%d accounted)",

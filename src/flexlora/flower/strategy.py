@@ -47,10 +47,26 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FlexLoRAStrategy",
     "RoundPlan",
+    "Unsent",
     "decode_eval_reply",
     "decode_reply",
     "decode_sparse_reply",
+    "not_pushed",
 ]
+
+
+def not_pushed(node: int) -> str:
+    """Why a client failed whose round message the Grid did not accept."""
+    return f"not sent: the Grid did not accept the message for node {node} (no message id)"
+
+
+@dataclass(frozen=True)
+class Unsent:
+    """A round message that never left the server (``Grid.push_messages`` gave it no id):
+    its node's client is recorded as failed with ``reason``."""
+
+    node_id: int
+    reason: str
 
 
 @dataclass
@@ -198,13 +214,14 @@ class FlexLoRAStrategy(Strategy):
         return plan
 
     def collect(
-        self, state: GlobalUpdate, plan: RoundPlan, replies: Iterable[Message]
+        self, state: GlobalUpdate, plan: RoundPlan, replies: Iterable[Message | Unsent]
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
         """Validate the replies, aggregate with the flexlora math; the new state and its row.
 
         Each reply is decoded and offered to a :class:`RoundCollector` as ``replies`` yields
         it, so an iterator that pulls replies as they arrive (:func:`stream_replies`) folds
-        them then: the decoded updates are not held until the round ends.
+        them then: the decoded updates are not held until the round ends. An
+        :class:`Unsent` is its client's failure.
         """
         server = self.coordinator
         lora = server.cfg.lora
@@ -212,6 +229,11 @@ class FlexLoRAStrategy(Strategy):
         collector = RoundCollector(server, state, round_, plan.clients)
         seen: set[str] = set()
         for reply in replies:
+            if isinstance(reply, Unsent):
+                if (cid := plan.node_client.get(reply.node_id)) is not None:
+                    seen.add(cid)
+                    collector.offer(ClientResult(cid, error=reply.reason))
+                continue
             node = reply.metadata.src_node_id
             cid = plan.node_client.get(node)
             if cid is None or cid in seen:
