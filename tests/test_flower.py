@@ -223,9 +223,10 @@ def test_each_node_gets_the_global_update_at_its_own_ranks(job) -> None:
     server = strategy.coordinator
     plan = strategy.plan(server.initial_state(), 1)
     assert plan.clients == server.sample(1)  # the simulator's seeded draw
-    assert len(plan.messages) == cfg.federation.clients_per_round
+    messages = list(strategy.messages(server.initial_state(), plan))
+    assert len(messages) == cfg.federation.clients_per_round
     broadcast = 0
-    for msg in plan.messages:
+    for msg in messages:
         cid = plan.node_client[msg.metadata.dst_node_id]
         ranks = server.ranks_of(cid)
         arrays = msg.content.array_records["arrays"]
@@ -251,7 +252,8 @@ def test_bad_replies_are_rejected_failures_recorded_and_the_rest_aggregated(
     server = strategy.coordinator
     state = server.initial_state()
     plan = strategy.plan(state, 1)
-    nodes = [m.metadata.dst_node_id for m in plan.messages]
+    messages = list(strategy.messages(state, plan))
+    nodes = [m.metadata.dst_node_id for m in messages]
     bad, dropped, broken = nodes[0], nodes[1], nodes[2]
     module = next(iter(runtime.shapes))
 
@@ -264,7 +266,7 @@ def test_bad_replies_are_rejected_failures_recorded_and_the_rest_aggregated(
     node_configs[broken]["partition-id"] = 99  # this node cannot find its client
     grid = LocalGrid(make_client_app(values), node_configs, drop=[dropped], tamper=tamper)
     caplog.set_level(logging.WARNING, logger="flexlora")
-    new_state, row = strategy.collect(state, plan, grid.send_and_receive(plan.messages))
+    new_state, row = strategy.collect(state, plan, grid.send_and_receive(messages))
     cid = plan.node_client
     assert set(row["rejected"]) == {cid[bad]}
     assert module in row["rejected"][cid[bad]]

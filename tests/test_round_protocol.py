@@ -145,7 +145,7 @@ def test_a_node_allocates_only_its_own_rank_types_slot(tasks: Path, tmp_path: Pa
     server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
     strategy = FlexLoRAStrategy(server, {100 + i: c for i, c in enumerate(runtime.data.seen)})
     plan = strategy.plan(server.initial_state(), 1)
-    msg = plan.messages[0]
+    msg = next(strategy.messages(server.initial_state(), plan))
     cid = plan.node_client[msg.metadata.dst_node_id]
     reply = runtime.train(msg.content, cid)
     assert "arrays" in reply.array_records
@@ -501,3 +501,80 @@ def test_the_pull_interval_is_flowers_unless_set(
     msg = pytypes.SimpleNamespace(metadata=pytypes.SimpleNamespace(dst_node_id=1))
     replies = list(server_app.stream_replies(Deployed(), [msg], None))
     assert len(replies) == 1 and slept == [3.0, 3.0]
+
+
+def test_the_flower_server_builds_each_message_just_before_pushing_it(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round's messages are built ``flower.messages-per-call`` at a time as they are
+    pushed, and none is alive once pushed (nor while the next round is planned): the server
+    never holds the round's downloads, only their byte counts and ids."""
+    import gc
+    import weakref
+
+    events: list[str] = []
+    build = FlexLoRAStrategy._message
+
+    def spy_build(self, state, plan, cid, base):
+        events.append("build")
+        return build(self, state, plan, cid, base)
+
+    class Grid(LocalGrid):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.pushed: list[weakref.ref] = []
+            self.alive_at_push: list[int] = []
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            if messages[0].metadata.message_type == "train":
+                gc.collect()
+                self.alive_at_push.append(sum(r() is not None for r in self.pushed))
+                self.pushed.extend(weakref.ref(m) for m in messages)
+                events.append(f"push {len(messages)}")
+            ids = super().push_messages(messages)
+            self.sent.clear()  # the test grid's own record would keep them alive
+            return ids
+
+    monkeypatch.setattr(FlexLoRAStrategy, "_message", spy_build)
+    run, grid, row = flower_round(tasks, tmp_path / "flower", Grid, messages_per_call=2)
+    assert events == ["build", "build", "push 2", "build", "push 1"]
+    assert grid.alive_at_push == [0, 0]  # the first chunk is gone before the second push
+    gc.collect()
+    assert not any(r() for r in grid.pushed)
+    plan = run.last_plan
+    assert plan is not None and not hasattr(plan, "messages")
+    assert set(plan.bytes_down) == set(plan.clients) == set(row["bytes_down_per_client"])
+    assert sorted(plan.message_ids.values()) == sorted(plan.node_client)
+    assert sum(plan.bytes_down.values()) == row["bytes_down"]
+
+
+def test_a_grid_error_in_place_of_a_reply_fails_the_client_it_was_for(
+    tasks: Path, tmp_path: Path
+) -> None:
+    """Flower's Grid may answer a message with an error of its own, sent from the SuperLink
+    (say, reply objects that could not be pulled): the reply is matched to its message by
+    id, so the client fails with that reason instead of waiting for the round's end."""
+    from flwr.app import Error, Message
+
+    spoiled: list[int] = []
+
+    class Grid(LocalGrid):
+        def pull_messages(self, message_ids):
+            out = []
+            for reply in super().pull_messages(message_ids):
+                if not spoiled and reply.metadata.message_type == "train":
+                    spoiled.append(reply.metadata.src_node_id)
+                    error = Message(Error(code=3, reason="objects unavailable"), reply_to=reply)
+                    error.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own
+                    error.metadata.__dict__["_reply_to_message_id"] = (
+                        reply.metadata.reply_to_message_id
+                    )
+                    reply = error
+                out.append(reply)
+            return out
+
+    run, _, row = flower_round(tasks, tmp_path / "flower", Grid)
+    client = {n.node_id: n.client for n in run.nodes}[spoiled[0]]
+    assert row["failed"] == {client: "objects unavailable"}
+    assert len(row["aggregated"]) == 2
