@@ -578,3 +578,71 @@ def test_a_grid_error_in_place_of_a_reply_fails_the_client_it_was_for(
     client = {n.node_id: n.client for n in run.nodes}[spoiled[0]]
     assert row["failed"] == {client: "objects unavailable"}
     assert len(row["aggregated"]) == 2
+
+
+def test_the_simulator_prepares_one_group_of_clients_at_a_time(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's start factors are cut when its ``train.parallel_clients`` group is due,
+    not for the whole round before anyone trains; the groups are the same as before."""
+    events: list[str] = []
+    start_factors, train = Coordinator.start_factors, FederatedRun._train_group
+
+    def spy_start(self, state, client, round_):
+        events.append(f"prepare {client}")
+        return start_factors(self, state, client, round_)
+
+    def spy_train(self, jobs, batch):
+        events.append(f"train {' '.join(j.client for j in jobs)} ({batch})")
+        return train(self, jobs, batch)
+
+    monkeypatch.setattr(Coordinator, "start_factors", spy_start)
+    monkeypatch.setattr(FederatedRun, "_train_group", spy_train)
+    cfg = toy_config(
+        tmp_path / "sim",
+        tasks,
+        eval={"at_start": False, "unseen": False},
+        federation={"clients_per_round": 3, "rounds": 1},
+        train={"parallel_clients": 2},
+        output={"save_adapters": False},
+    )
+    sim = FederatedRun(cfg)
+    a, b, c = sim.server.sample(1)
+    rows = sim.run()
+    assert events == [
+        f"prepare {a}",
+        f"prepare {b}",
+        f"train {a} {b} (0)",
+        f"prepare {c}",
+        f"train {c} (None)",
+    ]
+    assert rows[-1]["aggregated"] == [a, b, c]
+
+
+def test_a_stored_B_that_does_not_fit_fails_its_client_in_both_drivers(
+    tasks: Path, tmp_path: Path
+) -> None:
+    """FedSA-LoRA: a client whose own stored B does not fit its slot fails the round with the
+    same message in the simulator as on its Flower node, instead of crashing the simulator."""
+    from flexlora.client_state import CLIENT_STATE, LocalStore
+
+    sections = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 3, "strategy": "fedsa", "rounds": 1},
+        "output": {"save_adapters": False},
+    }
+    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **sections))
+    victim = sim.server.sample(1)[1]
+    module, (m, _) = next(iter(sim.server.shapes.items()))
+    bad = {module: torch.zeros(m, sim.server.ranks_of(victim)[module] + 1)}
+    for out in ("sim", "flower"):
+        LocalStore(tmp_path / out / CLIENT_STATE).save(victim, 0, bad)
+    sim.run()
+    flower_cfg = toy_config(tmp_path / "flower", tasks, **sections)
+    nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
+    FlowerRun(flower_cfg, LocalGrid(make_client_app(to_run_config(flower_cfg)), nodes)).run()
+    sim_rows = strip_timings(read_rows(tmp_path / "sim"))
+    assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
+    row = sim_rows[-1]
+    assert list(row["failed"]) == [victim] and "own B" in row["failed"][victim]
+    assert victim not in row["aggregated"] and len(row["aggregated"]) == 2
