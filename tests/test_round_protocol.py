@@ -646,3 +646,95 @@ def test_a_stored_B_that_does_not_fit_fails_its_client_in_both_drivers(
     row = sim_rows[-1]
     assert list(row["failed"]) == [victim] and "own B" in row["failed"][victim]
     assert victim not in row["aggregated"] and len(row["aggregated"]) == 2
+
+
+def test_a_clients_first_result_counts_and_later_ones_are_rejected_as_duplicates(
+    tasks: Path, tmp_path: Path
+) -> None:
+    """One rule, whatever the first result was and wherever it is: folded, held back for an
+    earlier client, or a failure. Later copies are rejected as ``duplicate`` (their bytes
+    count) and never folded nor listed in ``aggregated``."""
+    from flexlora.federation.round import RoundCollector
+
+    cfg = toy_config(tmp_path / "x", tasks)
+    runtime = NodeRuntime(cfg)
+    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
+    a, b, c, d = clients = list(runtime.data.seen[:4])
+    results = {
+        x: ClientResult(x, update_for(server, x, i), seconds=1.0, tokens=3)
+        for i, x in enumerate(clients)
+    }
+    state = server.initial_state()
+    down = dict.fromkeys(clients, 10)
+    failed_b = ClientResult(b, error=INJECTED_FAILURE)
+    reference, ref_row = close_round(
+        server, state, 1, clients, [results[a], failed_b, results[c], results[d]], down
+    )
+
+    collector = RoundCollector(server, state, 1, clients)
+    collector.offer(results[c])  # held: waits for a and b
+    collector.offer(results[c])  # a copy of a held reply
+    collector.offer(results[a])  # folded at once
+    collector.offer(ClientResult(a, update_for(server, a, 9), seconds=1.0, tokens=3))
+    collector.offer(failed_b)  # then c is folded
+    collector.offer(results[b])  # a reply after its failure
+    collector.offer(results[d])
+    new_state, row = collector.close(down)
+
+    assert row["aggregated"] == [a, c, d] and row["failed"] == {b: INJECTED_FAILURE}
+    assert set(row["rejected"]) == {a, b, c}
+    assert all(m.endswith("[duplicate]") for m in row["rejected"].values()), row["rejected"]
+    ours, ref = state_tensors(new_state), state_tensors(reference)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    extra = sum(results[x].update.num_bytes() for x in (a, b, c))  # the copies' bytes count
+    assert row["bytes_up"] == ref_row["bytes_up"] + extra
+    assert row["train_tokens"] == ref_row["train_tokens"]
+
+    # the batch form, the same rule: the first copy counts
+    updates = [results[a].update, results[c].update, results[a].update, results[d].update]
+    _, batch_row = server.aggregate(state, 1, clients, updates)
+    assert batch_row["aggregated"] == [a, c, d] and set(batch_row["rejected"]) == {a}
+
+
+def test_a_duplicate_reply_is_rejected_the_same_way_in_both_drivers(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first client's result reaches the round twice, in process and over the Grid: the
+    rows agree, the client aggregated once and its second copy rejected as a duplicate."""
+    train = FederatedRun._train_group
+
+    def twice(self, jobs, batch):
+        out = train(self, jobs, batch)
+        if not getattr(self, "_doubled", False):
+            self._doubled = True
+            out = [*out, out[0]]
+        return out
+
+    monkeypatch.setattr(FederatedRun, "_train_group", twice)
+    doubled: list[str] = []
+
+    class Grid(LocalGrid):
+        def pull_messages(self, message_ids):
+            out = list(super().pull_messages(message_ids))
+            if out and not doubled and out[0].metadata.message_type == "train":
+                doubled.append(out[0].metadata.reply_to_message_id)
+                out.insert(1, out[0])
+            return out
+
+    sections = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 3, "rounds": 1},
+        "output": {"save_adapters": False},
+    }
+    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **sections))
+    sim.run()
+    flower_cfg = toy_config(tmp_path / "flower", tasks, **sections)
+    nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
+    FlowerRun(flower_cfg, Grid(make_client_app(to_run_config(flower_cfg)), nodes)).run()
+    assert doubled
+    sim_rows = strip_timings(read_rows(tmp_path / "sim"))
+    assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
+    row = sim_rows[-1]
+    first = row["clients"][0]
+    assert row["aggregated"] == row["clients"]
+    assert list(row["rejected"]) == [first] and row["rejected"][first].endswith("[duplicate]")

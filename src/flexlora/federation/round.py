@@ -134,7 +134,6 @@ class RoundCollector:
         self.timeout = server.cfg.federation.client_timeout
         self.aggregation = server.open_round(state, round_, self.clients)
         self.failures: dict[str, str] = {}
-        self.rejected: dict[str, str] = {}
         self.accepted: list[ClientResult] = []  # their updates dropped once folded
         self._results: dict[str, ClientResult | None] = {}  # client -> held result (None: done)
         self._next = 0  # the first client of ``clients`` not folded or passed over yet
@@ -159,11 +158,20 @@ class RoundCollector:
         return self._store.spilled if self._store is not None else 0
 
     def offer(self, result: ClientResult) -> None:
-        """Read one client's result (a second result or an unknown client: logged, ignored)."""
+        """Read one client's result.
+
+        A client's first result counts; a later one (whatever it says) is rejected as a
+        ``duplicate`` (:meth:`RoundAggregation.duplicate`) and never folded, whether the first
+        was folded, is held, failed or was unreadable. A client not in the round: logged,
+        ignored.
+        """
         assert not self._closed, "the round is closed"
         cid = result.client
-        if cid not in self.clients or cid in self._results:
-            log.warning("round %d: unexpected result for client %s ignored", self.round, cid)
+        if cid not in self.clients:
+            log.warning("round %d: result of client %s (not in the round) ignored", self.round, cid)
+            return
+        if cid in self._results:
+            self.aggregation.duplicate(cid, result.update)
             return
         reason = result.error
         if reason is None and result.rejected is None:
@@ -174,10 +182,7 @@ class RoundCollector:
             log.warning("round %d: client %s dropped: %s", self.round, cid, reason)
             self._results[cid] = None
         elif result.rejected is not None:
-            self.rejected[cid] = result.rejected
-            log.warning(
-                "round %d: update of client %s rejected: %s", self.round, cid, result.rejected
-            )
+            self.aggregation.reject(cid, result.rejected)  # logged there
             self._results[cid] = None
         else:
             self._hold(result)
@@ -199,7 +204,6 @@ class RoundCollector:
                 self._store.close()
                 self._store = None
         new_state, row = self.aggregation.close(self.failures)
-        row["rejected"] = {**self.rejected, **row["rejected"]}
         batches: dict[Any, float] = {}
         for i, r in enumerate(self.accepted):
             key = ("alone", i) if r.batch is None else r.batch

@@ -250,21 +250,19 @@ class FlexLoRAStrategy(Strategy):
         lora = server.cfg.lora
         round_ = plan.round
         collector = RoundCollector(server, state, round_, plan.clients)
-        seen: set[str] = set()
         for reply in replies:
             if isinstance(reply, Unsent):
                 if (cid := plan.node_client.get(reply.node_id)) is not None:
-                    seen.add(cid)
                     collector.offer(ClientResult(cid, error=reply.reason))
                 continue
             # the node the message went to (a Grid's own error reply comes from elsewhere)
             node = plan.message_ids.get(reply.metadata.reply_to_message_id)
             node = reply.metadata.src_node_id if node is None else node
             cid = plan.node_client.get(node)
-            if cid is None or cid in seen:
+            if cid is None:
                 log.warning("round %d: unexpected reply from node %d ignored", round_, node)
                 continue
-            seen.add(cid)
+            # a second reply of a node is the collector's to reject (a duplicate)
             collector.offer(self._read_reply(reply, cid, plan.sparse, lora.alpha, lora.use_rslora))
         return collector.close(plan.bytes_down)
 
