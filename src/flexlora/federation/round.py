@@ -12,8 +12,7 @@ each downloaded) and get the same new state and metrics row. What lives here exi
 4. the aggregation (by the :class:`~flexlora.server.Coordinator`), each reply folded as it is
    received (:class:`RoundCollector`; one that arrives ahead of an earlier client waits in a
    :class:`~flexlora.federation.replies.ReplyStore`, bounded in memory), and the row's
-   transport keys: ``train_tokens``,
-   ``seconds_train``, ``bytes_down``, per-client bytes.
+   transport keys: ``train_tokens``, ``seconds_train``, ``bytes_down``, per-client bytes.
 """
 
 from __future__ import annotations
