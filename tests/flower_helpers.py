@@ -109,6 +109,7 @@ class LocalGrid:
         self.pull_batch = 10**9  # replies one pull returns at most
         self.pull_interval = 0.0
         self.pulls = 0
+        self.pulled: list[list[str]] = []  # the message ids each pull asked for
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_configs)
@@ -139,10 +140,13 @@ class LocalGrid:
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """The waiting replies to ``message_ids``, at most ``pull_batch`` per call (removed)."""
         out = []
+        message_ids = list(message_ids)
+        assert all(isinstance(mid, str) for mid in message_ids), message_ids
         for mid in message_ids:
             if mid in self.pending and len(out) < self.pull_batch:
                 out.append(self.pending.pop(mid))
         self.pulls += 1
+        self.pulled.append(message_ids)
         return out
 
     def _reply(self, msg: Message) -> Message | None:

@@ -299,9 +299,10 @@ def test_each_node_gets_the_global_update_at_its_own_ranks(job) -> None:
     server = strategy.coordinator
     plan = strategy.plan(server.initial_state(), 1)
     assert plan.clients == server.sample(1)  # the simulator's seeded draw
-    assert len(plan.messages) == cfg.federation.clients_per_round
+    messages = list(strategy.messages(server.initial_state(), plan))
+    assert len(messages) == cfg.federation.clients_per_round
     broadcast = 0
-    for msg in plan.messages:
+    for msg in messages:
         cid = plan.node_client[msg.metadata.dst_node_id]
         ranks = server.ranks_of(cid)
         arrays = msg.content.array_records["arrays"]
@@ -327,7 +328,8 @@ def test_bad_replies_are_rejected_failures_recorded_and_the_rest_aggregated(
     server = strategy.coordinator
     state = server.initial_state()
     plan = strategy.plan(state, 1)
-    nodes = [m.metadata.dst_node_id for m in plan.messages]
+    messages = list(strategy.messages(state, plan))
+    nodes = [m.metadata.dst_node_id for m in messages]
     bad, dropped, broken = nodes[0], nodes[1], nodes[2]
     module = next(iter(runtime.shapes))
 
@@ -340,7 +342,7 @@ def test_bad_replies_are_rejected_failures_recorded_and_the_rest_aggregated(
     node_configs[broken]["partition-id"] = 99  # this node cannot find its client
     grid = LocalGrid(make_client_app(values), node_configs, drop=[dropped], tamper=tamper)
     caplog.set_level(logging.WARNING, logger="flexlora")
-    new_state, row = strategy.collect(state, plan, grid.send_and_receive(plan.messages))
+    new_state, row = strategy.collect(state, plan, grid.send_and_receive(messages))
     cid = plan.node_client
     assert set(row["rejected"]) == {cid[bad]}
     assert module in row["rejected"][cid[bad]]
@@ -362,7 +364,9 @@ def test_replies_with_unreadable_arrays_are_rejected_and_the_round_goes_on(
     strategy, node_configs = _strategy(cfg, runtime)
     state = strategy.coordinator.initial_state()
     plan = strategy.plan(state, 1)
-    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(plan.messages)
+    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(
+        list(strategy.messages(state, plan))
+    )
     cid = [plan.node_client[r.metadata.src_node_id] for r in replies]
     module = next(iter(runtime.shapes))
     bad_arrays = replies[0].content.array_records["arrays"]
@@ -406,7 +410,9 @@ def test_a_reply_the_decoder_chokes_on_is_rejected_not_the_round(
     strategy, node_configs = _strategy(cfg, runtime)
     state = strategy.coordinator.initial_state()
     plan = strategy.plan(state, 1)
-    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(plan.messages)
+    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(
+        list(strategy.messages(state, plan))
+    )
     cid = [plan.node_client[r.metadata.src_node_id] for r in replies]
     decode = strategy_mod.decode_reply
 
@@ -438,7 +444,9 @@ def test_a_grid_error_mid_round_leaves_no_spilled_update(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a Coordinator spills
     state = strategy.coordinator.initial_state()
     plan = strategy.plan(state, 1)
-    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(plan.messages)
+    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(
+        list(strategy.messages(state, plan))
+    )
     spilled: list[Path] = []
 
     def pulled() -> Iterator[Message]:

@@ -253,3 +253,29 @@ def test_a_simulated_round_cut_short_leaves_no_spilled_update(
     assert len(folders) == 2 and all(f is not None for f in folders)
     assert not list(out.glob("flexlora-replies-*"))
     assert not list(system_tmp.glob("flexlora-replies-*"))
+
+
+def test_take_gives_back_one_update_and_frees_its_memory_or_file(tmp_path: Path) -> None:
+    """Keyed access, for the replies that wait for an earlier client: LoRA and SLoRA's sparse
+    updates alike, bit for bit, in any order."""
+    from flexlora.methods.slora import SparseUpdate
+
+    g = torch.Generator().manual_seed(3)
+    sparse = SparseUpdate(
+        "s", 4, {"a": torch.randn(7, generator=g), "b": torch.randn(3, generator=g)}, {"x": 1.5}
+    )
+    ups = [update("c0", 0), sparse, update("c2", 2)]
+    store = ReplyStore(budget=ups[0].num_bytes(), directory=tmp_path)
+    keys = [store.put(u) for u in ups]
+    assert store.held == ups[0].num_bytes() and store.spilled == 2
+    back = store.take(keys[1])
+    assert isinstance(back, SparseUpdate) and back is not sparse
+    assert (back.client_id, back.num_examples, dict(back.metrics)) == ("s", 4, {"x": 1.5})
+    assert list(back.values) == ["a", "b"]
+    assert all(torch.equal(back.values[k], sparse.values[k]) for k in sparse.values)
+    assert store.spilled == 1 and len(list(tmp_path.glob("flexlora-replies-*/*"))) == 1
+    assert store.take(keys[0]) is ups[0] and store.held == 0
+    assert same(store.take(keys[2]), ups[2])
+    assert len(store) == 0 and not list(tmp_path.glob("flexlora-replies-*/*"))
+    store.close()
+    assert not list(tmp_path.glob("flexlora-replies-*"))

@@ -297,10 +297,15 @@ def test_malformed_update_is_rejected_and_state_untouched(reason: str, data: st.
     before = state_bytes(PREVIOUS)
     bad_before = [update_bytes(u) for u in bad]
 
-    # 1. alone in the round: rejected with its reason, and the previous state is kept as is
+    # 1. alone in the round: rejected with its reason, and the previous state is kept as is;
+    # a duplicate: the client's first update counts, the later one is rejected
     state, row = COORD.aggregate(PREVIOUS, 2, CLIENTS, bad)
-    assert state is PREVIOUS and state_bytes(state) == before
-    assert row["kept_previous_state"] and row["aggregated"] == []
+    if reason == "duplicate":
+        assert row["aggregated"] == [bad[0].client_id]  # type: ignore[union-attr]
+        assert state_bytes(PREVIOUS) == before
+    else:
+        assert state is PREVIOUS and state_bytes(state) == before
+        assert row["kept_previous_state"] and row["aggregated"] == []
     assert len(row["rejected"]) == (1 if reason == "duplicate" else len(bad))  # one per client
     for label, message in row["rejected"].items():
         assert message.endswith(f"[{reason}]") or f"[{reason}];" in message, message
@@ -309,12 +314,15 @@ def test_malformed_update_is_rejected_and_state_untouched(reason: str, data: st.
             assert label == cid and f"client {cid}" in message, message
 
     # 2. with the other clients: the round goes on, exactly as if the bad update never came
+    # (a duplicate: as if the copy that came second never came)
     shuffled = data.draw(st.permutations([*others, *bad]), label="order")
     state, row = COORD.aggregate(PREVIOUS, 2, CLIENTS, shuffled)
-    in_order = [u for u in shuffled if any(u is o for o in others)]  # float sums follow order
+    first = [next(u for u in shuffled if any(u is b for b in bad))] if reason == "duplicate" else []
+    counted = [*others, *first]
+    in_order = [u for u in shuffled if any(u is o for o in counted)]  # float sums follow order
     clean, clean_row = COORD.aggregate(PREVIOUS, 2, CLIENTS, in_order)
     assert not row["kept_previous_state"]
-    assert sorted(row["aggregated"]) == sorted(u.client_id for u in others)
+    assert sorted(row["aggregated"]) == sorted(u.client_id for u in counted)
     assert state_bytes(state) == state_bytes(clean)
     assert row["train_loss"] == clean_row["train_loss"]
     assert state_bytes(PREVIOUS) == before

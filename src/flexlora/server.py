@@ -12,7 +12,6 @@ import logging
 import math
 import time
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,9 +402,10 @@ class Coordinator:
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
         """Validate the replies, aggregate the valid ones; return the new state and its row.
 
-        The batch form of :meth:`open_round`: a client id that occurs more than once has all
-        its updates rejected (the server cannot tell which is genuine); the others are added
-        in order. With fewer than ``min_clients`` valid updates the previous state is kept.
+        The batch form of :meth:`open_round`: the updates are added in order, so a client id
+        that occurs more than once is counted once, by its first update, and each later one is
+        rejected as a ``duplicate`` (:meth:`RoundAggregation.add`). With fewer than
+        ``min_clients`` valid updates the previous state is kept.
         """
         return self._aggregate_all(state, round_, clients, updates, failures)
 
@@ -417,14 +417,9 @@ class Coordinator:
         updates: Sequence[Any],
         failures: Mapping[str, str] | None,
     ) -> tuple[Any, dict[str, Any]]:
-        labels = [_label(u, i) for i, u in enumerate(updates)]
-        counts = Counter(labels)
         with self.open_round(state, round_, clients, failed=failures or ()) as agg:
-            for label, u in zip(labels, updates, strict=True):
-                if counts[label] > 1:
-                    agg.refuse(u, label, "duplicate", f"{counts[label]} updates from one client id")
-                else:
-                    agg.add(u, label)
+            for u in updates:
+                agg.add(u)
             return agg.close(failures)
 
     def open_round(
@@ -628,6 +623,12 @@ class RoundAggregation:
     :meth:`close` releases the store (its files included) whether or not it succeeds; a round
     abandoned before it (an error, an interrupt) is released by :meth:`release`, which a
     ``with`` block calls on leaving.
+
+    Duplicates, one rule for every driver: a client's first reply counts (folded, or rejected
+    for what is wrong with it); each later one is rejected as a ``duplicate`` (:meth:`add`,
+    or :meth:`duplicate` when the driver still holds the first one back) and never folded,
+    so the client is listed once in ``aggregated`` at most, and its later copies under
+    ``rejected``.
     """
 
     def __init__(
@@ -686,25 +687,36 @@ class RoundAggregation:
         if self.replies is not None:
             self.replies.close()
 
-    def refuse(self, update: object, label: str, reason: str, detail: str) -> None:
-        """Record ``update`` as rejected for ``reason`` without reading it (its bytes count)."""
+    def duplicate(self, client: str, update: object = None) -> None:
+        """Record a later reply of ``client`` as a ``duplicate`` without reading it (its bytes
+        count): the client's first reply is the one that counts, folded or not."""
+        assert not self._closed, "the round is closed"
         self._index += 1
         self._count_bytes(update)
-        self._reject(label, str(InvalidUpdateError(label, None, reason, detail)))
+        detail = "a later reply from this client; its first one counts"
+        self._reject(client, str(InvalidUpdateError(client, None, "duplicate", detail)))
+
+    def reject(self, label: str, message: str) -> None:
+        """Record a reply the driver could not read as rejected with ``message``."""
+        assert not self._closed, "the round is closed"
+        self._reject(label, message)
 
     def add(self, update: object, label: str | None = None) -> bool:
         """Check one reply and fold it; False (and the reason recorded) if it is refused.
 
-        A second reply from a client already added is refused; the first one stands.
+        A reply from a client that already sent one is a :meth:`duplicate`: the first one
+        stands, whether it was folded or refused.
         """
         assert not self._closed, "the round is closed"
+        cid = getattr(update, "client_id", None)
+        if isinstance(cid, str) and cid in self._seen:
+            self.duplicate(cid, update)
+            return False
         label = label or _label(update, self._index)
         self._index += 1
         self._count_bytes(update)
-        cid = getattr(update, "client_id", None)
-        if isinstance(cid, str) and cid in self._seen:
-            self._reject(label, str(InvalidUpdateError(cid, None, "duplicate", "a second update")))
-            return False
+        if isinstance(cid, str):
+            self._seen.add(cid)
         if self.sparse and (problem := self._check_sparse(update)) is not None:
             self._reject(label, problem)
             return False
@@ -725,7 +737,6 @@ class RoundAggregation:
             self._reject(label, str(exc))
             return False
         assert isinstance(cid, str)
-        self._seen.add(cid)
         u: Any = update
         ranks = u.ranks if not self.sparse else {}
         self.folded.append(Folded(cid, int(u.num_examples), dict(u.metrics), ranks))

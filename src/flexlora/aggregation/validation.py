@@ -37,7 +37,7 @@ MAX_ABS = 1e8
 REASONS = (
     "type",  # not a ClientUpdate / LoRAFactors / tensor, or not a dense CPU-readable tensor
     "client_id",  # the client id is not a non-empty string
-    "duplicate",  # several updates carry one client id: all are discarded
+    "duplicate",  # several updates carry one client id (a round keeps the first one)
     "unknown_client",  # the client is not in this round (or failed / timed out in it)
     "num_examples",  # not an int in [1, MAX_EXAMPLES]
     "metrics",  # metrics are not a mapping of names to finite numbers

@@ -1,12 +1,14 @@
-"""The round's folded replies, kept for one pass after the aggregation, in bounded memory.
+"""A round's replies kept for later, in bounded memory.
 
-The ``update_survival`` diagnostic projects each client's update onto the factors the *new*
-state gives its rank type, so it reads every folded update once more after the SVD. The
-aggregation itself has already folded them as they arrived; this store is what keeps them
-for that pass without holding the round in memory: updates stay in memory while they fit
-the store's budget, and each further one is written to its own safetensors file in a
-temporary folder (read back one client at a time). Nothing is pickled: tensors and a JSON
-header.
+Two uses. The ``update_survival`` diagnostic projects each client's update onto the factors
+the *new* state gives its rank type, so it reads every folded update once more after the SVD
+(:class:`~flexlora.server.RoundAggregation` keeps them here, read back in order). And a reply
+that arrives ahead of an earlier client waits here until that client is resolved, so that
+the fold follows the population's order (:class:`~flexlora.federation.round.RoundCollector`
+takes each one back by its key). Either way the round is not held in memory: updates stay in
+memory while they fit the store's budget, and each further one is written to its own
+safetensors file in a temporary folder (read back one client at a time, deleted when it is
+taken back or the store closes). Nothing is pickled: tensors and a JSON header.
 
 The folder goes where the caller says: the drivers put it in their run folder
 (``DIR/flexlora-replies-*``, :attr:`Coordinator.reply_dir <flexlora.server.Coordinator>`),
@@ -31,6 +33,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from flexlora.methods.slora import SparseUpdate
 from flexlora.types import ClientUpdate, LoRAFactors
 
 log = logging.getLogger(__name__)
@@ -44,22 +47,25 @@ SPILL_PREFIX = "flexlora-replies-"
 
 
 class ReplyStore:
-    """Folded updates for a second pass: in memory up to ``budget`` bytes (default
-    REPLY_MEMORY_BYTES), then on disk.
+    """Updates kept for later: in memory up to ``budget`` bytes (default REPLY_MEMORY_BYTES),
+    then on disk.
 
     ``directory`` is where the temporary folder goes, created at the first spill (the
     drivers give their run folder; default: the system's temporary folder). The folder and
     its files are removed by :meth:`close` (also on leaving a ``with`` block) or, if the
     store is dropped without it, when it is garbage-collected or the interpreter exits.
     Holds at most ``budget`` bytes of factors in memory, plus one spilled client's while it
-    is written or read back.
+    is written or read back. Keeps :class:`~flexlora.types.ClientUpdate` and SLoRA's
+    :class:`~flexlora.methods.slora.SparseUpdate`. :meth:`put` returns a key; iterating reads
+    every update kept, in the order put; :meth:`take` gives one back and forgets it.
     """
 
     def __init__(self, budget: int | None = None, directory: str | Path | None = None) -> None:
         self.budget = REPLY_MEMORY_BYTES if budget is None else int(budget)
         self.directory = directory
-        self.held = 0
-        self._entries: list[ClientUpdate | Path] = []
+        self.held = 0  # bytes of the updates kept in memory
+        self._entries: dict[int, ClientUpdate | SparseUpdate | Path] = {}  # in put order
+        self._key = 0
         self._folder: Path | None = None
         self._cleanup: weakref.finalize | None = None  # removes _folder exactly once
 
@@ -74,36 +80,38 @@ class ReplyStore:
     @property
     def spilled(self) -> int:
         """How many updates are on disk."""
-        return sum(1 for e in self._entries if isinstance(e, Path))
+        return sum(1 for e in self._entries.values() if isinstance(e, Path))
 
-    def put(self, update: ClientUpdate) -> None:
-        """Keep ``update`` (a reference while it fits the budget, else a file)."""
+    def put(self, update: ClientUpdate | SparseUpdate) -> int:
+        """Keep ``update`` (a reference while it fits the budget, else a file); its key."""
+        key, self._key = self._key, self._key + 1
         size = update.num_bytes()
         if self.held + size <= self.budget:
-            self._entries.append(update)
+            self._entries[key] = update
             self.held += size
-            return
+            return key
         if self._folder is None:
             self._folder = self._make_folder()
-        path = self._folder / f"{len(self._entries)}.safetensors"
-        tensors, header = {}, {}
-        for i, (name, f) in enumerate(update.factors.items()):
-            tensors[f"{i}.A"] = f.A.contiguous()
-            tensors[f"{i}.B"] = f.B.contiguous()
-            header[str(i)] = {"module": name, "alpha": f.alpha, "use_rslora": f.use_rslora}
-        meta = {
-            "client_id": update.client_id,
-            "num_examples": update.num_examples,
-            "metrics": dict(update.metrics),
-            "modules": header,
-        }
-        save_file(tensors, str(path), metadata={"flexlora": json.dumps(meta)})
-        self._entries.append(path)
+        path = self._folder / f"{key}.safetensors"
+        _write(update, path)
+        self._entries[key] = path
+        return key
 
-    def __iter__(self) -> Iterator[ClientUpdate]:
+    def take(self, key: int) -> ClientUpdate | SparseUpdate:
+        """The update kept under ``key``, forgotten by the store (its file deleted)."""
+        entry = self._entries.pop(key)
+        if not isinstance(entry, Path):
+            self.held -= entry.num_bytes()
+            return entry
+        try:
+            return _read(entry)
+        finally:
+            entry.unlink(missing_ok=True)
+
+    def __iter__(self) -> Iterator[ClientUpdate | SparseUpdate]:
         """The updates in the order they were put, one spilled client read at a time."""
-        for entry in self._entries:
-            yield entry if isinstance(entry, ClientUpdate) else _read(entry)
+        for entry in list(self._entries.values()):
+            yield _read(entry) if isinstance(entry, Path) else entry
 
     def close(self) -> None:
         """Forget the updates and delete the spilled files (again: nothing to do)."""
@@ -144,9 +152,36 @@ def remove_spill_folders(directory: str | Path) -> list[Path]:
     return removed
 
 
-def _read(path: Path) -> ClientUpdate:
+def _write(update: ClientUpdate | SparseUpdate, path: Path) -> None:
+    """``update`` as one safetensors file: its tensors and a JSON header (no pickle)."""
+    tensors, header = {}, {}
+    if isinstance(update, SparseUpdate):
+        for i, (name, v) in enumerate(update.values.items()):
+            tensors[f"{i}.values"] = v.contiguous()
+            header[str(i)] = {"module": name}
+    else:
+        for i, (name, f) in enumerate(update.factors.items()):
+            tensors[f"{i}.A"] = f.A.contiguous()
+            tensors[f"{i}.B"] = f.B.contiguous()
+            header[str(i)] = {"module": name, "alpha": f.alpha, "use_rslora": f.use_rslora}
+    meta = {
+        "kind": "sparse" if isinstance(update, SparseUpdate) else "lora",
+        "client_id": update.client_id,
+        "num_examples": update.num_examples,
+        "metrics": dict(update.metrics),
+        "modules": header,
+    }
+    save_file(tensors, str(path), metadata={"flexlora": json.dumps(meta)})
+
+
+def _read(path: Path) -> ClientUpdate | SparseUpdate:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {})["flexlora"])
+        if meta.get("kind") == "sparse":
+            values = {m["module"]: f.get_tensor(f"{i}.values") for i, m in meta["modules"].items()}
+            return SparseUpdate(
+                meta["client_id"], int(meta["num_examples"]), values, meta["metrics"]
+            )
         factors = {
             m["module"]: LoRAFactors(
                 A=f.get_tensor(f"{i}.A"),

@@ -10,8 +10,9 @@ each downloaded) and get the same new state and metrics row. What lives here exi
 3. reading the results: failures, the straggler rule (``federation.client_timeout``),
    replies that could not be read, each with its message and log line;
 4. the aggregation (by the :class:`~flexlora.server.Coordinator`), each reply folded as it is
-   received (:class:`RoundCollector`), and the row's transport keys: ``train_tokens``,
-   ``seconds_train``, ``bytes_down``, per-client bytes.
+   received (:class:`RoundCollector`; one that arrives ahead of an earlier client waits in a
+   :class:`~flexlora.federation.replies.ReplyStore`, bounded in memory), and the row's
+   transport keys: ``train_tokens``, ``seconds_train``, ``bytes_down``, per-client bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flexlora.types import GlobalUpdate
+from flexlora.federation.replies import ReplyStore
+from flexlora.methods.slora import SparseUpdate
+from flexlora.types import ClientUpdate, GlobalUpdate
 
 if TYPE_CHECKING:
     from flexlora.server import Coordinator
@@ -105,26 +108,42 @@ class RoundCollector:
     bit for bit. In process (the simulator) results come in that order and nothing waits; on
     Flower a reply that arrives ahead of an earlier client's is held until that client
     replies, fails or the round closes. :meth:`close` treats a client without a result as one
-    that did not reply and returns the new state and the row. Holds the aggregation (bounded
-    by the adapted weights, plus the updates its reply store keeps for the diagnostics), the
-    held-back updates, and a few numbers per client.
+    that did not reply and returns the new state and the row.
+
+    Holds the aggregation (bounded by the adapted weights, plus the updates its reply store
+    keeps for the diagnostics), a few numbers per client, and the held-back updates in a
+    :class:`~flexlora.federation.replies.ReplyStore`: at most ``held_budget`` bytes of them in
+    memory (default :data:`~flexlora.federation.replies.REPLY_MEMORY_BYTES`), the others in
+    safetensors files in the server's ``reply_dir``, each read back when its turn to be folded
+    comes. A slow or silent first client therefore costs disk, not memory, whatever the number
+    of clients.
 
     A driver uses it in a ``with`` block: a round abandoned before :meth:`close` (an error
     while a client trains or a reply is pulled, an interrupt) is then released
-    (:meth:`release`), and the updates its aggregation spilled to disk are deleted at once.
+    (:meth:`release`), and every update it or its aggregation spilled to disk is deleted at
+    once; :meth:`close` releases it too, also when it raises.
     """
 
-    def __init__(self, server: Coordinator, state: Any, round_: int, clients: Sequence[str]):
+    def __init__(
+        self,
+        server: Coordinator,
+        state: Any,
+        round_: int,
+        clients: Sequence[str],
+        held_budget: int | None = None,
+    ):
         self.server = server
         self.round = round_
         self.clients = list(clients)
         self.timeout = server.cfg.federation.client_timeout
         self.aggregation = server.open_round(state, round_, self.clients)
         self.failures: dict[str, str] = {}
-        self.rejected: dict[str, str] = {}
         self.accepted: list[ClientResult] = []  # their updates dropped once folded
         self._results: dict[str, ClientResult | None] = {}  # client -> held result (None: done)
         self._next = 0  # the first client of ``clients`` not folded or passed over yet
+        self._held_budget = held_budget
+        self._store: ReplyStore | None = None  # the held updates (created when one waits)
+        self._keys: dict[str, int] = {}  # client -> its held update's key in the store
         self._closed = False
 
     def __enter__(self) -> RoundCollector:
@@ -138,6 +157,10 @@ class RoundCollector:
         held updates and release the aggregation (its spilled files deleted)."""
         self._closed = True
         self._results = {cid: None for cid in self._results}
+        self._keys.clear()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         self.aggregation.release()
 
     @property
@@ -145,12 +168,31 @@ class RoundCollector:
         """Updates that arrived and wait for an earlier client."""
         return sum(1 for r in self._results.values() if r is not None)
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the held updates that are in memory (at most the store's budget)."""
+        return self._store.held if self._store is not None else 0
+
+    @property
+    def spilled(self) -> int:
+        """Held updates written to disk (beyond the budget)."""
+        return self._store.spilled if self._store is not None else 0
+
     def offer(self, result: ClientResult) -> None:
-        """Read one client's result (a second result or an unknown client: logged, ignored)."""
+        """Read one client's result.
+
+        A client's first result counts; a later one (whatever it says) is rejected as a
+        ``duplicate`` (:meth:`RoundAggregation.duplicate`) and never folded, whether the first
+        was folded, is held, failed or was unreadable. A client not in the round: logged,
+        ignored.
+        """
         assert not self._closed, "the round is closed"
         cid = result.client
-        if cid not in self.clients or cid in self._results:
-            log.warning("round %d: unexpected result for client %s ignored", self.round, cid)
+        if cid not in self.clients:
+            log.warning("round %d: result of client %s (not in the round) ignored", self.round, cid)
+            return
+        if cid in self._results:
+            self.aggregation.duplicate(cid, result.update)
             return
         reason = result.error
         if reason is None and result.rejected is None:
@@ -161,13 +203,10 @@ class RoundCollector:
             log.warning("round %d: client %s dropped: %s", self.round, cid, reason)
             self._results[cid] = None
         elif result.rejected is not None:
-            self.rejected[cid] = result.rejected
-            log.warning(
-                "round %d: update of client %s rejected: %s", self.round, cid, result.rejected
-            )
+            self.aggregation.reject(cid, result.rejected)  # logged there
             self._results[cid] = None
         else:
-            self._results[cid] = result
+            self._hold(result)
         self._drain()
 
     def close(self, bytes_down: Mapping[str, int]) -> tuple[Any, dict[str, Any]]:
@@ -188,7 +227,6 @@ class RoundCollector:
         self._drain()
         self._closed = True
         new_state, row = self.aggregation.close(self.failures)
-        row["rejected"] = {**self.rejected, **row["rejected"]}
         batches: dict[Any, float] = {}
         for i, r in enumerate(self.accepted):
             key = ("alone", i) if r.batch is None else r.batch
@@ -204,12 +242,27 @@ class RoundCollector:
         )
         return new_state, row
 
+    def _hold(self, result: ClientResult) -> None:
+        """Keep a reply until it is folded: as it is when it is next in ``clients`` (folded at
+        once), else its update in the store (memory up to the budget, then disk)."""
+        cid = result.client
+        waits = cid != self.clients[self._next]
+        if waits and isinstance(result.update, (ClientUpdate, SparseUpdate)):
+            if self._store is None:
+                self._store = ReplyStore(self._held_budget, self.server.reply_dir)
+            self._keys[cid] = self._store.put(result.update)
+            result = replace(result, update=None)
+        self._results[cid] = result
+
     def _drain(self) -> None:
         """Fold the held updates whose predecessors in ``clients`` are all resolved."""
         while self._next < len(self.clients) and self.clients[self._next] in self._results:
             cid = self.clients[self._next]
             r = self._results[cid]
             if r is not None:
+                if cid in self._keys:
+                    assert self._store is not None
+                    r = replace(r, update=self._store.take(self._keys.pop(cid)))
                 self.aggregation.add(r.update)
                 self.accepted.append(_spent(r))
                 self._results[cid] = None

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -24,14 +25,28 @@ from flwr.serverapp import Grid, ServerApp
 from flexlora.config import RunConfig
 from flexlora.errors import UsageError
 from flexlora.flower.settings import FlowerOptions, load_run_config
-from flexlora.flower.strategy import FlexLoRAStrategy, RoundPlan
+from flexlora.flower.strategy import FlexLoRAStrategy, RoundPlan, Unsent, not_pushed
 from flexlora.server import resolve_client_types
 from flexlora.simulation.runner import FederatedRun
 from flexlora.types import GlobalUpdate, LoRAFactors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FlowerRun", "NodeInfo", "app", "discover_nodes", "make_server_app"]
+__all__ = [
+    "DEPLOYED_PULL_INTERVAL",
+    "FlowerRun",
+    "NodeInfo",
+    "app",
+    "discover_nodes",
+    "make_server_app",
+    "pull_interval",
+    "stream_replies",
+]
+
+#: seconds between two pulls on a Grid with no ``pull_interval`` of its own: what Flower's
+#: deployed Grid (``HttpGrid.send_and_receive``) waits; its in-memory simulation Grid has a
+#: ``pull_interval`` attribute (0.1 s), used as it is
+DEPLOYED_PULL_INTERVAL = 3.0
 
 
 @dataclass(frozen=True)
@@ -69,33 +84,85 @@ def _node_info(reply: Message) -> NodeInfo | str:
     return NodeInfo(node, str(values[0]), str(values[1]), int(num))
 
 
+def pull_interval(grid: Grid, setting: float = 0.0) -> float:
+    """Seconds between two pulls: ``setting`` (``flower.pull-interval``) when positive, else
+    the Grid's own ``pull_interval`` (Flower's in-memory simulation Grid has one), else
+    :data:`DEPLOYED_PULL_INTERVAL` (what Flower's deployed Grid waits)."""
+    if setting > 0:
+        return float(setting)
+    own = getattr(grid, "pull_interval", None)
+    return float(own) if isinstance(own, (int, float)) and own >= 0 else DEPLOYED_PULL_INTERVAL
+
+
 def stream_replies(
-    grid: Grid, messages: Iterable[Message], timeout: float | None
-) -> Iterator[Message]:
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None,
+    *,
+    per_call: int = 4,
+    interval: float = 0.0,
+    sent: dict[str, int] | None = None,
+) -> Iterator[Message | Unsent]:
     """Push ``messages`` and yield each reply as soon as it is pulled, until every message has
     its reply or ``timeout`` seconds have passed (``None``: no limit).
 
-    ``Grid.send_and_receive``'s loop (push, then pull every ``pull_interval`` seconds), but a
-    reply at a time, so that the caller folds it before the next ones arrive instead of
-    holding the whole round's. A grid without ``push_messages`` / ``pull_messages``: its
-    ``send_and_receive``.
+    ``Grid.send_and_receive``'s loop (push, then pull every :func:`pull_interval` seconds),
+    ``per_call`` messages at a time: ``messages`` is read (an iterator: built) only
+    ``per_call`` messages ahead of the push, and no message is kept once pushed; each poll
+    pulls the waiting replies ``per_call`` message ids at a time and yields them one by one,
+    so that the caller folds a few replies before the next ones are pulled instead of holding
+    every reply that landed since the last poll. ``sent`` receives message id -> destination
+    node. A message the Grid did not accept (``push_messages`` gives ``None`` for its id) is
+    yielded as an :class:`Unsent` naming its node, and never pulled. A grid without
+    ``push_messages`` / ``pull_messages``: its ``send_and_receive``.
     """
     push = getattr(grid, "push_messages", None)
     pull = getattr(grid, "pull_messages", None)
     if push is None or pull is None:
-        yield from grid.send_and_receive(messages, timeout=timeout)
+        yield from grid.send_and_receive(list(messages), timeout=timeout)
         return
-    order = list(push(messages))
+    sent = {} if sent is None else sent
+    order: list[str] = []
+    for chunk in _chunks(messages, per_call):
+        nodes = [msg.metadata.dst_node_id for msg in chunk]
+        ids = list(push(chunk))  # a list: Flower's deployed Grid reads it twice
+        del chunk
+        pairs: list[tuple[int | None, str | None]]
+        if len(ids) == len(nodes):  # Flower's contract: one id per message, None if not pushed
+            pairs = list(zip(nodes, ids, strict=True))
+        else:  # ids for some messages only: wait for those, the others end as not replied
+            pairs = [(None, mid) for mid in ids]
+        for node, mid in pairs:
+            if mid is not None:
+                order.append(mid)
+                if node is not None:
+                    sent[mid] = node
+            elif node is not None:
+                log.warning("round message for node %d not pushed: no message id", node)
+                yield Unsent(node, not_pushed(node))
     waiting = set(order)
     end = None if timeout is None else time.monotonic() + timeout
-    interval = float(getattr(grid, "pull_interval", 0.1) or 0.1)
+    pause = pull_interval(grid, interval)
     while waiting:
-        for reply in pull([m for m in order if m in waiting]):  # in the order sent
-            waiting.discard(reply.metadata.reply_to_message_id)
-            yield reply
+        pending = [mid for mid in order if mid in waiting]  # in the order sent
+        for start in range(0, len(pending), per_call):
+            replies = list(pull(pending[start : start + per_call]))
+            replies.reverse()
+            while replies:  # each reply dropped here once the caller has it
+                reply = replies.pop()
+                waiting.discard(reply.metadata.reply_to_message_id)
+                yield reply
         if not waiting or (end is not None and time.monotonic() >= end):
             return
-        time.sleep(interval)
+        time.sleep(pause)
+
+
+def _chunks(items: Iterable[Message], size: int) -> Iterator[list[Message]]:
+    """``items`` ``size`` at a time, each list built only when it is asked for."""
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+        del chunk  # not kept while the next one is built
 
 
 def discover_nodes(
@@ -171,7 +238,7 @@ class FlowerRun(FederatedRun):
         # and asks the nodes to score their seen clients instead (score_own).
         self.local = None
         self.strategy.summary()
-        self.last_plan: RoundPlan | None = None  # the last round's messages and byte counts
+        self.last_plan: RoundPlan | None = None  # the last round's byte counts and message ids
 
     def score_own(
         self,
@@ -206,10 +273,20 @@ class FlowerRun(FederatedRun):
     def run_round(
         self, state: GlobalUpdate, round_: int, bar: bool
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
-        """Send one message per sampled node, wait for the replies, aggregate."""
+        """Send one message per sampled node, wait for the replies, aggregate.
+
+        The messages are built a few at a time as they are pushed and dropped after
+        (:func:`stream_replies`); the plan keeps their byte counts and ids only."""
         state = self.server.round_state(state, round_)  # SLoRA: the SVD initialisation
         plan = self.last_plan = self.strategy.plan(state, round_)
-        replies = stream_replies(self.grid, plan.messages, self.timeout)
+        replies = stream_replies(
+            self.grid,
+            self.strategy.messages(state, plan),
+            self.timeout,
+            per_call=self.options.messages_per_call,
+            interval=self.options.pull_interval,
+            sent=plan.message_ids,
+        )
         new_state, row = self.strategy.collect(state, plan, replies)  # folded as they come
         log.debug(
             "round %d: %d bytes of arrays sent (%d accounted)",

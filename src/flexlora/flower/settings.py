@@ -51,6 +51,21 @@ class FlowerOptions:
     resume: bool = field(
         default=False, metadata={"help": "continue from output.dir/checkpoint if it exists"}
     )
+    pull_interval: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds between two pulls of a round's replies (0: the Grid's own "
+            "pull_interval where it has one, as in Flower's simulation, else 3 s, as Flower's "
+            "deployed Grid.send_and_receive)"
+        },
+    )
+    messages_per_call: int = field(
+        default=4,
+        metadata={
+            "help": "round messages pushed, and replies pulled, per Grid call: the server "
+            "holds at most this many clients' messages (or replies) at a time"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.num_nodes < 0:
@@ -58,6 +73,10 @@ class FlowerOptions:
         for name in ("wait_nodes", "round_timeout"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"flower.{name.replace('_', '-')} must be positive")
+        if self.pull_interval < 0:
+            raise UsageError("flower.pull-interval must be >= 0")
+        if self.messages_per_call < 1:
+            raise UsageError("flower.messages-per-call must be >= 1")
 
 
 def _is_structured(value: object) -> bool:

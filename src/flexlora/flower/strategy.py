@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -47,23 +47,47 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FlexLoRAStrategy",
     "RoundPlan",
+    "Unsent",
     "decode_eval_reply",
     "decode_reply",
     "decode_sparse_reply",
+    "not_pushed",
 ]
+
+
+def not_pushed(node: int) -> str:
+    """Why a client failed whose round message the Grid did not accept."""
+    return f"not sent: the Grid did not accept the message for node {node} (no message id)"
+
+
+@dataclass(frozen=True)
+class Unsent:
+    """A round message that never left the server (``Grid.push_messages`` gave it no id):
+    its node's client is recorded as failed with ``reason``."""
+
+    node_id: int
+    reason: str
 
 
 @dataclass
 class RoundPlan:
-    """One round's outgoing messages and what the server needs to read the replies."""
+    """One round's decisions and what the server needs to read the replies; no messages.
+
+    :meth:`FlexLoRAStrategy.messages` builds the messages from it one at a time (each
+    client's factors cut when its message is built) and fills in the byte counts, so a driver
+    that pushes a few at a time (:func:`~flexlora.flower.server_app.stream_replies`) never
+    holds the round's downloads; the plan keeps only the counts and the pushed ids.
+    """
 
     round: int
     clients: list[str]  # sampled, in the population's order
     node_client: dict[int, str]  # destination node -> its client
-    messages: list[Message]
-    bytes_down: dict[str, int]  # accounted like the simulator (factor bytes)
-    wire_bytes_down: dict[str, int]  # serialized arrays actually sent (npy headers included)
+    failing: set[str] = field(default_factory=set)  # federation.fail_rate's clients
+    config: dict[str, Any] = field(default_factory=dict)  # Flower's train config, if any
     sparse: bool = False  # SLoRA's sparse stage: the messages carry mask values
+    bytes_down: dict[str, int] = field(default_factory=dict)  # like the simulator (factors)
+    wire_bytes_down: dict[str, int] = field(default_factory=dict)  # arrays sent, npy headers in
+    message_ids: dict[str, int] = field(default_factory=dict)  # pushed message id -> node
 
 
 def _reply_parts(
@@ -156,70 +180,91 @@ class FlexLoRAStrategy(Strategy):
     def plan(
         self, state: GlobalUpdate, round_: int, config: ConfigRecord | None = None
     ) -> RoundPlan:
-        """Sample the round's clients and build one message per node, at that node's ranks."""
+        """Sample the round's clients (and who fails); the messages come from
+        :meth:`messages`."""
         server = self.coordinator
         clients = server.sample(round_, self.pool)
-        failing = self.injected_failures(round_, clients)
-        # FLoRA's global ΔW, FedEx-LoRA's residual: the clients add it to their frozen base.
-        frozen = round_frozen(server, state, round_)
+        return RoundPlan(
+            round_,
+            clients,
+            {self.node_of[cid]: cid for cid in clients},
+            failing=self.injected_failures(round_, clients),
+            config=dict(config or {}),
+            sparse=server.sparse_round(round_),
+        )
+
+    def messages(self, state: GlobalUpdate, plan: RoundPlan) -> Iterator[Message]:
+        """One message per sampled node, at that node's ranks, built as it is asked for (its
+        byte counts recorded in ``plan``): nothing here keeps a message once it is yielded."""
+        # FLoRA's global ΔW, FedEx-LoRA's residual: the clients add it to their frozen base
+        # (one record, shared by every message of the round).
+        frozen = round_frozen(self.coordinator, state, plan.round)
         base = state_to_record(frozen) if frozen is not None else None
-        sparse = server.sparse_round(round_)
-        plan = RoundPlan(round_, clients, {}, [], {}, {}, sparse=sparse)
-        for cid in clients:
-            if sparse:  # SLoRA's stage 1: the global values at the shared mask
-                arrays = values_to_record(state.values())
-                down = state.num_bytes()
-            else:
-                start = server.start_factors(state, cid, round_)
-                arrays = factors_to_record(start)
-                down = server.download_bytes(start, state, round_)
-            settings = ConfigRecord(dict(config or {}))
-            settings.update(
-                {
-                    "server-round": round_,
-                    "client-id": cid,
-                    "rank-type": server.client_type[cid],
-                    "seed": server.client_seed(round_, cid),
-                    "train-a": server.trains_A,
-                    "fail": cid in failing,
-                    "stage": "sparse" if sparse else "lora",
-                }
-            )
-            if sparse:  # the union mask's density: the node rebuilds the masks from it
-                settings["sparse-density"] = server.union_density
-            content = RecordDict({"values" if sparse else "arrays": arrays, "config": settings})
-            if base is not None:
-                content["base"] = base
-            node = self.node_of[cid]
-            plan.node_client[node] = cid
-            plan.messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-            plan.bytes_down[cid] = down
-            plan.wire_bytes_down[cid] = record_bytes(arrays) + (record_bytes(base) if base else 0)
-        return plan
+        for cid in plan.clients:
+            yield self._message(state, plan, cid, base)
+
+    def _message(self, state: Any, plan: RoundPlan, cid: str, base: ArrayRecord | None) -> Message:
+        """``cid``'s TRAIN message of ``plan``'s round."""
+        server, round_, sparse = self.coordinator, plan.round, plan.sparse
+        if sparse:  # SLoRA's stage 1: the global values at the shared mask
+            arrays = values_to_record(state.values())
+            down = state.num_bytes()
+        else:
+            start = server.start_factors(state, cid, round_)
+            arrays = factors_to_record(start)
+            down = server.download_bytes(start, state, round_)
+            del start
+        settings = ConfigRecord(dict(plan.config))
+        settings.update(
+            {
+                "server-round": round_,
+                "client-id": cid,
+                "rank-type": server.client_type[cid],
+                "seed": server.client_seed(round_, cid),
+                "train-a": server.trains_A,
+                "fail": cid in plan.failing,
+                "stage": "sparse" if sparse else "lora",
+            }
+        )
+        if sparse:  # the union mask's density: the node rebuilds the masks from it
+            settings["sparse-density"] = server.union_density
+        content = RecordDict({"values" if sparse else "arrays": arrays, "config": settings})
+        if base is not None:
+            content["base"] = base
+        plan.bytes_down[cid] = down
+        plan.wire_bytes_down[cid] = record_bytes(arrays) + (record_bytes(base) if base else 0)
+        node = self.node_of[cid]
+        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
     def collect(
-        self, state: GlobalUpdate, plan: RoundPlan, replies: Iterable[Message]
+        self, state: GlobalUpdate, plan: RoundPlan, replies: Iterable[Message | Unsent]
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
         """Validate the replies, aggregate with the flexlora math; the new state and its row.
 
         Each reply is decoded and offered to a :class:`RoundCollector` as ``replies`` yields
         it, so an iterator that pulls replies as they arrive (:func:`stream_replies`) folds
-        them then: the decoded updates are not held until the round ends.
+        them then: the decoded updates are not held until the round ends. An
+        :class:`Unsent` is its client's failure.
         """
         server = self.coordinator
         lora = server.cfg.lora
         round_ = plan.round
-        seen: set[str] = set()
         # released however the round ends: a grid error or an interrupt while replies are
         # pulled leaves no spilled update behind
         with RoundCollector(server, state, round_, plan.clients) as collector:
             for reply in replies:
-                node = reply.metadata.src_node_id
+                if isinstance(reply, Unsent):
+                    if (cid := plan.node_client.get(reply.node_id)) is not None:
+                        collector.offer(ClientResult(cid, error=reply.reason))
+                    continue
+                # the node the message went to (a Grid's own error reply comes from elsewhere)
+                node = plan.message_ids.get(reply.metadata.reply_to_message_id)
+                node = reply.metadata.src_node_id if node is None else node
                 cid = plan.node_client.get(node)
-                if cid is None or cid in seen:
+                if cid is None:
                     log.warning("round %d: unexpected reply from node %d ignored", round_, node)
                     continue
-                seen.add(cid)
+                # a second reply of a node is the collector's to reject (a duplicate)
                 alpha, rslora = lora.alpha, lora.use_rslora
                 collector.offer(self._read_reply(reply, cid, plan.sparse, alpha, rslora))
             return collector.close(plan.bytes_down)
@@ -297,11 +342,16 @@ class FlexLoRAStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per sampled node, holding the global update at that node's ranks."""
+        """One message per sampled node, holding the global update at that node's ranks.
+
+        A list: Flower's own loop (``Strategy.start``) sends them with
+        ``Grid.send_and_receive``, whose deployed Grid reads them twice; the ServerApp
+        (:class:`~flexlora.flower.server_app.FlowerRun`) builds them a few at a time instead.
+        """
         state = record_to_state(arrays, self.coordinator.aggregator.name)
         plan = self.plan(state, server_round, config)
         self._pending = (state, plan)
-        return plan.messages
+        return list(self.messages(state, plan))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -14,7 +14,8 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sized
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -283,69 +284,100 @@ class FederatedRun:
         state = server.round_state(state, round_)  # SLoRA: the SVD initialisation
         clients = server.sample(round_)
         failing = injected_failures(server, round_, clients)
-        if not sparse:
-            self.worker.set_base_delta(round_frozen(server, state, round_))
         # released however the round ends: an error or an interrupt while a client trains
         # leaves no spilled update behind
         with RoundCollector(server, state, round_, clients) as collector:
             bytes_down: dict[str, int] = {}
-            jobs: list[ClientJob] = []
-            started: dict[str, dict[str, int]] = {}
-            for cid in clients:
-                if sparse:
+            if sparse:
+                for cid in clients:
                     bytes_down[cid] = state.num_bytes()  # the values; the mask is the seed's
-                else:
-                    start = server.start_factors(state, cid, round_)
-                    bytes_down[cid] = server.download_bytes(start, state, round_)
-                    if self.own_ranks is not None:  # a client that pruned cuts them to its ranks
-                        own = self.own_ranks.load(cid, before_round=round_)
-                        start = with_own_ranks(cid, start, own)
-                        started[cid] = {name: f.rank for name, f in start.items()}
-                if cid in failing:
-                    collector.offer(ClientResult(cid, error=INJECTED_FAILURE))
-                elif sparse:
-                    collector.offer(self._train_sparse(cid, state, round_))
-                else:
-                    if self.local is not None:  # FedSA-LoRA: the client's own B, zeros at first
-                        start = with_local_B(cid, start, self.local.load(cid, before_round=round_))
-                    job = ClientJob(
-                        cid,
-                        server.client_type[cid],
-                        start,
-                        self.data.train(cid),
-                        server.client_seed(round_, cid),
-                    )
-                    try:
-                        self.worker.check(job)
-                        jobs.append(job)
-                    except (RuntimeError, FlexLoRAError) as exc:
-                        collector.offer(ClientResult(cid, error=str(exc)))
+                    if cid in failing:
+                        collector.offer(ClientResult(cid, error=INJECTED_FAILURE))
+                    else:
+                        collector.offer(self._train_sparse(cid, state, round_))
+                return collector.close(bytes_down)
+            self.worker.set_base_delta(round_frozen(server, state, round_))
+            started: dict[str, dict[str, int]] = {}
+            jobs = self._jobs(state, round_, clients, failing, collector, bytes_down, started)
             for r in self.train_clients(jobs, round_, bar):
-                # A client that trained keeps what it trained (FedSA's B, HetLoRA's pruned ranks)
-                # even when the server drops its reply as a straggler: a Flower node cannot know.
+                # A client that trained keeps what it trained (FedSA's B, HetLoRA's pruned
+                # ranks) even when the server drops its reply as a straggler: a Flower node
+                # cannot know.
                 if r.update is not None and self.local is not None:
-                    self.local.save(r.client, round_, {n: f.B for n, f in r.update.factors.items()})
+                    B = {n: f.B for n, f in r.update.factors.items()}
+                    self.local.save(r.client, round_, B)
                 pruned = r.update is not None and r.update.ranks != started.get(r.client)
                 if pruned and self.own_ranks is not None:
                     self.own_ranks.save(r.client, round_, rank_tensors(r.update.factors))
                 collector.offer(r)  # folded now: the round's updates are never held together
             return collector.close(bytes_down)
 
+    def _jobs(
+        self,
+        state: GlobalUpdate,
+        round_: int,
+        clients: list[str],
+        failing: set[str],
+        collector: RoundCollector,
+        bytes_down: dict[str, int],
+        started: dict[str, dict[str, int]],
+    ) -> Iterator[ClientJob]:
+        """Each sampled client's job, prepared only when :meth:`train_clients` asks for it (so
+        only one ``train.parallel_clients`` group's start factors, and FedSA's own B's, are in
+        memory at a time); its download bytes go to ``bytes_down``, HetLoRA's starting ranks
+        to ``started``. A client that cannot start (its own stored B or ranks do not fit its
+        slot, no examples, an injected failure) is offered to ``collector`` as failed, with
+        the message a Flower node gives: the node applies its own B / ranks first, then the
+        injected failure."""
+        server = self.server
+        for cid in clients:
+            start = server.start_factors(state, cid, round_)
+            bytes_down[cid] = server.download_bytes(start, state, round_)
+            try:
+                if self.local is not None:  # FedSA-LoRA: the client's own B, zeros at first
+                    start = with_local_B(cid, start, self.local.load(cid, before_round=round_))
+                if self.own_ranks is not None:  # a client that pruned cuts them to its ranks
+                    own = self.own_ranks.load(cid, before_round=round_)
+                    start = with_own_ranks(cid, start, own)
+                    started[cid] = {name: f.rank for name, f in start.items()}
+                if cid in failing:
+                    raise RuntimeError(INJECTED_FAILURE)
+                job = ClientJob(
+                    cid,
+                    server.client_type[cid],
+                    start,
+                    self.data.train(cid),
+                    server.client_seed(round_, cid),
+                )
+                self.worker.check(job)
+            except (RuntimeError, FlexLoRAError) as exc:
+                collector.offer(ClientResult(cid, error=str(exc)))
+                continue
+            del start
+            yield job
+            del job
+
     def train_clients(
-        self, jobs: list[ClientJob], round_: int, bar: bool = False
+        self, jobs: Iterable[ClientJob], round_: int, bar: bool = False
     ) -> Iterator[ClientResult]:
         """Train the round's clients, ``train.parallel_clients`` at a time in one batched pass,
         yielding each group's results as it finishes; the one place the simulator trains (the
-        transport of :class:`~flexlora.federation.round.RoundCollector`)."""
+        transport of :class:`~flexlora.federation.round.RoundCollector`). ``jobs`` is read
+        one group ahead of the training: an iterator prepares each group when it is due."""
         size = self.parallel_clients
-        progress = tqdm(
-            total=len(jobs), desc=f"round {round_} clients", leave=False, disable=not bar
-        )
+        total = len(jobs) if isinstance(jobs, Sized) else None
+        progress = tqdm(total=total, desc=f"round {round_} clients", leave=False, disable=not bar)
+        it = iter(jobs)
+        first = 0  # the index of the group's first job in the round: its batch number
         try:
-            for start in range(0, len(jobs), size):
-                group = jobs[start : start + size]
-                yield from self._train_group(group, batch=start if len(group) > 1 else None)
+            while group := list(islice(it, size)):
+                batch = first if len(group) > 1 else None
+                first += len(group)
+                results = self._train_group(group, batch=batch)
                 progress.update(len(group))
+                del group  # its start factors go before the next group is prepared
+                yield from results
+                del results
         finally:
             progress.close()
 
