@@ -120,3 +120,29 @@ def test_flexlora_modules_report_their_work() -> None:
         )
     small, wide = acc.modules["small"], acc.modules["wide"]
     assert wide.work() > small.work() > 0
+
+
+def test_result_schedules_modules_by_the_strategy_s_own_estimate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Accumulator.result hands map_modules each accumulator's own work() (FlexLoRA's, not the
+    base class's m·n), so the costliest modules start first."""
+    import flexlora.aggregation.base as base
+
+    seen: dict[str, float] = {}
+    real = base.map_modules
+
+    def spy(fn, items, device="cpu", cost=None):  # type: ignore[no-untyped-def]
+        if cost is not None:
+            seen.update({name: cost(item) for name, item in items.items()})
+        return real(fn, items, device, cost)
+
+    monkeypatch.setattr(base, "map_modules", spy)
+    acc = get_aggregator("flexlora", keep_rank=4).start(SHAPES)
+    for u in updates(6):
+        acc.add(u)
+    expected = {name: module.work() for name, module in acc.modules.items()}
+    acc.result()
+    assert seen == expected
+    m, n = SHAPES[next(iter(SHAPES))]
+    assert seen[next(iter(SHAPES))] != float(m * n)  # FlexLoRA's estimate, not the default

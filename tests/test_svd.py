@@ -386,7 +386,7 @@ def test_refined_core_equals_the_float64_svd(R: int) -> None:
     eye = torch.eye(k, dtype=torch.float64)
     torch.testing.assert_close(Uc.T @ Uc, eye, atol=1e-12, rtol=0)
     torch.testing.assert_close(Vc.T @ Vc, eye, atol=1e-9, rtol=0)
-    _, S_top, _ = top_core(core, k)  # the same route
+    _, S_top, _ = top_core(core, k, fast=True)  # the same route
     torch.testing.assert_close(S_top, S, rtol=0, atol=0)
 
 
@@ -503,3 +503,39 @@ def test_canonical_signs_makes_the_first_largest_entry_positive(
         assert Uc[:, j].tolist() == [flip * x for x in column]
         assert Uc[first, j] >= 0
     torch.testing.assert_close((Uc * S) @ Vhc, before, rtol=0, atol=0)
+
+
+def test_refined_core_refuses_a_cut_float32_cannot_resolve() -> None:
+    """A cut inside a cluster that reaches past the refinement's wide subspace (σ_{k+1} = … =
+    σ_R just below σ_k: float32's eigenvectors there are any basis of the cluster, and the
+    refined truncation was 5e-4 to 6e-3 off): the estimated error is beyond
+    FAST_EIG_MAX_ERROR, the refinement refuses, and top_core's float64 route gives the SVD's
+    truncation; the same spectrum with a decaying tail is accepted."""
+    R, k = 720, 100
+    s = torch.logspace(0, -6, R, dtype=torch.float64)  # σ_k ≈ 0.15·σ_1
+    assert refined_core(core_with_spectrum(s, 40), k) is not None
+    s[k:] = s[k - 1] - 9e-6 * s[0]  # the whole tail one value just below the cut
+    core = core_with_spectrum(s, 40)
+    assert refined_core(core, k) is None
+    Uc, S, Vc = top_core(core, k, fast=True)
+    U0, S0, Vh0 = torch.linalg.svd(core)
+    ref = (U0[:, :k] * S0[:k]) @ Vh0[:k]
+    err = torch.linalg.matrix_norm((Uc * S) @ Vc.T - ref) / torch.linalg.matrix_norm(ref)
+    assert float(err) <= 1e-8
+
+
+def test_float64_stacks_never_take_the_float32_eigensolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 refinement is for float32 results: float64 stacks with R >= FAST_EIG_MIN
+    are decomposed in float64 throughout, to float64 accuracy."""
+    import flexlora.lora.topk as topk
+
+    calls: list[int] = []
+    monkeypatch.setattr(topk, "refined_core", lambda core, k: calls.append(k))
+    g = torch.Generator().manual_seed(41)
+    m, n, R, k = 900, 800, FAST_EIG_MIN + 40, 60
+    B = torch.randn(m, R, generator=g, dtype=torch.float64)
+    A = torch.randn(R, n, generator=g, dtype=torch.float64)
+    U, S, Vh = (t.numpy() for t in gram_svd(B, A, k))
+    assert not calls
+    U0, S0, Vh0 = reference((B @ A).numpy())
+    assert rel_err(truncate(U, S, Vh, k), truncate(U0, S0, Vh0, k)) <= 1e-10

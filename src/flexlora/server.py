@@ -186,9 +186,11 @@ class Coordinator:
     client_types:
         Client id -> resource type (see :func:`resolve_client_types`).
     reply_dir:
-        Where a round's :class:`~flexlora.federation.replies.ReplyStore` spills the updates
-        it keeps for the diagnostics (a ``flexlora-replies-*`` folder, removed with the
-        round): the drivers give their run folder; ``None``, the system's temporary folder.
+        Where a round's :class:`~flexlora.federation.replies.ReplyStore` instances spill the
+        updates they keep (the diagnostics' second pass, and the replies a
+        :class:`~flexlora.federation.round.RoundCollector` holds for an earlier client; a
+        ``flexlora-replies-*`` folder each, removed with the round): the drivers give their
+        run folder; ``None``, the system's temporary folder.
     """
 
     def __init__(

@@ -333,12 +333,12 @@ class Accumulator:
         """
         if not self.clients:
             raise InvalidUpdateError(None, None, "empty", "no client updates to aggregate")
-        with one_blas_thread():
+        with one_blas_thread(self.device):
             modules = map_modules(
                 lambda _, acc: _to_cpu(acc.result(self.total_weight)),
                 self.modules,
                 self.device,
-                cost=ModuleAccumulator.work,
+                cost=lambda acc: acc.work(),  # the strategy's own estimate
             )
         frozen = {name: acc.frozen() for name, acc in self.modules.items()}
         frozen_cpu = {name: _to_cpu(d) for name, d in frozen.items() if d is not None}

@@ -45,14 +45,16 @@ def _blas_controller() -> Any:
 
 
 @contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """SciPy's OpenBLAS (the LAPACK eigensolvers) on one thread inside the block.
+def one_blas_thread(device: torch.device | str = "cpu") -> Iterator[None]:
+    """The BLAS libraries threadpoolctl finds outside torch (SciPy's OpenBLAS, which the
+    LAPACK eigensolvers use, and NumPy's) on one thread inside the block, for a server step
+    on the CPU; on another ``device`` nothing is changed (and nothing is scanned).
 
     Process-wide, so it is set once around a parallel map rather than by each worker: two
     workers setting and restoring it in turn would race. A second OpenBLAS thread gained
     10-25 % in an eigensolver, but its spinning waiters slowed every torch product after it.
     """
-    controller = _blas_controller()
+    controller = _blas_controller() if torch.device(device).type == "cpu" else None
     if controller is None:
         yield
         return

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -214,40 +213,3 @@ class UpdateValidator:
                 "norm",
                 f"||s*B*A||_F = {norm:.4g} exceeds the bound {self.max_norm:.4g}",
             )
-
-    def split(
-        self,
-        updates: Sequence[object],
-        expected: Mapping[str, Mapping[str, int]],
-    ) -> tuple[list[ClientUpdate], dict[str, str]]:
-        """Partition ``updates`` into the valid ones and ``{client: reason}`` for the rest.
-
-        ``expected`` maps each client of the round to its assigned ranks per module. When a
-        client id occurs more than once, every one of its updates is rejected: the server
-        cannot tell which is genuine. Objects that are not updates are named ``<update #i>``.
-        """
-        labels = [_label(u, i) for i, u in enumerate(updates)]
-        counts = Counter(labels)
-        valid: list[ClientUpdate] = []
-        rejected: dict[str, str] = {}
-        for label, u in zip(labels, updates, strict=True):
-            try:
-                if counts[label] > 1:
-                    raise _reject(
-                        label, None, "duplicate", f"{counts[label]} updates from one client id"
-                    )
-                cid = getattr(u, "client_id", None)
-                self.check(u, expected.get(cid) if isinstance(cid, str) else None)
-            except InvalidUpdateError as exc:
-                rejected[label] = f"{rejected[label]}; {exc}" if label in rejected else str(exc)
-                continue
-            valid.append(u)  # type: ignore[arg-type]
-        return valid, rejected
-
-
-def _label(update: object, index: int) -> str:
-    """How a rejection names an update: its client id, else its position."""
-    cid = getattr(update, "client_id", None) if isinstance(update, ClientUpdate) else None
-    if isinstance(cid, str) and cid:
-        return cid
-    return f"<update #{index}>"

@@ -39,7 +39,7 @@ def _syevr(dtype: torch.dtype) -> Callable[..., None] | None:
     capsule = getattr(cython_lapack, "__pyx_capi__", {}).get(name)
     if capsule is None:
         return None
-    api = ctypes.pythonapi
+    api = ctypes.PyDLL(None)  # a handle of our own: ctypes.pythonapi's signatures stay as they are
     api.PyCapsule_GetName.restype = ctypes.c_char_p
     api.PyCapsule_GetName.argtypes = [ctypes.py_object]
     api.PyCapsule_GetPointer.restype = ctypes.c_void_p

@@ -156,7 +156,7 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
         # (R, R) float64; with float32 Grams from a float32 product, 2.5x faster: its rounding,
         # relative to |Rb|·|Ra|, is that of the float32 inputs themselves
         core = upper_product(Rb, Ra).double()
-        Uc, S, Vc = top_core(core, k)  # (R, k), (k,), (R, k)
+        Uc, S, Vc = top_core(core, k, fast)  # (R, k), (k,), (R, k)
         left = torch.linalg.solve_triangular(Rb.double(), Uc, upper=True)  # (R, k)
         right = torch.linalg.solve_triangular(Ra.double(), Vc, upper=True)  # (R, k)
         U = B @ left.to(B.dtype)  # (m, k)
@@ -182,7 +182,7 @@ def householder_svd(B: Tensor, A: Tensor, k: int) -> SVD:
     ha, ta = torch.geqrf(A.T)  # (n, R), (R,)
     Rb, Ra = hb[:R].triu(), ha[:R].triu()  # (R, R) upper
     core = (Rb @ Ra.T).double()  # in the stacks' precision: its rounding is theirs
-    Uc, S, Vc = top_core(core, k)  # (R, k), (k,), (R, k)
+    Uc, S, Vc = top_core(core, k, B.dtype == torch.float32)  # (R, k), (k,), (R, k)
     Uk = torch.zeros(B.shape[0], Uc.shape[1], dtype=B.dtype, device=B.device)  # (m, k)
     Uk[:R] = Uc.to(B.dtype)
     Vk = torch.zeros(A.shape[1], Vc.shape[1], dtype=A.dtype, device=A.device)  # (n, k)
