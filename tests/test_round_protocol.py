@@ -441,7 +441,8 @@ def test_a_message_the_grid_did_not_accept_fails_its_client_and_is_never_pulled(
     tasks: Path, tmp_path: Path
 ) -> None:
     """``push_messages`` gives ``None`` for a message it could not push (Flower keeps the
-    order): that node's client fails with a message naming it, the others go on."""
+    order): that node's client fails with a message naming it, its download is not counted,
+    the others go on."""
     from flexlora.flower.strategy import not_pushed
 
     refused: list[int] = []
@@ -463,6 +464,8 @@ def test_a_message_the_grid_did_not_accept_fails_its_client_and_is_never_pulled(
     assert row["failed"] == {client: not_pushed(refused[0])}
     assert len(row["aggregated"]) == 2 and client not in row["aggregated"]
     assert all(None not in ids for ids in grid.pulled)  # LocalGrid asserts it, too
+    assert client not in row["bytes_down_per_client"]  # nothing reached its node
+    assert row["bytes_down"] == sum(row["bytes_down_per_client"].values())
 
 
 def test_the_pull_interval_is_flowers_unless_set(

@@ -256,6 +256,8 @@ class FlexLoRAStrategy(Strategy):
                 if isinstance(reply, Unsent):
                     if (cid := plan.node_client.get(reply.node_id)) is not None:
                         collector.offer(ClientResult(cid, error=reply.reason))
+                        plan.bytes_down.pop(cid, None)  # nothing reached the node
+                        plan.wire_bytes_down.pop(cid, None)
                     continue
                 # the node the message went to (a Grid's own error reply comes from elsewhere)
                 node = plan.message_ids.get(reply.metadata.reply_to_message_id)
