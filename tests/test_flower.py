@@ -354,13 +354,9 @@ def test_bad_replies_are_rejected_failures_recorded_and_the_rest_aggregated(
     assert set(row["bytes_up_per_client"]) == {cid[bad], *row["aggregated"]} - {cid[bad]}
 
 
-def test_replies_with_unreadable_arrays_are_rejected_and_the_round_goes_on(
-    job, caplog: pytest.LogCaptureFixture
-) -> None:
-    """One node sends an array no tensor comes from (each kind in turn), another a
-    big-endian one: the first is rejected by client and module, the round aggregates the
-    others, the big-endian reply exactly as its native twin."""
-    cfg, values, runtime = job
+def first_round_replies(cfg, values, runtime):  # type: ignore[no-untyped-def]
+    """Round 1 planned and answered by every node of a LocalGrid: the strategy, the start
+    state, the plan, the replies and the client of each reply, in the replies' order."""
     strategy, node_configs = _strategy(cfg, runtime)
     state = strategy.coordinator.initial_state()
     plan = strategy.plan(state, 1)
@@ -368,6 +364,17 @@ def test_replies_with_unreadable_arrays_are_rejected_and_the_round_goes_on(
         list(strategy.messages(state, plan))
     )
     cid = [plan.node_client[r.metadata.src_node_id] for r in replies]
+    return strategy, state, plan, replies, cid
+
+
+def test_replies_with_unreadable_arrays_are_rejected_and_the_round_goes_on(
+    job, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One node sends an array no tensor comes from (each kind in turn), another a
+    big-endian one: the first is rejected by client and module, the round aggregates the
+    others, the big-endian reply exactly as its native twin."""
+    cfg, values, runtime = job
+    strategy, state, plan, replies, cid = first_round_replies(cfg, values, runtime)
     module = next(iter(runtime.shapes))
     bad_arrays = replies[0].content.array_records["arrays"]
     big_arrays = replies[1].content.array_records["arrays"]
@@ -407,13 +414,7 @@ def test_a_reply_the_decoder_chokes_on_is_rejected_not_the_round(
     from flexlora.flower import strategy as strategy_mod
 
     cfg, values, runtime = job
-    strategy, node_configs = _strategy(cfg, runtime)
-    state = strategy.coordinator.initial_state()
-    plan = strategy.plan(state, 1)
-    replies = LocalGrid(make_client_app(values), node_configs).send_and_receive(
-        list(strategy.messages(state, plan))
-    )
-    cid = [plan.node_client[r.metadata.src_node_id] for r in replies]
+    strategy, state, plan, replies, cid = first_round_replies(cfg, values, runtime)
     decode = strategy_mod.decode_reply
 
     def choking(content, client, alpha, use_rslora):  # type: ignore[no-untyped-def]

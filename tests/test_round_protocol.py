@@ -23,7 +23,7 @@ from flexlora.flower.settings import to_run_config
 from flexlora.flower.strategy import FlexLoRAStrategy
 from flexlora.server import Coordinator, resolve_client_types
 from flexlora.simulation.runner import FederatedRun
-from flexlora.types import ClientUpdate
+from flexlora.types import ClientUpdate, GlobalUpdate
 from tests.conftest import random_factors
 from tests.flower_helpers import (
     LocalGrid,
@@ -322,6 +322,22 @@ def test_the_flower_server_folds_replies_as_they_are_pulled(
     )
 
 
+def toy_results(
+    tasks: Path, tmp_path: Path, count: int
+) -> tuple[Coordinator, GlobalUpdate, list[str], list[ClientResult], dict[str, int]]:
+    """A toy round's server, start state, first ``count`` clients, one trained-looking result
+    each (in the clients' order) and their download bytes."""
+    cfg = toy_config(tmp_path / "x", tasks)
+    runtime = NodeRuntime(cfg)
+    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
+    clients = list(runtime.data.seen[:count])
+    results = [
+        ClientResult(c, update_for(server, c, i), seconds=1.0, tokens=3)
+        for i, c in enumerate(clients)
+    ]
+    return server, server.initial_state(), clients, results, dict.fromkeys(clients, 10)
+
+
 def test_replies_held_for_a_slow_first_client_stay_within_the_memory_budget(
     tasks: Path, tmp_path: Path
 ) -> None:
@@ -330,16 +346,7 @@ def test_replies_held_for_a_slow_first_client_stay_within_the_memory_budget(
     order's, bit for bit."""
     from flexlora.federation.round import RoundCollector
 
-    cfg = toy_config(tmp_path / "x", tasks)
-    runtime = NodeRuntime(cfg)
-    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
-    clients = list(runtime.data.seen[:5])
-    results = [
-        ClientResult(c, update_for(server, c, i), seconds=1.0, tokens=3)
-        for i, c in enumerate(clients)
-    ]
-    state = server.initial_state()
-    down = dict.fromkeys(clients, 10)
+    server, state, clients, results, down = toy_results(tasks, tmp_path, 5)
     reference, row_in_order = close_round(server, state, 1, clients, results, down)
 
     budget = min(r.update.num_bytes() for r in results[1:])  # room for one held update
@@ -368,16 +375,7 @@ def test_held_replies_are_spilled_and_folded_when_the_round_closes(
     disk, and the temporary files go with the round."""
     from flexlora.federation.round import RoundCollector
 
-    cfg = toy_config(tmp_path / "x", tasks)
-    runtime = NodeRuntime(cfg)
-    server = Coordinator(cfg, runtime.shapes, resolve_client_types(cfg, runtime.data.seen))
-    clients = list(runtime.data.seen[:4])
-    results = [
-        ClientResult(c, update_for(server, c, i), seconds=1.0, tokens=3)
-        for i, c in enumerate(clients)
-    ]
-    state = server.initial_state()
-    down = dict.fromkeys(clients, 10)
+    server, state, clients, results, down = toy_results(tasks, tmp_path, 4)
     reference, row_ref = close_round(server, state, 1, clients, results[1:], down)
     collector = RoundCollector(server, state, 1, clients, held_budget=0)  # all to disk
     for r in reversed(results[1:]):
