@@ -5,11 +5,14 @@ server expects; everything decoded here is checked (keys, dtype, 2-D, A/B ranks 
 fault raises :class:`~flexlora.errors.InvalidUpdateError` naming the client and the module.
 Shapes and ranks against the round's expectations are the Coordinator's validator's job.
 
-Arrays are npy payloads read without pickle. Float arrays are float16, float32 or float64
-(:data:`FLOAT_DTYPES`); one in the other byte order (``>f4`` from a big-endian host) is the
-same numbers and is converted to this machine's order, while every other dtype (longdouble,
-complex, integers, bool, strings, structured, object) is refused as ``dtype``. bfloat16 has
-no npy type, so it cannot travel here (the ClientApp sends float32 factors).
+Arrays are npy payloads read without pickle, header first: the bytes after the header must
+be exactly what its shape and dtype declare, so a short, long or hostile payload is refused
+before anything is allocated, and an accepted array is a view of the message's bytes. Float
+arrays are float16, float32 or float64 (:data:`FLOAT_DTYPES`); one in the other byte order
+(``>f4`` from a big-endian host) is the same numbers and is converted to this machine's order,
+while every other dtype (longdouble, complex, integers, bool, strings, structured) is refused
+as ``dtype``, an object array (a pickle) as ``type``. bfloat16 has no npy type, so it cannot
+travel here (the ClientApp sends float32 factors).
 
 Keys: ``<module>.lora_A`` ``(r, n)`` / ``<module>.lora_B`` ``(m, r)`` for factors;
 ``<module>.U`` ``(m, k)``, ``.S`` ``(k,)``, ``.Vh`` ``(k, n)`` and ``.truncation`` (a one-element
@@ -19,11 +22,15 @@ SLoRA's sparse stage (the values at the shared mask; the mask itself is rebuilt 
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 
 from flexlora.errors import InvalidUpdateError
 from flexlora.types import FROZEN_PREFIX, TRUNCATIONS, GlobalUpdate, LoRAFactors, ModuleDelta
@@ -65,14 +72,62 @@ def factors_to_record(factors: Mapping[str, LoRAFactors]) -> ArrayRecord:
 
 def _numpy(record: ArrayRecord, key: str, client: str, module: str) -> np.ndarray:
     """``record[key]`` read as an npy payload (never unpickled), or an error naming client and
-    module: whatever a malformed payload makes numpy raise (a pickle, a truncated or garbled
-    header or body, an empty payload, a declared size it cannot allocate) is a ``type``
-    fault of this reply, never an error of the round. Holds the decoded array."""
+    module: whatever a malformed payload makes numpy raise (a truncated or garbled header, an
+    empty payload) is a ``type`` fault of this reply, never an error of the round.
+
+    The header is parsed first and the bytes after it must be exactly shape x itemsize: a
+    payload shorter or longer than its header says (a truncated or hostile message) is refused
+    before anything the header's size is allocated, as is an object dtype (a pickle). Holds a
+    read-only view of the payload's own bytes (no copy).
+    """
     try:
-        return record[key].numpy()
+        return _decode_npy(record[key])
+    except _PayloadError as exc:
+        raise InvalidUpdateError(client, module, "type", f"{key}: {exc}") from None
     except Exception as exc:  # untrusted bytes: every way numpy fails on them
         detail = f"{key} cannot be read as an npy array: {type(exc).__name__}: {exc}"
         raise InvalidUpdateError(client, module, "type", detail) from None
+
+
+class _PayloadError(ValueError):
+    """A well-formed npy header whose payload does not match it (size, dtype, version)."""
+
+
+def _decode_npy(array: Array) -> np.ndarray:
+    """The npy payload of ``array`` as a read-only array over its bytes (shape from the header).
+
+    Raises :class:`_PayloadError` for what the header says that this decoder refuses, and
+    whatever :mod:`numpy.lib.format` raises for a header it cannot parse.
+    """
+    if array.stype != SType.NUMPY:
+        raise _PayloadError(f"serialization type {array.stype!r}, not {SType.NUMPY!r}")
+    data = array.data
+    fp = io.BytesIO(data)  # shares ``data`` (read only)
+    version = npy_format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = npy_format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, fortran, dtype = npy_format.read_array_header_2_0(fp)
+    else:  # 3.0 only adds utf-8 field names (structured dtypes, refused anyway)
+        raise _PayloadError(f"npy format version {version[0]}.{version[1]} is not read")
+    if dtype.hasobject:
+        raise _PayloadError(f"dtype {dtype} holds Python objects (a pickle); never unpickled")
+    if any(d < 0 for d in shape):
+        raise _PayloadError(f"the header declares a negative shape {shape}")
+    offset = fp.tell()
+    count = math.prod(shape)
+    declared = count * dtype.itemsize  # Python ints: no overflow
+    body = len(data) - offset
+    if body != declared:
+        what = "short" if body < declared else "long"
+        raise _PayloadError(
+            f"payload too {what}: the header declares shape {shape} of {dtype} "
+            f"({declared} bytes) but {body} bytes follow it"
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)  # a view: no copy
+    if fortran:
+        return flat.reshape(shape[::-1]).T
+    return flat.reshape(shape)
 
 
 def _tensor(record: ArrayRecord, key: str, client: str, module: str) -> torch.Tensor:
@@ -80,7 +135,7 @@ def _tensor(record: ArrayRecord, key: str, client: str, module: str) -> torch.Te
 
     float16/32/64 in either byte order (:data:`FLOAT_DTYPES`), converted to native order;
     any other dtype, or a conversion torch refuses, is a ``dtype`` fault naming the dtype.
-    Holds the decoded array and one native, writable copy of it, which the tensor shares.
+    Holds a view of the payload's bytes and one native, writable copy, which the tensor shares.
     """
     arr = _numpy(record, key, client, module)
     dtype = arr.dtype
@@ -89,7 +144,7 @@ def _tensor(record: ArrayRecord, key: str, client: str, module: str) -> torch.Te
         allowed = "float16, float32 or float64"
         detail = f"{key} has dtype {dtype} ({dtype.str}), not {allowed}"
         raise InvalidUpdateError(client, module, "dtype", detail)
-    try:  # the one copy: writable (np.load's buffer is not) and in this machine's byte order
+    try:  # the one copy: writable (the payload's bytes are not) and in this machine's byte order
         return torch.from_numpy(arr.astype(native, copy=True))
     except (TypeError, ValueError, RuntimeError) as exc:
         detail = f"{key} of dtype {dtype} ({dtype.str}) cannot become a tensor: {exc}"
