@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from flexlora.aggregation import AGGREGATORS, check_updates, get_aggregator, normalize_weights
@@ -209,9 +209,13 @@ def check_against_reference(strategy: str, case: Round, tol: float, **options) -
     assert state.strategy == strategy and set(state.names()) == {Q, UP}
     for module in (Q, UP):
         delta = state[module]
+        if strategy == "flora":  # the state is ΔW itself, stacked or (once dense) its SVD
+            assert rel_err(delta.dense().numpy(), ref_sum(case.updates, module, p)) <= tol
         for r in client_ranks(case.updates, module):
             if delta.truncation == "exact" and r != delta.rank:
                 continue
+            if strategy == "flora" and r < delta.rank:
+                continue  # a cut of FLoRA's SVD: clients merge the whole ΔW instead
             pad = torch.Generator().manual_seed(r) if r > delta.rank else None
             got = delta.factors(r, 8.0, pad=pad, module=module)  # any receiving alpha
             assert got.rank == r
@@ -515,8 +519,13 @@ def test_flora_accumulates_the_previous_state(first: Round, seed: int) -> None:
     state1 = agg.aggregate(first.updates, first.weights)
     p1 = probabilities(first.updates, first.weights)
     for module in (Q, UP):
-        assert state1[module].truncation == "exact"
-        assert state1[module].rank == sum(u.factors[module].rank for u in first.updates)
+        R = sum(u.factors[module].rank for u in first.updates)
+        m, n = state1[module].shape
+        if R * (m + n) <= m * n:  # the stacked factors themselves
+            assert (state1[module].truncation, state1[module].rank) == ("exact", R)
+        else:  # the stacks would be larger than ΔW: its thin SVD, from the dense sum
+            assert (state1[module].truncation, state1[module].rank) == ("svd", min(R, m, n))
+        assert rel_err(state1[module].dense().numpy(), ref_sum(first.updates, module, p1)) <= 1e-9
     shapes = {name: state1[name].shape for name in (Q, UP)}
     second = make_round(seed, shapes, [{Q: 2, UP: 1}, {Q: 1, UP: 3}], [4, 9], [16.0, 8.0])
     state2 = agg.aggregate(second, previous=state1)
@@ -538,6 +547,101 @@ def test_flora_previous_without_the_module_starts_fresh() -> None:
         rel_err(state[Q].dense().numpy(), only_q[Q].dense().numpy() + ref_sum(updates, Q, [1.0]))
         <= 1e-9
     )
+
+
+def test_flora_stacked_state_is_the_scaled_B_and_weighted_A_as_before() -> None:
+    """While the stacks are the smaller form, round 1's state is [s_i·B_i] and [w_i·A_i] / W
+    exactly (bit for bit): what clients and exports are handed did not change."""
+    updates = make_round(3, {Q: (12, 10)}, [{Q: 2}, {Q: 1}], [3, 5], [8.0, 16.0])  # 3·22 <= 120
+    state = get_aggregator("flora", dtype=torch.float64).aggregate(updates)
+    fs = [u.factors[Q] for u in updates]
+    assert state[Q].truncation == "exact"
+    assert torch.equal(state[Q].U, torch.cat([f.scaling * f.B for f in fs], dim=1))
+    assert torch.equal(state[Q].Vh, torch.cat([3.0 * fs[0].A, 5.0 * fs[1].A]) / 8.0)
+    assert state[Q].U.is_contiguous() and torch.equal(state[Q].S, torch.ones(3).double())
+    for t in (state[Q].U, state[Q].Vh):  # in their own storage, not the server's buffers
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@st.composite
+def crowded_rounds(draw: st.DrawFn) -> Round:
+    """3–12 clients on small modules: Σ r_i·(m + n) > m·n, so the sum goes dense mid-round."""
+    shapes = {Q: (draw(st.integers(1, 12)), draw(st.integers(1, 12)))}
+    shapes[UP] = (draw(st.integers(1, 12)), draw(st.integers(1, 12)))
+    k = draw(st.integers(3, 12))
+    ranks = [{Q: draw(st.integers(1, 6)), UP: draw(st.integers(1, 6))} for _ in range(k)]
+    for name, (m, n) in shapes.items():
+        assume(sum(r[name] for r in ranks) * (m + n) > m * n)
+    alphas = [draw(st.sampled_from([4.0, 8.0, 16.0, 3.5])) for _ in range(k)]
+    examples = [draw(st.integers(1, 1000)) for _ in range(k)]
+    weights = draw(st.none() | st.lists(st.floats(0.01, 100.0), min_size=k, max_size=k))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return Round(make_round(seed, shapes, ranks, examples, alphas), weights)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=crowded_rounds(), previous_seed=st.none() | st.integers(0, 1000))
+def test_flora_past_the_dense_size_is_still_the_exact_sum(
+    case: Round, previous_seed: int | None
+) -> None:
+    """Σ r_i·(m + n) > m·n: the server sums densely, and the state is still ΔW (plus the
+    previous state), as the exact thin SVD of the reference: rank min(R + k, m, n), S its
+    singular values."""
+    agg = get_aggregator("flora", dtype=torch.float64)
+    shapes = {name: f.shape for name, f in case.updates[0].factors.items()}
+    previous, before = None, dict.fromkeys(shapes, 0.0)
+    if previous_seed is not None:  # a state from an earlier round (stacked or SVD)
+        ranks = [dict.fromkeys(shapes, 2)] * 2
+        first = make_round(previous_seed, shapes, ranks, [3, 5], [8.0] * 2)
+        previous = agg.aggregate(first)
+        before = {name: ref_sum(first, name, [3 / 8, 5 / 8]) for name in shapes}
+    state = agg.aggregate(case.updates, case.weights, previous=previous)
+    p = probabilities(case.updates, case.weights)
+    for name, (m, n) in shapes.items():
+        expected = before[name] + ref_sum(case.updates, name, p)
+        rank = sum(u.factors[name].rank for u in case.updates)
+        rank += previous[name].rank if previous is not None else 0
+        d = state[name]
+        assert (d.truncation, d.rank) == ("svd", min(rank, m, n))
+        assert rel_err(d.dense().numpy(), expected) <= 1e-9
+        S = np.linalg.svd(expected, compute_uv=False)[: d.rank]
+        np.testing.assert_allclose(d.S.numpy(), S, rtol=0, atol=1e-9 * S[0])
+
+
+def test_flora_holds_per_module_the_smaller_exact_form() -> None:
+    """After each of 40 replies: per module exactly min(R·(m + n), m·n) numbers, the stacks
+    while they are the smaller, then one (m, n) sum and no stack buffer; the state is the sum."""
+    shapes = {"q": (64, 64), "v": (64, 16), "tall": (200, 3), "big": (512, 400)}
+    cycle = [1, 2, 4, 8]
+    acc = get_aggregator("flora").start(shapes)
+    total_rank = dict.fromkeys(shapes, 0)
+    went_dense, updates = set(), []
+    for c in range(40):
+        ranks = {
+            name: min(cycle[(c + i) % 4], m, n) for i, (name, (m, n)) in enumerate(shapes.items())
+        }
+        update = make_round(c, shapes, [ranks], [1], [8.0], dtype=torch.float32)[0]
+        acc.add(ClientUpdate(f"c{c}", 1 + c % 3, update.factors))
+        updates.append(ClientUpdate(f"c{c}", 1 + c % 3, update.factors))
+        for name, (m, n) in shapes.items():
+            total_rank[name] += ranks[name]
+            R, mod = total_rank[name], acc.modules[name]
+            assert mod.num_bytes() == min(R * (m + n), m * n) * 4  # float32, exactly
+            if R * (m + n) <= m * n:
+                assert all(t.shape != (m, n) for t in mod.tensors())
+            else:
+                assert [t.shape for t in mod.tensors()] == [(m, n)]
+                assert mod.sum.Bt.buffer is None and mod.sum.As.buffer is None
+                went_dense.add(name)
+    assert went_dense == {"q", "v", "tall"}  # "big" stays stacked: 150·912 < 512·400
+    expected = sum(min(total_rank[k] * (m + n), m * n) for k, (m, n) in shapes.items())
+    assert acc.num_bytes() == 4 * expected < 4 * sum(m * n for m, n in shapes.values())
+    state = acc.result()
+    p = probabilities(updates, None)
+    for name in shapes:
+        ref = ref_sum(updates, name, p)
+        assert state[name].truncation == ("exact" if name == "big" else "svd")
+        assert rel_err(state[name].dense().numpy(), ref) <= 1e-5
 
 
 def test_hetlora_weights_are_proportional_to_update_norms() -> None:

@@ -545,7 +545,8 @@ def test_each_kind_of_state_has_its_own_type_through_a_checkpoint(
     from flexlora.types import FactorState, SVDState
 
     ranks = [{Q: 2}, {Q: 2 if strategy == "fedit" else 3}]
-    updates = make_round(4, {Q: (6, 8)}, ranks, [1, 2], [8.0, 8.0], shared_A=strategy == "ffa")
+    # 16x24: FLoRA's stacks (5·40 numbers) are smaller than ΔW (384), so they are its state
+    updates = make_round(4, {Q: (16, 24)}, ranks, [1, 2], [8.0, 8.0], shared_A=strategy == "ffa")
     state = get_aggregator(strategy, dtype=torch.float64).aggregate(updates)
     back = GlobalUpdate.from_tensors(*state.to_tensors())
     for d in (state[Q], back[Q]):

@@ -210,9 +210,10 @@ class ModuleAccumulator(ABC):
        :class:`~flexlora.types.ModuleDelta` (on any device; :class:`Accumulator` moves it to
        the CPU); then :meth:`frozen` gives the module's frozen part, if the strategy has one.
 
-    What an accumulator holds must not grow with the number of clients beyond what the result
-    itself needs (a running sum, or FLoRA's stack, whose rank *is* Σ r_i). Say in the
-    subclass docstring what it holds. The tensors it keeps are in ``dtype`` on ``device``.
+    What an accumulator holds must not grow with the number of clients: a running sum, or
+    stacks only while they are smaller than the module's m×n (FlexLoRA's and FLoRA's
+    :class:`~flexlora.aggregation.flexlora.FlexLoRAModule`). Say in the subclass docstring
+    what it holds. The tensors it keeps are in ``dtype`` on ``device``.
     """
 
     def __init__(

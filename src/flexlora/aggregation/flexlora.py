@@ -80,7 +80,10 @@ class FlexLoRAModule(ModuleAccumulator):
     ``auto`` starts with stacks and switches to the dense sum (adding the stacks into it and
     dropping them) when one more client would make R·(m + n) exceed m·n, so it never holds
     more than the dense sum; nothing is approximated. ``factored`` always stacks, ``dense``
-    and ``randomized`` always sum.
+    and ``randomized`` always sum. The stacks carry the weight w_i·s_i in B (``weight_in``
+    ``"B"``), or s_i in B and w_i in A (``"A"``: FLoRA's own stacked factors, which it hands
+    out as they are); the sum they make is the same. FLoRA, FedEx-LoRA's residual and the DP
+    sum hold theirs in one of these.
     """
 
     def __init__(
@@ -92,15 +95,19 @@ class FlexLoRAModule(ModuleAccumulator):
         method: str,
         keep: int | None,
         niter: int,
+        weight_in: str = "B",
     ) -> None:
         super().__init__(module, shape, dtype, device)
+        if weight_in not in ("A", "B"):
+            raise ValueError(f"weight_in must be 'A' or 'B', got {weight_in!r}")
         self.method = method
+        self.weight_in = weight_in
         self.keep = keep
         self.niter = niter
         m, n = self.shape
         bound = None if method == "factored" else (m * n) // (m + n)  # most rows auto stacks
-        self.Bt = RowStack(m, dtype, device, bound)  # (R, m): w_i·s_i·B_iᵀ blocks
-        self.As = RowStack(n, dtype, device, bound)  # (R, n): A_i blocks
+        self.Bt = RowStack(m, dtype, device, bound)  # (R, m): w_i·s_i·B_iᵀ (or s_i·B_iᵀ) blocks
+        self.As = RowStack(n, dtype, device, bound)  # (R, n): A_i (or w_i·A_i) blocks
         self.delta: Tensor | None = None  # (m, n) once dense
         self.total_rank = 0
 
@@ -109,7 +116,8 @@ class FlexLoRAModule(ModuleAccumulator):
         return self.delta is None
 
     def stacks(self) -> tuple[Tensor, Tensor]:
-        """The weighted B stack (m, R), a column-major view, and the A stack (R, n)."""
+        """The B stack (m, R), a column-major view, and the A stack (R, n) of the buffers;
+        the weights are in one of them (``weight_in``)."""
         return self.Bt.rows().T, self.As.rows()
 
     def tensors(self) -> list[Tensor]:
@@ -130,8 +138,13 @@ class FlexLoRAModule(ModuleAccumulator):
         self.total_rank += f.rank
         stacks_fit = self.total_rank * (m + n) <= m * n
         if self.method == "factored" or (self.method == "auto" and stacks_fit):
-            torch.mul(B.T, w, out=self.Bt.slot(f.rank))  # copies: the client's is never kept
-            self.As.slot(f.rank).copy_(A)
+            # copies: the client's factors are never kept
+            if self.weight_in == "B":
+                torch.mul(B.T, w, out=self.Bt.slot(f.rank))  # (r_i, m)
+                self.As.slot(f.rank).copy_(A)  # (r_i, n)
+            else:
+                torch.mul(B.T, f.scaling, out=self.Bt.slot(f.rank))  # (r_i, m)
+                torch.mul(A, weight, out=self.As.slot(f.rank))  # (r_i, n)
             return
         if self.delta is None:
             self.delta = torch.zeros(m, n, dtype=self.dtype, device=self.device)  # (m, n)
