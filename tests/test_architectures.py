@@ -219,6 +219,22 @@ def test_plan_reads_each_architectures_own_config_names(
     assert s.targets == target_linear_modules(meta_model(str(folder)), targets)
 
 
+def test_plan_of_an_attention_free_model(tmp_path: Path) -> None:
+    """Mamba has no attention heads in its config: flexlora plan (and so
+    train.parallel_clients = auto) plans it without attention terms instead of refusing."""
+    from flexlora.config import load_config
+    from flexlora.plan import format_plan
+
+    folder = tmp_path / "mamba"
+    tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS).save_pretrained(folder)
+    targets = ["in_proj", "x_proj"]
+    s = model_shape(str(folder), targets)
+    assert (s.layers, s.hidden, s.heads, s.kv_dim, s.intermediate) == (2, 32, 0, 0, 64)
+    cfg = load_config(values={"model": {"name": str(folder)}, "lora": {"target_modules": targets}})
+    text = format_plan(cfg, device_memory=2**30)
+    assert "MambaForCausalLM" in text and "no attention" in text and "| yes |" in text
+
+
 def test_feed_forward_names_of_other_architectures_and_the_warning_when_none_match() -> None:
     """Falcon's dense_h_to_4h takes the FFN rank by default; a model whose feed-forward
     names are not in lora.ffn_modules is warned about (its rank types would act as attention)."""
