@@ -219,6 +219,20 @@ def test_plan_reads_each_architectures_own_config_names(
     assert s.targets == target_linear_modules(meta_model(str(folder)), targets)
 
 
+def test_a_target_peft_refuses_is_a_clear_error() -> None:
+    """Mamba's out_proj is a Linear, but PEFT refuses LoRA on it: a UsageError naming it
+    (flexlora run's clear error), not PEFT's ValueError traceback."""
+    from flexlora.training.adapters import AdapterHost
+
+    torch.manual_seed(0)
+    config = tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS)
+    model = tf.MambaForCausalLM(config).eval()
+    targets = ["in_proj", "out_proj"]
+    ranks = dict.fromkeys(target_linear_modules(model, targets), 2)
+    with pytest.raises(UsageError, match=r"PEFT cannot adapt .*'out_proj'.*MambaForCausalLM"):
+        AdapterHost(model, targets, {"t": ranks})
+
+
 def test_plan_of_an_attention_free_model(tmp_path: Path) -> None:
     """Mamba has no attention heads in its config: flexlora plan (and so
     train.parallel_clients = auto) plans it without attention terms instead of refusing."""
