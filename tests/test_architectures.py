@@ -3,8 +3,9 @@ configs (nothing downloaded), saved as folders and given to ``flexlora run`` as 
 
 Covers fused projections (Phi-3's ``qkv_proj`` / ``gate_up_proj``, Falcon's and GPT-NeoX's
 ``query_key_value``, MPT's ``Wqkv``), GPT-2's ``Conv1D``, OPT's feed-forward on flattened
-``(tokens, hidden)`` inputs, and the clear errors: a layer kind that cannot be adapted, and a
-base model whose own dropout would break batched clients.
+``(tokens, hidden)`` inputs, Mamba (no attention; reads an adapted layer's weight directly),
+and the clear errors: a layer kind that cannot be adapted, and a base model whose own dropout
+would break batched clients.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ ARCHITECTURES: dict[str, tuple[Callable[[], tf.PretrainedConfig], list[str], lis
         ["q_proj", "v_proj", "out_proj", "fc1", "fc2"],
         ["fc1", "fc2"],
     ),
+    "mamba": (  # attention-free; reads x_proj.weight directly while training
+        lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS),
+        ["in_proj", "x_proj"],
+        ["in_proj"],
+    ),
     "mpt": (
         lambda: tf.MptConfig(
             d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=128, **IDS
@@ -152,9 +158,10 @@ def test_flexlora_run_trains_evaluates_and_exports_on_each_architecture(
     assert not torch.equal(tuned, plain)  # the trained adapter changes the model
 
 
-@pytest.mark.parametrize("arch", ["opt", "phi3", "falcon"])
+@pytest.mark.parametrize("arch", ["opt", "phi3", "falcon", "mamba"])
 def test_batched_clients_equal_sequential_on_other_architectures(arch: str, tmp_path: Path) -> None:
-    """OPT feeds its feed-forward (tokens, hidden) inputs; Phi-3 and Falcon fused projections."""
+    """OPT feeds its feed-forward (tokens, hidden) inputs; Phi-3 and Falcon fused projections;
+    Mamba reads its adapted x_proj's weight directly."""
     make, targets, ffn = ARCHITECTURES[arch]
     folder = save_model(make(), tmp_path / arch)
     one = run_on(folder, tmp_path / "one", targets, ffn)
