@@ -3,8 +3,9 @@ configs (nothing downloaded), saved as folders and given to ``flexlora run`` as 
 
 Covers fused projections (Phi-3's ``qkv_proj`` / ``gate_up_proj``, Falcon's and GPT-NeoX's
 ``query_key_value``, MPT's ``Wqkv``), GPT-2's ``Conv1D``, OPT's feed-forward on flattened
-``(tokens, hidden)`` inputs, and the clear errors: a layer kind that cannot be adapted, and a
-base model whose own dropout would break batched clients.
+``(tokens, hidden)`` inputs, Mamba (no attention; reads an adapted layer's weight directly),
+and the clear errors: a layer kind that cannot be adapted, and a base model whose own dropout
+would break batched clients.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ ARCHITECTURES: dict[str, tuple[Callable[[], tf.PretrainedConfig], list[str], lis
         ["q_proj", "v_proj", "out_proj", "fc1", "fc2"],
         ["fc1", "fc2"],
     ),
+    "mamba": (  # attention-free; reads x_proj.weight directly while training
+        lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS),
+        ["in_proj", "x_proj"],
+        ["in_proj"],
+    ),
     "mpt": (
         lambda: tf.MptConfig(
             d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=128, **IDS
@@ -152,9 +158,10 @@ def test_flexlora_run_trains_evaluates_and_exports_on_each_architecture(
     assert not torch.equal(tuned, plain)  # the trained adapter changes the model
 
 
-@pytest.mark.parametrize("arch", ["opt", "phi3", "falcon"])
+@pytest.mark.parametrize("arch", ["opt", "phi3", "falcon", "mamba"])
 def test_batched_clients_equal_sequential_on_other_architectures(arch: str, tmp_path: Path) -> None:
-    """OPT feeds its feed-forward (tokens, hidden) inputs; Phi-3 and Falcon fused projections."""
+    """OPT feeds its feed-forward (tokens, hidden) inputs; Phi-3 and Falcon fused projections;
+    Mamba reads its adapted x_proj's weight directly."""
     make, targets, ffn = ARCHITECTURES[arch]
     folder = save_model(make(), tmp_path / arch)
     one = run_on(folder, tmp_path / "one", targets, ffn)
@@ -217,6 +224,36 @@ def test_plan_reads_each_architectures_own_config_names(
     s = model_shape(str(folder), targets)
     assert (s.layers, s.hidden, s.heads, s.kv_heads, s.intermediate) == expected
     assert s.targets == target_linear_modules(meta_model(str(folder)), targets)
+
+
+def test_a_target_peft_refuses_is_a_clear_error() -> None:
+    """Mamba's out_proj is a Linear, but PEFT refuses LoRA on it: a UsageError naming it
+    (flexlora run's clear error), not PEFT's ValueError traceback."""
+    from flexlora.training.adapters import AdapterHost
+
+    torch.manual_seed(0)
+    config = tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS)
+    model = tf.MambaForCausalLM(config).eval()
+    targets = ["in_proj", "out_proj"]
+    ranks = dict.fromkeys(target_linear_modules(model, targets), 2)
+    with pytest.raises(UsageError, match=r"PEFT cannot adapt .*'out_proj'.*MambaForCausalLM"):
+        AdapterHost(model, targets, {"t": ranks})
+
+
+def test_plan_of_an_attention_free_model(tmp_path: Path) -> None:
+    """Mamba has no attention heads in its config: flexlora plan (and so
+    train.parallel_clients = auto) plans it without attention terms instead of refusing."""
+    from flexlora.config import load_config
+    from flexlora.plan import format_plan
+
+    folder = tmp_path / "mamba"
+    tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS).save_pretrained(folder)
+    targets = ["in_proj", "x_proj"]
+    s = model_shape(str(folder), targets)
+    assert (s.layers, s.hidden, s.heads, s.kv_dim, s.intermediate) == (2, 32, 0, 0, 64)
+    cfg = load_config(values={"model": {"name": str(folder)}, "lora": {"target_modules": targets}})
+    text = format_plan(cfg, device_memory=2**30)
+    assert "MambaForCausalLM" in text and "no attention" in text and "| yes |" in text
 
 
 def test_feed_forward_names_of_other_architectures_and_the_warning_when_none_match() -> None:

@@ -192,3 +192,15 @@ def test_harness_tasks_score_the_final_global_model_of_each_bench_run(tmp_path: 
     assert "| flexlora | heavy-tail-light | " + f"{acc:.4f}" in result.summary
     header = (out / "results.csv").read_text().splitlines()[0]
     assert header.endswith(",harness/t_mc/acc")
+
+
+def test_eval_device_overrides_the_runs_device_map() -> None:
+    """A run trained with model.device_map (auto, or one device) is scored with --device
+    cpu: the whole model on the CPU, not a contradiction between two keys of config.toml."""
+    from flexlora.config import ModelConfig
+    from flexlora.evaluation.targets import EvalTarget, load_base
+
+    for device_map in ("auto", "cpu"):
+        target = EvalTarget(base="tiny-llama", model_cfg=ModelConfig(device_map=device_map))
+        model, _ = load_base(target, "cpu")
+        assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -124,6 +124,14 @@ def test_folder_without_config_is_a_usage_error(tmp_path: Path) -> None:
         load_base_model(str(tmp_path))
 
 
+def test_a_config_json_file_as_model_name_is_a_usage_error(tmp_path: Path) -> None:
+    """A config.json (what flexlora plan reads) given to a run: said to be a file, not called
+    a folder without a config.json."""
+    build_tiny_llama()[0].config.save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=r"config\.json' is a file, not a model folder"):
+        load_base_model(str(tmp_path / "config.json"))
+
+
 def test_folder_without_weights_is_a_usage_error(tmp_path: Path) -> None:
     model, tokenizer = build_tiny_llama()
     tokenizer.save_pretrained(tmp_path)

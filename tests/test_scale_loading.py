@@ -276,6 +276,31 @@ def test_gguf_file_as_model_name_converts_once(
         load_base_model(str(tmp_path / "missing.gguf"))
 
 
+def test_a_gguf_file_that_cannot_be_read_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a GGUF, an empty file, an architecture transformers does not read: a UsageError
+    naming the file (the run's clear error), not a ValueError traceback."""
+    import gguf
+    import numpy as np
+
+    monkeypatch.setenv("FLEXLORA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "text.gguf").write_text("not a gguf\n", encoding="utf-8")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    writer = gguf.GGUFWriter(tmp_path / "rwkv.gguf", arch="rwkv6")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for name, why in [("text", "magic"), ("empty", "empty"), ("rwkv", "rwkv6")]:
+        path = tmp_path / f"{name}.gguf"
+        with pytest.raises(UsageError, match=rf"could not convert GGUF file .*{name}\.gguf.*{why}"):
+            load_base_model(str(path))
+    assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-converted
+
+
 def _gpt2(**dropouts: float) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=2, n_head=2, **dropouts)
     torch.manual_seed(0)

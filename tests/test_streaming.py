@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import hypothesis.strategies as st
 import numpy as np
@@ -207,6 +208,19 @@ def test_coordinator_caps_the_flexlora_state_by_federation_keep_rank(
             for name, f in full.factors(coord.ranks_of(c), alpha).items():
                 torch.testing.assert_close(got[name].B, f.B, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(got[name].A, f.A, rtol=1e-5, atol=1e-6)
+
+
+def test_a_keep_rank_below_a_client_rank_is_warned_about() -> None:
+    """keep_rank = 2 with clients of rank 4 at Q and 3 at UP: they would silently get a
+    rank-2 start plus fresh components; 'max', 'all' and a cap >= every rank say nothing."""
+    with pytest.warns(
+        UserWarning, match=r"keep_rank = 2 is below .* 2 module\(s\) \(e\.g\. .*: 4\)"
+    ):
+        coordinator(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for keep in ("max", "all", 4):
+            coordinator(keep)
 
 
 def test_flexlora_aggregator_takes_keep_rank_as_the_config_spells_it() -> None:

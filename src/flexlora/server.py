@@ -214,6 +214,8 @@ class Coordinator:
             t: module_ranks(modules, fed.rank_types[t], cfg.lora.ffn_modules) for t in used
         }
         _warn_if_no_ffn_module(modules, {t: fed.rank_types[t] for t in used}, cfg.lora.ffn_modules)
+        if self.slot_ranks and self.plan.aggregator == "flexlora":
+            _warn_if_keep_rank_below_clients(fed.keep_rank, self.max_ranks())
         self.aggregator = build_aggregator(cfg, self.max_ranks() if self.slot_ranks else None)
         if self.aggregator.needs_uniform_rank and len(set(self.client_type.values())) > 1:
             raise UsageError(
@@ -833,6 +835,25 @@ class RoundAggregation:
         log.warning("round %d: update of client %s rejected: %s", self.round, label, message)
         earlier = self.rejected.get(label)
         self.rejected[label] = message if earlier is None else f"{earlier}; {message}"
+
+
+def _warn_if_keep_rank_below_clients(keep: int | str, max_ranks: Mapping[str, int]) -> None:
+    """A numeric ``federation.keep_rank`` below a client's rank silently replaces that
+    client's top components by fresh ones every round: say so (``max`` never does)."""
+    if not isinstance(keep, int):
+        return
+    short = {m: r for m, r in max_ranks.items() if r > keep}
+    if short:
+        module, rank = max(short.items(), key=lambda item: item[1])
+        warnings.warn(
+            f"federation.keep_rank = {keep} is below the rank clients receive at "
+            f"{len(short)} module(s) (e.g. {module}: {rank}): those clients get only the "
+            f"best rank-{keep} approximation of the update, the rest of their rank freshly "
+            "initialised each round; keep_rank = 'max' gives every client its best "
+            "approximation at its own rank",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_if_no_ffn_module(

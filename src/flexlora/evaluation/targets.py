@@ -91,7 +91,9 @@ def load_base(target: EvalTarget, device: str | None = None) -> tuple[Any, Any]:
     cfg = target.model_cfg or ModelConfig()
     cfg = dataclasses.replace(cfg, name=target.base)
     if device is not None:
-        cfg = dataclasses.replace(cfg, device=device)
+        # --device puts the whole model there: the run's device_map (auto, or another
+        # device) would contradict it, an error about a key this command never set
+        cfg = dataclasses.replace(cfg, device=device, device_map="")
     return load_model(cfg)
 
 

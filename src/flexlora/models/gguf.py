@@ -95,10 +95,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> P
         raise UsageError(f"GGUF file {gguf_path} does not exist")
     start = time.perf_counter()
     kwargs = {"gguf_file": gguf_path.name, "local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, dtype=torch.float32, **kwargs
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, dtype=torch.float32, **kwargs
+        )
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        # not a GGUF file, an empty one, an architecture or tensor type transformers cannot
+        # read: the user's input, not a crash of ours
+        raise UsageError(f"could not convert GGUF file {gguf_path}: {exc}") from exc
     config = copy.deepcopy(quantized.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

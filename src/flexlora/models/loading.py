@@ -333,6 +333,11 @@ def _looks_like_path(name: str) -> bool:
 def _resolve(name: str, local_files_only: bool) -> Path | str:
     """A local model folder, or the hub id itself (downloads are left to transformers)."""
     path = Path(name).expanduser()
+    if path.is_file():  # a config.json (enough for flexlora plan) or a lone weights file
+        raise UsageError(
+            f"model.name {name!r} is a file, not a model folder; a run needs the folder "
+            f"save_pretrained wrote (config.json, weights and tokenizer). {_HINT}"
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise UsageError(

@@ -70,10 +70,11 @@ def format_plan(cfg: RunConfig, device_memory: int | None = None) -> str:
         )
     else:
         quant = mc.quantization if mc.quantization != "none" else f"dtype {mc.dtype}"
+    attention = f"{shape.heads} heads / {shape.kv_heads} kv" if shape.heads else "no attention"
     lines = [
         f"model {mc.name}: {shape.architecture}, {shape.params / 1e9:.3f} B parameters, "
         f"{shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
-        f"{shape.heads} heads / {shape.kv_heads} kv, vocab {shape.vocab}; {quant}",
+        f"{attention}, vocab {shape.vocab}; {quant}",
         f"{len(shape.targets)} adapted modules; micro-batch {tc.batch_size} x {tc.cutoff_len} "
         f"tokens, {tc.optimizer}, precision {tc.precision}, gradient checkpointing "
         f"{'on' if tc.gradient_checkpointing else 'off'} (total uses it)",

@@ -156,11 +156,12 @@ def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, ranks: Mapping[str
     lora_e = 2 if cfg.train.precision == "bf16" else F32
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
     saved = 2 * F32 * h  # the two norms' inputs, upcast to float32
-    saved += e * (2 * h + 2 * kv)  # q and the attention output; k and v
-    saved += F32 * shape.heads  # the attention's log-sum-exp
+    if shape.heads:  # none in an attention-free model
+        saved += e * (2 * h + 2 * kv)  # q and the attention output; k and v
+        saved += F32 * shape.heads  # the attention's log-sum-exp
+        if cfg.model.attn_implementation == "eager":
+            saved += 2 * e * shape.heads * cfg.train.cutoff_len  # scores and probabilities
     saved += e * (3 * i if shape.gated_mlp else i)  # gate, activation and up outputs
-    if cfg.model.attn_implementation == "eager":
-        saved += 2 * e * shape.heads * cfg.train.cutoff_len  # scores and probabilities
     groups: dict[str, int] = {}
     lora = 0
     for name, (_m, n) in shape.targets.items():

@@ -31,7 +31,7 @@ class ModelShape:
     hidden: int
     layers: int
     intermediate: int
-    heads: int
+    heads: int  # 0: no attention (a state-space model such as Mamba)
     kv_heads: int
     vocab: int
     gated_mlp: bool
@@ -42,7 +42,7 @@ class ModelShape:
 
     @property
     def kv_dim(self) -> int:
-        return self.kv_heads * (self.hidden // self.heads)
+        return self.kv_heads * (self.hidden // self.heads) if self.heads else 0
 
     @property
     def quantizable_params(self) -> int:
@@ -70,7 +70,8 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
     params = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = _first(c, "hidden_size", "n_embd", "d_model")
-    heads = _first(c, "num_attention_heads", "n_head")
+    # an attention-free causal LM (Mamba) has no heads: planned without the attention terms
+    heads = _first(c, "num_attention_heads", "n_head", default=0)
     names = {n.rsplit(".", 1)[-1] for n in quantizable}
     dtype = getattr(c, "dtype", None) or vars(c).get("torch_dtype") or "float32"
     return ModelShape(

@@ -110,7 +110,13 @@ class AdapterHost:
                 # PEFT probes transformers' deprecated `is_gradient_checkpointing`; the
                 # FutureWarning it raises is not the user's to act on
                 warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-                self.peft = get_peft_model(self.base, config, adapter_name=name)
+                try:
+                    self.peft = get_peft_model(self.base, config, adapter_name=name)
+                except ValueError as exc:  # PEFT refuses a target (Mamba's out_proj, ...)
+                    raise UsageError(
+                        f"PEFT cannot adapt lora.target_modules={self.target_modules} on "
+                        f"{type(self.base).__name__}: {exc}"
+                    ) from exc
             self.layers = {
                 path: mod
                 for path, mod in self.peft.base_model.model.named_modules()

@@ -75,6 +75,18 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base
         self._owner = [owner]  # a list: the owner is not a submodule of every layer
 
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight, as PEFT's LoRA layers expose it: some models read a
+        layer's weight instead of calling it (Mamba hands ``x_proj.weight`` to its fused
+        kernel when training)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The frozen base bias (``None`` without one), as :attr:`weight`."""
+        return self.base_layer.bias
+
     def forward(self, x: Tensor) -> Tensor:
         owner = self._owner[0]
         plan = owner.plan
