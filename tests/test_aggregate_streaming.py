@@ -110,3 +110,38 @@ def test_streamed_flexlora_is_the_dense_truncation_and_reads_module_by_module(
         B = got[f"base_model.model.{name}.lora_B.weight"].double().numpy()
         ours = (8.0 / 3) * B @ A
         assert np.linalg.norm(ours - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_randomized_aggregate_stops_at_the_largest_rank_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--svd randomized`` finds only the triplets some output needs (it ran at min(m, n))."""
+    import flexlora.aggregation.flexlora as flexlora_module
+
+    specs = make_clients(tmp_path)
+    asked: list[int] = []
+    original = flexlora_module.randomized_svd
+
+    def spy(delta: torch.Tensor, rank: int, niter: int = 4) -> object:
+        asked.append(rank)
+        return original(delta, rank, niter)
+
+    monkeypatch.setattr(flexlora_module, "randomized_svd", spy)
+    run_aggregate(specs, [3, 1], tmp_path / "out", strategy="flexlora", svd="randomized")
+    assert asked == [3] * len(SHAPES)
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "keeps" not in printed  # no share from a capped spectrum
+    got = written(tmp_path / "out", 3)
+    total = sum(WEIGHTS)
+    for name, (m, n) in SHAPES.items():
+        W = sum(
+            (w / total) * load_adapter(s.rsplit(":", 1)[0]).factors[name].delta(torch.float64)
+            for s, w in zip(specs, WEIGHTS, strict=True)
+        ).numpy()
+        U, S, Vh = np.linalg.svd(W, full_matrices=False)
+        want = (U[:, :3] * S[:3]) @ Vh[:3]
+        A = got[f"base_model.model.{name}.lora_A.weight"].double().numpy()
+        B = got[f"base_model.model.{name}.lora_B.weight"].double().numpy()
+        ours = (8.0 / 3) * B @ A
+        # approximate, but on these small modules the randomized range finder is near exact
+        assert np.linalg.norm(ours - want) <= 1e-3 * np.linalg.norm(want), (name, m, n)

@@ -139,8 +139,14 @@ def run_aggregate(
     if len(bases) > 1:
         raise UsageError(f"the adapters were trained on different base models: {sorted(bases)}")
     options: dict[str, object] = {}
+    # the randomized SVD is approximate and its cost grows with how many triplets it finds:
+    # it stops at the largest rank written (the exact paths keep every triplet, for the
+    # share of ||dW||^2 each rank keeps)
+    capped = strategy == "flexlora" and svd == "randomized"
     if strategy == "flexlora":
         options["svd"] = svd
+        if capped:
+            options["keep_rank"] = max(ranks)
     elif strategy == "hetlora":
         # HetLoRA weighs clients by ||s*B*A||_F; the --client weights multiply those
         options["weight_by_examples"] = True
@@ -169,7 +175,8 @@ def run_aggregate(
                 )
             except RankError as exc:
                 raise UsageError(f"--rank {r}: {exc}") from None
-        spectra[module] = delta.S if delta.truncation == "svd" else None
+        # a capped spectrum cannot say what share of ||dW||^2 it keeps
+        spectra[module] = delta.S if delta.truncation == "svd" and not capped else None
         del delta  # else this module's state (U, S, Vh) lives on while the next one is reduced
     out_dtype = readers[0].factors(next(iter(readers[0].shapes))).A.dtype
     template = dict(readers[0].meta.raw)

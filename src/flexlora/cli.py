@@ -57,7 +57,7 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         "--svd",
         choices=("auto", "factored", "dense", "randomized"),
         default="auto",
-        help="flexlora's decomposition path",
+        help="flexlora's decomposition path (randomized: approximate, the top max(--rank) only)",
     )
     p.add_argument(
         "--dtype",
