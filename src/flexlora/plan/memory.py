@@ -154,10 +154,10 @@ def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, ranks: Mapping[str
     """
     e = _activation_dtype(shape, cfg)
     lora_e = 2 if cfg.train.precision == "bf16" else F32
-    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     saved = 2 * F32 * h  # the two norms' inputs, upcast to float32
     if shape.heads:  # none in an attention-free model
-        saved += e * (2 * h + 2 * kv)  # q and the attention output; k and v
+        saved += e * (2 * q + 2 * kv)  # q and the attention output; k and v
         saved += F32 * shape.heads  # the attention's log-sum-exp
         if cfg.model.attn_implementation == "eager":
             saved += 2 * e * shape.heads * cfg.train.cutoff_len  # scores and probabilities

@@ -39,10 +39,23 @@ class ModelShape:
     quantizable: dict[str, tuple[int, int]]  # linears bitsandbytes would quantize: (m, n)
     targets: dict[str, tuple[int, int]]  # the adapted modules: (m, n)
     checkpoint_dtype: str  # the config's own dtype (what model.dtype = "auto" loads)
+    head_dim: int = 0  # the config's own (Gemma, Qwen3: not hidden / heads); 0: hidden / heads
+
+    @property
+    def head_size(self) -> int:
+        """Each head's width: the config's ``head_dim`` where it sets one, else hidden / heads."""
+        if not self.heads:
+            return 0
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the queries and of the attention's output (before o_proj)."""
+        return self.heads * self.head_size
 
     @property
     def kv_dim(self) -> int:
-        return self.kv_heads * (self.hidden // self.heads) if self.heads else 0
+        return self.kv_heads * self.head_size
 
     @property
     def quantizable_params(self) -> int:
@@ -94,6 +107,7 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
         quantizable=quantizable,
         targets=target_linear_modules(model, target_modules),
         checkpoint_dtype=str(dtype).removeprefix("torch."),
+        head_dim=_first(c, "head_dim", default=0) if heads else 0,
     )
 
 
