@@ -346,7 +346,7 @@ def test_gpt2_conv1d_layers_adapt_with_out_in_shapes() -> None:
 
 def test_unadaptable_layer_kind_is_a_clear_error() -> None:
     model, _ = build_tiny_llama()
-    with pytest.raises(UsageError, match=r"model\.embed_tokens is a Embedding, which cannot"):
+    with pytest.raises(UsageError, match=r"model\.embed_tokens is an Embedding, which cannot"):
         target_linear_modules(model, ["embed_tokens"])
     with pytest.raises(UsageError, match=r"transformer\.h\.0\.ln_1 is a LayerNorm"):
         target_linear_modules(_gpt2(), ["c_attn", "ln_1"])

@@ -42,6 +42,11 @@ def is_adaptable(layer: nn.Module) -> bool:
     return isinstance(layer, (nn.Linear, Conv1D))
 
 
+def _article(kind: str) -> str:
+    """``kind`` with its indefinite article: "an Embedding", "a LayerNorm"."""
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
 def layer_kind(layer: nn.Module) -> str:
     """The layer's class, with its module for anything outside torch.nn (for error messages)."""
     cls = type(layer)
@@ -59,7 +64,9 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
         return int(m), int(n)
     if isinstance(layer, nn.Linear):
         return int(layer.out_features), int(layer.in_features)
-    raise UsageError(f"a {layer_kind(layer)} cannot be adapted; adaptable: {ADAPTABLE_KINDS}")
+    raise UsageError(
+        f"{_article(layer_kind(layer))} cannot be adapted; adaptable: {ADAPTABLE_KINDS}"
+    )
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -93,7 +100,7 @@ def target_linear_modules(
             continue
         if not is_adaptable(layer):
             raise UsageError(
-                f"target module {name} is a {layer_kind(layer)}, which cannot be adapted; "
+                f"target module {name} is {_article(layer_kind(layer))}, which cannot be adapted; "
                 f"adaptable layer kinds: {ADAPTABLE_KINDS}"
             )
         shapes[name] = layer_shape(layer)
