@@ -10,6 +10,7 @@ would break batched clients.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -315,3 +316,32 @@ def test_default_targets_become_peft_defaults_on_a_model_without_those_names(
     assert stored and all(".attn.c_attn." in k for k in stored)
     with pytest.raises(UsageError, match="no adaptable layer matches"):
         target_linear_modules(meta, resolve_targets(meta, ["q_proj"]))
+
+
+def test_plan_says_when_no_target_takes_the_feed_forward_rank(tmp_path: Path) -> None:
+    """Attention-only targets with rank types whose FFN rank differs: flexlora plan says what
+    the run warns (every module takes the attention rank), and nothing when one matches."""
+    from flexlora.config import load_config
+    from flexlora.plan import format_plan
+
+    folder = save_model(ARCHITECTURES["phi3"][0](), tmp_path / "phi3")
+    rank_types = {"small": [2, 8], "big": [4, 4]}
+    only_attention = load_config(
+        values={
+            "model": {"name": str(folder)},
+            "lora": {"target_modules": ["qkv_proj", "o_proj"]},
+            "federation": {"rank_types": rank_types},
+        }
+    )
+    text = format_plan(only_attention)
+    assert re.search(
+        r"note: rank types \['small'\] .* no target module \['o_proj', 'qkv_proj'\]", text
+    )
+    with_mlp = load_config(
+        values={
+            "model": {"name": str(folder)},
+            "lora": {"target_modules": ["qkv_proj", "gate_up_proj"]},
+            "federation": {"rank_types": rank_types},
+        }
+    )
+    assert "note:" not in format_plan(with_mlp)

@@ -123,3 +123,20 @@ def module_ranks(
     return {
         m: ffn_rank if m in ffn_modules or m.endswith(suffixes) else attention_rank for m in modules
     }
+
+
+def unused_ffn_ranks(
+    modules: Sequence[str], rank_types: Mapping[str, Sequence[int]], ffn_modules: Sequence[str]
+) -> str | None:
+    """Why the rank types' feed-forward ranks mean nothing here, or ``None``: some type gives
+    feed-forward modules their own rank but no target matches ``ffn_modules`` (another
+    architecture's names, e.g. ``w1`` / ``w2``, or default targets without the MLP)."""
+    mixed = sorted(t for t, (attn, ffn) in rank_types.items() if attn != ffn)
+    if not mixed or any(module_ranks(modules, [0, 1], ffn_modules).values()):
+        return None
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    return (
+        f"rank types {mixed} give feed-forward modules their own rank, but no target module "
+        f"{leaves} matches lora.ffn_modules {list(ffn_modules)}: every module takes the "
+        "attention rank; name this model's feed-forward layers in lora.ffn_modules"
+    )

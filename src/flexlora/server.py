@@ -39,7 +39,13 @@ from flexlora.methods.slora import (
     validate_sparse,
 )
 from flexlora.privacy import DP_STRATEGIES, ClientDP
-from flexlora.schedule import assign_rank_types, derive_seed, module_ranks, sample_clients
+from flexlora.schedule import (
+    assign_rank_types,
+    derive_seed,
+    module_ranks,
+    sample_clients,
+    unused_ffn_ranks,
+)
 from flexlora.training.pruning import SelfPruning
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta, lora_scaling
 
@@ -859,16 +865,7 @@ def _warn_if_keep_rank_below_clients(keep: int | str, max_ranks: Mapping[str, in
 def _warn_if_no_ffn_module(
     modules: Sequence[str], rank_types: Mapping[str, Sequence[int]], ffn_modules: Sequence[str]
 ) -> None:
-    """A rank type with its own FFN rank means nothing if no target is feed-forward: say so
-    (another architecture's names, e.g. ``w1`` / ``w2``, need ``lora.ffn_modules``)."""
-    mixed = sorted(t for t, (attn, ffn) in rank_types.items() if attn != ffn)
-    ranks = module_ranks(modules, [0, 1], ffn_modules)
-    if mixed and not any(ranks.values()):
-        leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
-        warnings.warn(
-            f"rank types {mixed} give feed-forward modules their own rank, but no target module "
-            f"{leaves} matches lora.ffn_modules {list(ffn_modules)}: every module takes the "
-            "attention rank; name this model's feed-forward layers in lora.ffn_modules",
-            UserWarning,
-            stacklevel=3,
-        )
+    """A rank type with its own FFN rank means nothing if no target is feed-forward: say so."""
+    message = unused_ffn_ranks(modules, rank_types, ffn_modules)
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=3)

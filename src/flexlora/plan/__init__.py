@@ -20,6 +20,7 @@ from flexlora.plan.memory import (
     server_memory,
 )
 from flexlora.plan.shape import ModelShape, model_config, model_shape
+from flexlora.schedule import unused_ffn_ranks
 from flexlora.simulation.report import markdown_table
 
 __all__ = [
@@ -116,6 +117,9 @@ def format_plan(cfg: RunConfig, device_memory: int | None = None) -> str:
                 row.append("no")
         body.append(row)
     lines += markdown_table(header, body, rule="---:")
+    unused = unused_ffn_ranks(list(shape.targets), cfg.federation.rank_types, cfg.lora.ffn_modules)
+    if unused is not None:  # the run warns the same; the table above then plans attention ranks
+        lines += ["", f"note: {unused}"]
     s_unit, s_name = (2**30, "GiB") if server.peak >= 2**30 else (2**20, "MiB")
     fed = cfg.federation
     lines += [
