@@ -386,3 +386,14 @@ def test_row_stack_appends_blocks_in_order(reserve: int | None) -> None:
         stack.slot(b.shape[0]).copy_(b)
     torch.testing.assert_close(stack.rows(), torch.cat(blocks), rtol=0, atol=0)
     assert stack.len == 44 and stack.buffer is not None and stack.buffer.shape[0] >= 44
+
+
+def test_federation_keep_rank_spelled_as_text_is_a_number() -> None:
+    """A Flower run config or ``--set`` gives ``"200"``: the number, as eval.global_rank does."""
+    from flexlora.config import load_config
+
+    assert load_config(values={"federation": {"keep_rank": "200"}}).federation.keep_rank == 200
+    assert load_config(values={"federation": {"keep_rank": " 8 "}}).federation.keep_rank == 8
+    for bad in ("0", "x", "-3"):
+        with pytest.raises(UsageError, match="keep_rank"):
+            load_config(values={"federation": {"keep_rank": bad}})

@@ -339,6 +339,8 @@ class FederationConfig:
         if self.slora_rounds < 0:
             raise UsageError(f"federation.slora_rounds must be >= 0, got {self.slora_rounds}")
         self._check_slora_density()
+        if isinstance(self.keep_rank, str) and self.keep_rank.strip().isdigit():
+            self.keep_rank = int(self.keep_rank)  # a Flower run config or --set spelled "200"
         if isinstance(self.keep_rank, str) and self.keep_rank not in ("max", "all"):
             raise UsageError(
                 f"federation.keep_rank must be 'max', 'all' or a positive integer, "
