@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from flexlora.config import ModelConfig, TrainConfig
+from flexlora.config import ModelConfig, TrainConfig, load_config
 from flexlora.errors import UsageError
 from flexlora.models import (
     build_tiny_llama,
@@ -376,6 +376,11 @@ def test_device_map_naming_one_device_is_passed_on(tmp_path: Path) -> None:
     assert ModelConfig(device="cuda:1", device_map="cuda:1").device_map == "cuda:1"
     with pytest.raises(UsageError, match=r"disagrees with model\.device"):
         ModelConfig(device="cpu", device_map="cuda:0")
+    # a GPU index as TOML or --set writes it, a number: the same as its text
+    assert ModelConfig(device_map=0).device_map == "0"  # type: ignore[arg-type]
+    assert load_config(values={"model": {"device_map": 1}}).model.device_map == "1"
+    with pytest.raises(UsageError, match="device_map"):
+        load_config(values={"model": {"device_map": True}})
     folder = tmp_path / "tiny"
     model, tokenizer = build_tiny_llama()
     model.save_pretrained(folder)

@@ -92,7 +92,7 @@ class ModelConfig:
         "bfloat16, float16 or float32",
         default="auto",
     )
-    device_map: str = _help(
+    device_map: str | int = _help(
         "transformers device map: empty puts the whole model on model.device as it loads; "
         "auto, balanced, balanced_low_0 or sequential spread it over the visible GPUs; one "
         "device (cpu, cuda, cuda:N, mps, or a GPU index) puts it all there",
@@ -120,6 +120,8 @@ class ModelConfig:
                 f"model.bnb_4bit_compute_dtype: {self.bnb_4bit_compute_dtype!r} is not "
                 "auto/bfloat16/float16/float32"
             )
+        if isinstance(self.device_map, int) and not isinstance(self.device_map, bool):
+            self.device_map = str(self.device_map)  # a GPU index: TOML's 0 or --set ...=0
         one_device = re.fullmatch(DEVICE_PATTERN, self.device_map) is not None
         if self.device_map not in DEVICE_MAPS and not one_device:
             raise UsageError(
