@@ -283,7 +283,8 @@ def whole_set(quick: bool, seed: int) -> int:
     setup = QUICK if quick else LLAMA_7B
     layers = 2 if quick else 32
     ranks, _ = client_plan(setup, seed)
-    keep = max(ranks)
+    plans = [client_plan(setup, seed + 7919 * layer)[0] for layer in range(layers)]
+    keep = max(max(p) for p in plans)  # the largest rank any client receives, in any layer
     n0 = 512 if quick else 4096
     a, b = torch.randn(n0, n0), torch.randn(n0, n0)
     a @ b
@@ -304,16 +305,17 @@ def whole_set(quick: bool, seed: int) -> int:
             for i, u in enumerate(warm["q_proj"])
         ]
     )
+    totals = [sum(p) for p in plans]
     print(
         f"# whole adapter set: {layers} layers x {len(setup.modules)} modules, "
-        f"{setup.clients} clients, ranks {ranks}, keep_rank {keep}; "
+        f"{setup.clients} clients, ranks drawn per layer from {setup.rank_choices} (layer 0: "
+        f"{ranks}; R = {min(totals)}-{max(totals)}), keep_rank {keep}; "
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; "
         f"one {n0}^3 float32 matmul timed 3 times now and once after each layer"
     )
     times = {"new": 0.0, "old": 0.0}
     peaks = {"new": 0, "old": 0}
     worst = 0.0
-    totals = [sum(client_plan(setup, seed + 7919 * layer)[0]) for layer in range(layers)]
     checked = {0, max(range(layers), key=lambda i: totals[i])}  # also the largest R = Σ r_i
     for layer in range(layers):
         per_layer = {m: make_updates(setup, m, seed + 7919 * layer) for m in setup.modules}
