@@ -145,3 +145,35 @@ def test_randomized_aggregate_stops_at_the_largest_rank_written(
         ours = (8.0 / 3) * B @ A
         # approximate, but on these small modules the randomized range finder is near exact
         assert np.linalg.norm(ours - want) <= 1e-3 * np.linalg.norm(want), (name, m, n)
+
+
+def test_flora_aggregate_writes_the_whole_sum_at_its_rank_when_modules_differ(
+    tmp_path: Path,
+) -> None:
+    """FLoRA at --rank Σ r_i when one module's state is its stack (rank Σ r_i) and another's
+    the SVD of its dense sum (rank min(m, n) < Σ r_i): both write the whole ΔW (zero B past
+    the SVD's rank); a smaller rank writes the best approximation of each. It failed at
+    every rank once a module had gone dense."""
+    shapes = {"layers.0.k_proj": (8, 32), "layers.0.q_proj": (64, 64)}  # dense, stacked
+    g = torch.Generator().manual_seed(5)
+    specs, weights = [], [1.0, 2.0, 3.0, 4.0]
+    for i, w in enumerate(weights):
+        factors = {
+            name: LoRAFactors(torch.randn(4, n, generator=g), torch.randn(m, 4, generator=g), 8.0)
+            for name, (m, n) in shapes.items()
+        }
+        specs.append(f"{write_adapter(tmp_path / f'c{i}', factors, {})}:{w}")
+    run_aggregate(specs, [16, 3], tmp_path / "out", strategy="flora")
+    total = sum(weights)
+    for name in shapes:
+        W = sum(
+            (w / total) * load_adapter(s.rsplit(":", 1)[0]).factors[name].delta(torch.float64)
+            for s, w in zip(specs, weights, strict=True)
+        ).numpy()
+        U, S, Vh = np.linalg.svd(W, full_matrices=False)
+        for r, want in ((16, W), (3, (U[:, :3] * S[:3]) @ Vh[:3])):
+            got = written(tmp_path / "out", r)
+            A = got[f"base_model.model.{name}.lora_A.weight"].double().numpy()
+            B = got[f"base_model.model.{name}.lora_B.weight"].double().numpy()
+            assert A.shape[0] == B.shape[1] == r
+            assert np.linalg.norm((8.0 / r) * B @ A - want) <= 1e-5 * np.linalg.norm(want)

@@ -162,14 +162,21 @@ def run_aggregate(
         adapters = [load_adapter(s.folder) for s in specs]
         updates = [ClientUpdate(a.source, 1, a.factors) for a in adapters]
         deltas = iter(aggregator.aggregate(updates, weights=weights).modules.items())
+    # a strategy whose clients merge the whole ΔW (FLoRA) writes all of it at any rank: past
+    # the state's own rank the extra components have zero B (ΔW unchanged), so --rank Σ r_i
+    # works whether a module's state is its stack or the SVD of its dense sum
+    pads = (
+        {r: torch.Generator().manual_seed(r) for r in ranks} if aggregator.merges_into_base else {}
+    )
     for module, delta in deltas:
         for r in dict.fromkeys(ranks):
             try:
-                outputs[f"rank-{r}"][module] = delta.factors(
+                outputs[f"rank-{r}"][module] = delta.for_rank(r).factors(
                     r,
                     alphas[module],
                     use_rslora=use_rslora,
                     split=split,
+                    pad=pads.get(r),
                     dtype=torch.float32,
                     module=module,
                 )

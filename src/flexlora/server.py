@@ -25,7 +25,6 @@ from flexlora.config import RunConfig
 from flexlora.diagnostics import rank_energy
 from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
 from flexlora.federation.replies import ReplyStore
-from flexlora.lora.svd import factored_svd
 from flexlora.methods.compose import StrategyPlan, parse_strategy
 from flexlora.methods.slora import (
     SparseAverage,
@@ -47,7 +46,7 @@ from flexlora.schedule import (
     unused_ffn_ranks,
 )
 from flexlora.training.pruning import SelfPruning
-from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta, lora_scaling
+from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, lora_scaling
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,6 @@ def resolve_client_types(
         held = used[0] if plan.hold_to == "min" else used[-1]
         types = dict.fromkeys(types, held)
     return types
-
-
-def _as_svd(delta: ModuleDelta) -> ModuleDelta:
-    """An exact stack ``U·diag(S)·Vh`` as its thin SVD: the same ΔW, now truncatable."""
-    U, S, Vh = factored_svd(delta.U * delta.S, delta.Vh)  # (m, k), (k,), (k, n)
-    return ModuleDelta(U=U, S=S, Vh=Vh, truncation="svd")
 
 
 def stack_factors(
@@ -553,10 +546,7 @@ class Coordinator:
         approximation instead of an error.
         """
         lora = self.cfg.lora
-        modules = {
-            name: _as_svd(d) if d.truncation == "exact" and ranks[name] < d.rank else d
-            for name, d in state.modules.items()
-        }
+        modules = {name: d.for_rank(ranks[name]) for name, d in state.modules.items()}
         return GlobalUpdate(modules, state.strategy).factors(
             dict(ranks),
             lora.alpha,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from flexlora.errors import InvalidUpdateError, RankError
+from flexlora.lora.svd import factored_svd
 
 __all__ = [
     "ClientUpdate",
@@ -202,6 +203,15 @@ class SVDState:
     def dense(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """The full ``ΔW`` (m, n), for tests, evaluation of tiny models and exports."""
         return (self.U.to(dtype) * self.S.to(dtype)) @ self.Vh.to(dtype)  # (m, n)
+
+    def for_rank(self, rank: int) -> ModuleDelta:
+        """This ΔW ready to be cut at ``rank``: an ``exact`` stack (FLoRA's first-round
+        stack, FedIT's average) asked for fewer components than it stores becomes its thin
+        SVD, so the cut is the best approximation instead of an error; else itself."""
+        if self.truncation != "exact" or rank >= self.rank:
+            return self
+        U, S, Vh = factored_svd(self.U * self.S, self.Vh)  # (m, k), (k,), (k, n)
+        return ModuleDelta(U=U, S=S, Vh=Vh, truncation="svd")
 
     def factors(
         self,

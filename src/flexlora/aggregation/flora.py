@@ -7,10 +7,13 @@ kept exact as a thin SVD computed from the stacked factors.
 
 The server holds the stacks as FlexLoRA's does (a
 :class:`~flexlora.aggregation.flexlora.FlexLoRAModule`, ``auto``): while R·(m + n) ≤ m·n, and
-the running dense (m, n) sum once one more client would make the stacks larger, so its memory
-is bounded by the adapted weights, not by the number of clients. The sum is the same either
-way; from the dense sum the state is its thin SVD (``svd``, rank ≤ min(R, m, n)) instead of the
-stacked factors themselves (``exact``), which would be larger than ΔW.
+the running dense (m, n) sum once one more client would make the stacks larger, so the
+accumulator's memory is bounded by the adapted weights, not by the number of clients (the
+state it returns, a thin SVD of up to min(m, n) triplets, can reach (m + n)·min(m, n)). The
+sum is the same either way; from the dense sum the state is its thin SVD (``svd``, rank
+≤ min(R, m, n)) instead of the stacked factors themselves (``exact``), which would be larger
+than ΔW. ``flexlora aggregate`` writes the whole ΔW at any rank from either form (zero B past
+the state's rank).
 """
 
 from __future__ import annotations

@@ -47,7 +47,10 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=0, help="first N examples of each task (0: all)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
     p.add_argument(
-        "--device", default=None, help="cpu, cuda, ... (default: the run's model.device, auto)"
+        "--device",
+        default=None,
+        help="cpu, cuda, ...: the whole base there, the run's model.device_map dropped "
+        "(default: the run's model.device and device_map)",
     )
     p.add_argument(
         "--out",
