@@ -24,7 +24,7 @@ from flexlora.errors import UsageError
 from flexlora.models import build_byte_tokenizer, resolve_targets, target_linear_modules
 from flexlora.models.meta import meta_model
 from flexlora.models.targets import DEFAULT_TARGETS
-from flexlora.plan.shape import model_shape
+from flexlora.plan.shape import model_shape, shape_of
 from flexlora.simulation.runner import FederatedRun
 from tests.sim_helpers import make_dataset, tiny_config
 
@@ -87,7 +87,7 @@ ARCHITECTURES: dict[str, tuple[Callable[[], tf.PretrainedConfig], list[str], lis
         ["q_proj", "v_proj", "out_proj", "fc1", "fc2"],
         ["fc1", "fc2"],
     ),
-    "mamba": (  # attention-free; reads x_proj.weight directly while training
+    "mamba": (  # attention-free; reads x_proj.weight (its device) while training
         lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS),
         ["in_proj", "x_proj"],
         ["in_proj"],
@@ -241,6 +241,17 @@ def test_a_target_peft_refuses_is_a_clear_error() -> None:
         AdapterHost(model, targets, {"t": ranks})
 
 
+def test_a_layer_whose_weight_the_model_reads_directly_is_refused_as_a_target() -> None:
+    """Mamba computes ``dt_proj.weight @ time_step``: an adapter on dt_proj would never train
+    (its factors got no gradient); refused by name, on the meta device too."""
+    config = tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS)
+    with torch.device("meta"):
+        model = tf.MambaForCausalLM(config)
+    with pytest.raises(UsageError, match=r"backbone\.layers\.0\.mixer\.dt_proj: mamba multiplies"):
+        target_linear_modules(model, ["in_proj", "dt_proj"])
+    assert len(target_linear_modules(model, ["in_proj", "x_proj"])) == 4
+
+
 def test_plan_of_an_attention_free_model(tmp_path: Path) -> None:
     """Mamba has no attention heads in its config: flexlora plan (and so
     train.parallel_clients = auto) plans it without attention terms instead of refusing."""
@@ -255,6 +266,20 @@ def test_plan_of_an_attention_free_model(tmp_path: Path) -> None:
     cfg = load_config(values={"model": {"name": str(folder)}, "lora": {"target_modules": targets}})
     text = format_plan(cfg, device_memory=2**30)
     assert "MambaForCausalLM" in text and "no attention" in text and "| yes |" in text
+    # its selective scan is not modelled: said, and train.parallel_clients = auto takes 1
+    assert "state-space model" in text and "lower bounds" in text
+    from flexlora.training.capacity import auto_parallel_clients
+
+    model = tf.MambaForCausalLM(tf.MambaConfig.from_pretrained(folder))
+    assert auto_parallel_clients(model, {"8": dict.fromkeys(s.targets, 8)}, cfg) == 1
+    # a config that names its heads some other way is still an error, not "no attention"
+    with torch.device("meta"):
+        llama = tf.LlamaForCausalLM(
+            tf.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, **IDS)
+        )
+    vars(llama.config)["num_attention_heads"] = None  # as if its config named them otherwise
+    with pytest.raises(UsageError, match="num_attention_heads"):
+        shape_of(llama, ["q_proj"])
 
 
 def test_feed_forward_names_of_other_architectures_and_the_warning_when_none_match() -> None:

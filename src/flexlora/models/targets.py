@@ -69,6 +69,15 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
     )
 
 
+#: linear layers whose weight a model type multiplies directly instead of calling the layer
+#: (Mamba: ``dt_proj.weight @ time_step`` on every path): a LoRA adapter there would never
+#: be applied in training, so targeting them is refused
+WEIGHT_READ_DIRECTLY: dict[str, tuple[str, ...]] = {
+    "mamba": ("dt_proj",),
+    "falcon_mamba": ("dt_proj",),
+}
+
+
 def _matches(name: str, targets: Sequence[str]) -> bool:
     """Whether module ``name`` is targeted, as PEFT matches: equal to, or ending in ``.t``."""
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -92,6 +101,8 @@ def target_linear_modules(
     root = model.get_base_model() if isinstance(model, PeftModel) else model
     shapes: dict[str, tuple[int, int]] = {}
     leaves: set[str] = set()
+    model_type = getattr(getattr(root, "config", None), "model_type", None)
+    bypassed = WEIGHT_READ_DIRECTLY.get(model_type or "", ())
     for name, module in root.named_modules():
         layer = getattr(module, "base_layer", module)
         if is_adaptable(layer):
@@ -102,6 +113,12 @@ def target_linear_modules(
             raise UsageError(
                 f"target module {name} is {_article(layer_kind(layer))}, which cannot be adapted; "
                 f"adaptable layer kinds: {ADAPTABLE_KINDS}"
+            )
+        if name.rsplit(".", 1)[-1] in bypassed:
+            raise UsageError(
+                f"target module {name}: {model_type} multiplies this layer's weight directly "
+                "instead of calling the layer, so a LoRA adapter there would never be trained; "
+                f"leave {list(bypassed)} out of lora.target_modules"
             )
         shapes[name] = layer_shape(layer)
     if not shapes:

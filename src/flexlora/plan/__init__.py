@@ -120,6 +120,13 @@ def format_plan(cfg: RunConfig, device_memory: int | None = None) -> str:
     unused = unused_ffn_ranks(list(shape.targets), cfg.federation.rank_types, cfg.lora.ffn_modules)
     if unused is not None:  # the run warns the same; the table above then plans attention ranks
         lines += ["", f"note: {unused}"]
+    if not shape.activations_modelled:
+        lines += [
+            "",
+            f"note: {shape.architecture} is a state-space model: the activations of its "
+            "selective scan are not modelled, so the activation and total columns are lower "
+            "bounds (train.parallel_clients = auto takes 1 client)",
+        ]
     s_unit, s_name = (2**30, "GiB") if server.peak >= 2**30 else (2**20, "MiB")
     fed = cfg.federation
     lines += [

@@ -40,6 +40,14 @@ class ModelShape:
     targets: dict[str, tuple[int, int]]  # the adapted modules: (m, n)
     checkpoint_dtype: str  # the config's own dtype (what model.dtype = "auto" loads)
     head_dim: int = 0  # the config's own (Gemma, Qwen3: not hidden / heads); 0: hidden / heads
+    ssm_state: int = 0  # a state-space model's state size (Mamba: no attention); 0: none
+
+    @property
+    def activations_modelled(self) -> bool:
+        """Whether the activation estimate covers the layer: not a state-space model's
+        selective scan, whose saved tensors (several per state entry on the CPU path, far fewer
+        in the fused CUDA kernels) are not modelled: there it is a lower bound."""
+        return not self.ssm_state
 
     @property
     def head_size(self) -> int:
@@ -83,8 +91,10 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
     params = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = _first(c, "hidden_size", "n_embd", "d_model")
-    # an attention-free causal LM (Mamba) has no heads: planned without the attention terms
-    heads = _first(c, "num_attention_heads", "n_head", default=0)
+    # a state-space model (Mamba) has no attention: planned without its terms; any other
+    # config must say how many heads it has
+    ssm_state = int(getattr(c, "state_size", 0) or 0)
+    heads = _first(c, "num_attention_heads", "n_head", default=0 if ssm_state else None)
     names = {n.rsplit(".", 1)[-1] for n in quantizable}
     dtype = getattr(c, "dtype", None) or vars(c).get("torch_dtype") or "float32"
     return ModelShape(
@@ -108,6 +118,7 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
         targets=target_linear_modules(model, target_modules),
         checkpoint_dtype=str(dtype).removeprefix("torch."),
         head_dim=_first(c, "head_dim", default=0) if heads else 0,
+        ssm_state=ssm_state,
     )
 
 

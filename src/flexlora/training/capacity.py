@@ -33,6 +33,11 @@ def client_bytes(model: Any, slot_ranks: Mapping[str, Mapping[str, int]], cfg: R
     return max(plan_client_bytes(shape, cfg, ranks) for ranks in slot_ranks.values())
 
 
+def _modelled(model: Any, cfg: RunConfig) -> bool:
+    """Whether the memory model covers this model's activations (not a state-space model's)."""
+    return shape_of(model, list(cfg.lora.target_modules)).activations_modelled
+
+
 def free_bytes(device: torch.device) -> int:
     """Memory a batched pass may use on ``device``: what is free now."""
     if device.type == "cuda":
@@ -62,7 +67,15 @@ def free_bytes(device: torch.device) -> int:
 def auto_parallel_clients(
     model: Any, slot_ranks: Mapping[str, Mapping[str, int]], cfg: RunConfig
 ) -> int:
-    """As many clients as fit in half the free memory, between 1 and ``clients_per_round``."""
+    """As many clients as fit in half the free memory, between 1 and ``clients_per_round``;
+    1 where the memory model does not cover the activations (a state-space model)."""
+    if not _modelled(model, cfg):
+        log.warning(
+            "train.parallel_clients=auto: 1 (the memory model does not cover %s's selective "
+            "scan; set train.parallel_clients to batch its clients)",
+            type(model).__name__,
+        )
+        return 1
     device = next(model.parameters()).device
     need = client_bytes(model, slot_ranks, cfg)
     clients_per_round = cfg.federation.clients_per_round

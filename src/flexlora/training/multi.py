@@ -78,8 +78,10 @@ class MultiLoRALinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The frozen base weight, as PEFT's LoRA layers expose it: some models read a
-        layer's weight instead of calling it (Mamba hands ``x_proj.weight`` to its fused
-        kernel when training)."""
+        layer's weight (Mamba checks ``x_proj.weight``'s device to pick its path). Where a
+        model computes with a weight instead of calling the layer, the adapter is bypassed
+        exactly as PEFT's would be; such targets are refused
+        (:data:`flexlora.models.targets.WEIGHT_READ_DIRECTLY`)."""
         return self.base_layer.weight
 
     @property
