@@ -394,6 +394,6 @@ def test_federation_keep_rank_spelled_as_text_is_a_number() -> None:
 
     assert load_config(values={"federation": {"keep_rank": "200"}}).federation.keep_rank == 200
     assert load_config(values={"federation": {"keep_rank": " 8 "}}).federation.keep_rank == 8
-    for bad in ("0", "x", "-3"):
+    for bad in ("0", "x", "-3", "²", "٣"):  # digits of other scripts are not a rank
         with pytest.raises(UsageError, match="keep_rank"):
             load_config(values={"federation": {"keep_rank": bad}})

@@ -341,7 +341,7 @@ class FederationConfig:
         if self.slora_rounds < 0:
             raise UsageError(f"federation.slora_rounds must be >= 0, got {self.slora_rounds}")
         self._check_slora_density()
-        if isinstance(self.keep_rank, str) and self.keep_rank.strip().isdigit():
+        if isinstance(self.keep_rank, str) and re.fullmatch(r"\s*[0-9]+\s*", self.keep_rank):
             self.keep_rank = int(self.keep_rank)  # a Flower run config or --set spelled "200"
         if isinstance(self.keep_rank, str) and self.keep_rank not in ("max", "all"):
             raise UsageError(
@@ -482,7 +482,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         rank = self.global_rank
-        if isinstance(rank, str) and rank.strip().isdigit():
+        if isinstance(rank, str) and re.fullmatch(r"\s*[0-9]+\s*", rank):
             rank = self.global_rank = int(rank)  # a Flower run config or --set spelled "16"
         if isinstance(rank, str) and rank not in ("max", "full"):
             raise UsageError(f"eval.global_rank: {rank!r} is not 'max', 'full' or an integer")
