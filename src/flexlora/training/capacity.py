@@ -20,22 +20,23 @@ import torch
 
 from flexlora.config import RunConfig
 from flexlora.plan.memory import client_bytes as plan_client_bytes
-from flexlora.plan.shape import shape_of
+from flexlora.plan.shape import ModelShape, shape_of
 
 log = logging.getLogger(__name__)
 
 __all__ = ["auto_parallel_clients", "client_bytes", "free_bytes"]
 
 
-def client_bytes(model: Any, slot_ranks: Mapping[str, Mapping[str, int]], cfg: RunConfig) -> int:
-    """Bytes one more client adds to a batched pass: the most any rank type needs."""
-    shape = shape_of(model, list(cfg.lora.target_modules))
+def client_bytes(
+    model: Any,
+    slot_ranks: Mapping[str, Mapping[str, int]],
+    cfg: RunConfig,
+    shape: ModelShape | None = None,
+) -> int:
+    """Bytes one more client adds to a batched pass: the most any rank type needs
+    (``shape``: the model's, when the caller has read it already)."""
+    shape = shape or shape_of(model, list(cfg.lora.target_modules))
     return max(plan_client_bytes(shape, cfg, ranks) for ranks in slot_ranks.values())
-
-
-def _modelled(model: Any, cfg: RunConfig) -> bool:
-    """Whether the memory model covers this model's activations (not a state-space model's)."""
-    return shape_of(model, list(cfg.lora.target_modules)).activations_modelled
 
 
 def free_bytes(device: torch.device) -> int:
@@ -69,7 +70,8 @@ def auto_parallel_clients(
 ) -> int:
     """As many clients as fit in half the free memory, between 1 and ``clients_per_round``;
     1 where the memory model does not cover the activations (a state-space model)."""
-    if not _modelled(model, cfg):
+    shape = shape_of(model, list(cfg.lora.target_modules))
+    if not shape.activations_modelled:
         log.warning(
             "train.parallel_clients=auto: 1 (the memory model does not cover %s's selective "
             "scan; set train.parallel_clients to batch its clients)",
@@ -77,7 +79,7 @@ def auto_parallel_clients(
         )
         return 1
     device = next(model.parameters()).device
-    need = client_bytes(model, slot_ranks, cfg)
+    need = client_bytes(model, slot_ranks, cfg, shape)
     clients_per_round = cfg.federation.clients_per_round
     budget = free_bytes(device) // 2
     fit = int(budget // max(1, need))
