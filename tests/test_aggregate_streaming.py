@@ -49,6 +49,30 @@ def written(out: Path, r: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / f"rank-{r}" / ADAPTER_WEIGHTS))
 
 
+def dense_sum(specs: list[str], weights: list[float], name: str) -> np.ndarray:
+    """Σ p_i s_i B_i A_i of one module in float64, the slow obvious way (m, n)."""
+    total = sum(weights)
+    return sum(
+        (w / total) * load_adapter(s.rsplit(":", 1)[0]).factors[name].delta(torch.float64)
+        for s, w in zip(specs, weights, strict=True)
+    ).numpy()
+
+
+def truncation(W: np.ndarray, r: int) -> np.ndarray:
+    """The best rank-r approximation of W (m, n) by a float64 LAPACK SVD."""
+    U, S, Vh = np.linalg.svd(W, full_matrices=False)
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+def written_delta(out: Path, r: int, name: str, alpha: float = 8.0) -> np.ndarray:
+    """(alpha / r)·B·A of one module of the rank-r adapter written to ``out`` (m, n)."""
+    got = written(out, r)
+    A = got[f"base_model.model.{name}.lora_A.weight"].double().numpy()
+    B = got[f"base_model.model.{name}.lora_B.weight"].double().numpy()
+    assert A.shape[0] == B.shape[1] == r
+    return (alpha / r) * B @ A
+
+
 @pytest.mark.parametrize("strategy", ["flexlora", "flora", "ffa", "hetlora"])
 def test_streamed_aggregate_equals_the_all_in_memory_path(tmp_path: Path, strategy: str) -> None:
     specs = make_clients(tmp_path)
@@ -97,18 +121,9 @@ def test_streamed_flexlora_is_the_dense_truncation_and_reads_module_by_module(
     grouped = [reads[i : i + k] for i in range(0, len(SHAPES) * k, k)]
     assert all(len(set(g)) == 1 for g in grouped)
     assert sorted(g[0] for g in grouped) == sorted(SHAPES)
-    got = written(tmp_path / "out", 3)
-    total = sum(WEIGHTS)
     for name in SHAPES:
-        W = sum(
-            (w / total) * load_adapter(s.rsplit(":", 1)[0]).factors[name].delta(torch.float64)
-            for s, w in zip(specs, WEIGHTS, strict=True)
-        ).numpy()
-        U, S, Vh = np.linalg.svd(W, full_matrices=False)
-        want = (U[:, :3] * S[:3]) @ Vh[:3]
-        A = got[f"base_model.model.{name}.lora_A.weight"].double().numpy()
-        B = got[f"base_model.model.{name}.lora_B.weight"].double().numpy()
-        ours = (8.0 / 3) * B @ A
+        want = truncation(dense_sum(specs, WEIGHTS, name), 3)
+        ours = written_delta(tmp_path / "out", 3, name)
         assert np.linalg.norm(ours - want) <= 1e-5 * np.linalg.norm(want)
 
 
@@ -131,18 +146,9 @@ def test_randomized_aggregate_stops_at_the_largest_rank_written(
     assert asked == [3] * len(SHAPES)
     printed = capsys.readouterr().out
     assert "wrote" in printed and "keeps" not in printed  # no share from a capped spectrum
-    got = written(tmp_path / "out", 3)
-    total = sum(WEIGHTS)
     for name, (m, n) in SHAPES.items():
-        W = sum(
-            (w / total) * load_adapter(s.rsplit(":", 1)[0]).factors[name].delta(torch.float64)
-            for s, w in zip(specs, WEIGHTS, strict=True)
-        ).numpy()
-        U, S, Vh = np.linalg.svd(W, full_matrices=False)
-        want = (U[:, :3] * S[:3]) @ Vh[:3]
-        A = got[f"base_model.model.{name}.lora_A.weight"].double().numpy()
-        B = got[f"base_model.model.{name}.lora_B.weight"].double().numpy()
-        ours = (8.0 / 3) * B @ A
+        want = truncation(dense_sum(specs, WEIGHTS, name), 3)
+        ours = written_delta(tmp_path / "out", 3, name)
         # approximate, but on these small modules the randomized range finder is near exact
         assert np.linalg.norm(ours - want) <= 1e-3 * np.linalg.norm(want), (name, m, n)
 
@@ -164,16 +170,8 @@ def test_flora_aggregate_writes_the_whole_sum_at_its_rank_when_modules_differ(
         }
         specs.append(f"{write_adapter(tmp_path / f'c{i}', factors, {})}:{w}")
     run_aggregate(specs, [16, 3], tmp_path / "out", strategy="flora")
-    total = sum(weights)
     for name in shapes:
-        W = sum(
-            (w / total) * load_adapter(s.rsplit(":", 1)[0]).factors[name].delta(torch.float64)
-            for s, w in zip(specs, weights, strict=True)
-        ).numpy()
-        U, S, Vh = np.linalg.svd(W, full_matrices=False)
-        for r, want in ((16, W), (3, (U[:, :3] * S[:3]) @ Vh[:3])):
-            got = written(tmp_path / "out", r)
-            A = got[f"base_model.model.{name}.lora_A.weight"].double().numpy()
-            B = got[f"base_model.model.{name}.lora_B.weight"].double().numpy()
-            assert A.shape[0] == B.shape[1] == r
-            assert np.linalg.norm((8.0 / r) * B @ A - want) <= 1e-5 * np.linalg.norm(want)
+        W = dense_sum(specs, weights, name)
+        for r, want in ((16, W), (3, truncation(W, 3))):
+            ours = written_delta(tmp_path / "out", r, name)
+            assert np.linalg.norm(ours - want) <= 1e-5 * np.linalg.norm(want)
