@@ -10,6 +10,7 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
+from flexlora.config import RunConfig
 from flexlora.federation.round import (
     INJECTED_FAILURE,
     NO_REPLY,
@@ -252,6 +253,18 @@ def test_the_collector_folds_in_population_order_whatever_the_arrival(
     assert row_in_order["aggregated"] == clients and in_order is not state
 
 
+def one_round_config(out: Path, tasks: Path, **train: object) -> RunConfig:
+    """One round of 3 clients writing to ``out``, no evaluation, no exports (``train`` keys)."""
+    return toy_config(
+        out,
+        tasks,
+        eval={"at_start": False, "unseen": False},
+        federation={"clients_per_round": 3, "rounds": 1},
+        train=train,
+        output={"save_adapters": False},
+    )
+
+
 def test_the_simulator_folds_each_client_before_training_the_next(
     tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,14 +285,7 @@ def test_the_simulator_folds_each_client_before_training_the_next(
 
     monkeypatch.setattr(RoundAggregation, "add", spy_add)
     monkeypatch.setattr(FederatedRun, "_train_group", spy_train)
-    cfg = toy_config(
-        tmp_path / "sim",
-        tasks,
-        eval={"at_start": False, "unseen": False},
-        federation={"clients_per_round": 3, "rounds": 1},
-        output={"save_adapters": False},
-    )
-    FederatedRun(cfg).run()
+    FederatedRun(one_round_config(tmp_path / "sim", tasks)).run()
     clients = [e.split()[1] for e in events if e.startswith("train")]
     assert len(clients) == 3
     assert events == [f"{kind} {c}" for c in clients for kind in ("train", "fold")]
@@ -301,14 +307,9 @@ def test_the_flower_server_folds_replies_as_they_are_pulled(
         return add(self, update, label)
 
     monkeypatch.setattr(RoundAggregation, "add", spy_add)
-    sections = {
-        "eval": {"at_start": False, "unseen": False},
-        "federation": {"clients_per_round": 3, "rounds": 1},
-        "output": {"save_adapters": False},
-    }
-    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **sections))
+    sim = FederatedRun(one_round_config(tmp_path / "sim", tasks))
     sim.run()
-    flower_cfg = toy_config(tmp_path / "flower", tasks, **sections)
+    flower_cfg = one_round_config(tmp_path / "flower", tasks)
     nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
     grid = LocalGrid(make_client_app(to_run_config(flower_cfg)), nodes)
     grid.pull_batch = 1
@@ -599,15 +600,7 @@ def test_the_simulator_prepares_one_group_of_clients_at_a_time(
 
     monkeypatch.setattr(Coordinator, "start_factors", spy_start)
     monkeypatch.setattr(FederatedRun, "_train_group", spy_train)
-    cfg = toy_config(
-        tmp_path / "sim",
-        tasks,
-        eval={"at_start": False, "unseen": False},
-        federation={"clients_per_round": 3, "rounds": 1},
-        train={"parallel_clients": 2},
-        output={"save_adapters": False},
-    )
-    sim = FederatedRun(cfg)
+    sim = FederatedRun(one_round_config(tmp_path / "sim", tasks, parallel_clients=2))
     a, b, c = sim.server.sample(1)
     rows = sim.run()
     assert events == [
@@ -722,14 +715,9 @@ def test_a_duplicate_reply_is_rejected_the_same_way_in_both_drivers(
                 out.insert(1, out[0])
             return out
 
-    sections = {
-        "eval": {"at_start": False, "unseen": False},
-        "federation": {"clients_per_round": 3, "rounds": 1},
-        "output": {"save_adapters": False},
-    }
-    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **sections))
+    sim = FederatedRun(one_round_config(tmp_path / "sim", tasks))
     sim.run()
-    flower_cfg = toy_config(tmp_path / "flower", tasks, **sections)
+    flower_cfg = one_round_config(tmp_path / "flower", tasks)
     nodes = {100 + i: {"partition-id": i} for i in range(len(sim.data.seen))}
     FlowerRun(flower_cfg, Grid(make_client_app(to_run_config(flower_cfg)), nodes)).run()
     assert doubled
