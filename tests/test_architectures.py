@@ -10,6 +10,7 @@ would break batched clients.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -110,12 +111,19 @@ def save_model(config: tf.PretrainedConfig, folder: Path) -> Path:
     return folder
 
 
-def run_on(folder: Path, out: Path, targets: list[str], ffn: list[str], **train: object) -> list:
+def run_on(
+    folder: Path,
+    out: Path,
+    targets: list[str],
+    ffn: list[str],
+    model: dict[str, object] | None = None,
+    **train: object,
+) -> list:
     """One round of two clients (local SGD, so batched and sequential agree to rounding),
-    evaluated after round 1, adapters exported."""
+    evaluated after round 1, adapters exported; ``model`` adds model settings."""
     cfg = tiny_config(
         str(out),
-        model={"name": str(folder)},
+        model={"name": str(folder), **(model or {})},
         lora={"target_modules": targets, "ffn_modules": ffn},
         train={"local_steps": 2, "lr": 0.5, **train},
         federation={"strategy": "fedavg+flexlora", "rounds": 1, "clients_per_round": 2},
@@ -370,3 +378,50 @@ def test_plan_says_when_no_target_takes_the_feed_forward_rank(tmp_path: Path) ->
         }
     )
     assert "note:" not in format_plan(with_mlp)
+
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
+def test_a_4bit_base_keeps_a_layer_the_model_reads_directly_in_full_precision(
+    tmp_path: Path,
+) -> None:
+    """Mamba computes ``dt_proj.weight @ time_step``: with dt_proj quantized its forward
+    failed (a packed 4-bit weight in a matmul). It stays a plain Linear, the output head
+    stays out as transformers' default, the rest is 4-bit, and a run trains; flexlora plan
+    counts the same layers as quantized."""
+    import bitsandbytes as bnb
+
+    from flexlora.models.loading import load_base_model
+
+    config = tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **IDS)
+    folder = save_model(config, tmp_path / "mamba")
+    model, _ = load_base_model(str(folder), "float32", quantization="4bit")
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    assert kinds["backbone.layers.0.mixer.dt_proj"] is torch.nn.Linear
+    assert kinds["lm_head"] is torch.nn.Linear
+    quantized = {n for n, k in kinds.items() if k is bnb.nn.Linear4bit}
+    layers = ("in_proj", "x_proj", "out_proj")
+    assert quantized == {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in layers}
+    assert set(model_shape(str(folder), ["in_proj"]).quantizable) == quantized
+    rows = run_on(folder, tmp_path / "run", ["in_proj", "x_proj"], [], {"quantization": "4bit"})
+    assert rows[0]["aggregated"] and rows[0]["train_loss"] > 0
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
+def test_linear_subclasses_transformers_does_not_quantize_are_named_and_planned_as_such(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers quantizes nn.Linear itself only: Falcon's FalconLinear layers load in
+    the loading dtype. The load says so, by class and count, and flexlora plan does not
+    count them as 4-bit."""
+    from flexlora.models.loading import load_base_model
+
+    make, targets, _ = ARCHITECTURES["falcon"]
+    folder = save_model(make(), tmp_path / "falcon")
+    with caplog.at_level("WARNING", logger="flexlora.models.loading"):
+        model, _ = load_base_model(str(folder), "bfloat16", quantization="4bit")
+    assert "left 8 FalconLinear layer(s)" in caplog.text
+    assert model.transformer.h[0].self_attention.query_key_value.weight.dtype == torch.bfloat16
+    assert model_shape(str(folder), targets).quantizable == {}

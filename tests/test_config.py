@@ -77,3 +77,26 @@ def test_bad_toml_file_is_a_usage_error(tmp_path: Path) -> None:
         load_toml(tmp_path / "missing.toml")
     with pytest.raises(UsageError, match=r"dotted\.key=value"):
         load_config(overrides=["rounds"])
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"quantization": "nf4"}, ("4bit", "nf4", "float32")),
+        ({"quantization": "FP4"}, ("4bit", "fp4", "float32")),
+        ({"quantization": "int8", "dtype": "fp16"}, ("8bit", "nf4", "float16")),
+        ({"quantization": " 4-bit ", "dtype": "bf16"}, ("4bit", "nf4", "bfloat16")),
+        ({"quantization": "QLoRA", "dtype": "torch.bfloat16"}, ("4bit", "nf4", "bfloat16")),
+        ({"quantization": "4bit", "bnb_4bit_quant_type": "FP4"}, ("4bit", "fp4", "float32")),
+    ],
+)
+def test_model_dtype_and_quantization_take_their_usual_spellings(
+    given: dict[str, str], expected: tuple[str, str, str]
+) -> None:
+    m = load_config(values={"model": given}).model
+    assert (m.quantization, m.bnb_4bit_quant_type, m.dtype) == expected
+
+
+def test_an_unknown_quantization_is_still_refused() -> None:
+    with pytest.raises(UsageError, match=r"model\.quantization: 'gptq' is not none, 4bit or 8bit"):
+        load_config(values={"model": {"quantization": "gptq"}})

@@ -56,6 +56,42 @@ def _help(text: str, **kw: Any) -> Any:
 
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
+#: other spellings of the dtypes people write (torch's, the usual short forms)
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    **{f"torch.{n}": n for n in ("float32", "bfloat16", "float16")},
+}
+#: other spellings of model.quantization: (quantization, 4-bit data type or None)
+QUANTIZATION_ALIASES: dict[str, tuple[str, str | None]] = {
+    "": ("none", None),
+    "no": ("none", None),
+    "off": ("none", None),
+    "false": ("none", None),
+    "4": ("4bit", None),
+    "4-bit": ("4bit", None),
+    "int4": ("4bit", None),
+    "qlora": ("4bit", None),
+    "nf4": ("4bit", "nf4"),
+    "fp4": ("4bit", "fp4"),
+    "8": ("8bit", None),
+    "8-bit": ("8bit", None),
+    "int8": ("8bit", None),
+    "llm.int8": ("8bit", None),
+}
+
+
+def _dtype_name(value: object) -> object:
+    """A dtype name in the form DTYPE_NAMES lists (``bf16``, ``torch.float16``: aliases)."""
+    if isinstance(value, str):
+        key = value.strip().lower()
+        return DTYPE_ALIASES.get(key, key)
+    return value
+
+
 #: lora.target_modules' default (LLaMA-style names): the paper's q, v and feed-forward layers
 DEFAULT_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
@@ -105,6 +141,18 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        self.dtype = _dtype_name(self.dtype)  # type: ignore[assignment]
+        self.bnb_4bit_compute_dtype = _dtype_name(self.bnb_4bit_compute_dtype)  # type: ignore[assignment]
+        self.bnb_4bit_quant_type = str(self.bnb_4bit_quant_type).strip().lower()
+        quant = self.quantization
+        if quant is None or quant is False:
+            quant = "none"
+        key = str(quant).strip().lower()
+        if key in QUANTIZATION_ALIASES:  # nf4 / fp4 name the 4-bit data type as well
+            key, data_type = QUANTIZATION_ALIASES[key]
+            if data_type is not None:
+                self.bnb_4bit_quant_type = data_type
+        self.quantization = key
         if self.dtype not in DTYPE_NAMES:
             raise UsageError(f"model.dtype: {self.dtype!r} is not float32/bfloat16/float16/auto")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

@@ -24,16 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 from flexlora.config import DEVICE_PATTERN, ModelConfig
 from flexlora.errors import UsageError
 from flexlora.models.gguf import SMOLLM2, SMOLLM2_PIP, gguf_folder, smollm2_folder
+from flexlora.models.targets import WEIGHT_READ_DIRECTLY
 from flexlora.models.tiny import TINY_LLAMA, build_tiny_llama
 
 __all__ = [
@@ -208,14 +212,85 @@ def model_source(name_or_path: str, local_files_only: bool | None = None) -> Pat
 def _from_pretrained(
     name: str, folder: Path | str, kwargs: dict[str, Any], local_files_only: bool
 ) -> PreTrainedModel:
+    quant = kwargs.get("quantization_config")
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        if quant is not None:
+            _skip_weights_read_directly(quant, folder, local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=local_files_only, **kwargs
         )
     except OSError as exc:
         raise UsageError(f"could not load model {name!r}: {exc}. {_HINT}") from exc
     except (ImportError, ValueError) as exc:  # bitsandbytes missing, bad attention, bad map
         raise UsageError(f"could not load model {name!r} with {_describe(kwargs)}: {exc}") from exc
+    if quant is not None:
+        _warn_unquantized(model, name, "4bit" if quant.load_in_4bit else "8bit")
+    return model
+
+
+def bnb_converts(module: nn.Module) -> bool:
+    """Whether transformers' bitsandbytes integration quantizes this layer: ``nn.Linear``
+    itself or GPT-2's ``Conv1D``, not a subclass of ``nn.Linear`` (Falcon's ``FalconLinear``)."""
+    return type(module) is nn.Linear or isinstance(module, Conv1D)
+
+
+def quantization_skips(model: nn.Module) -> list[str]:
+    """The module names a quantized load keeps in full precision: transformers' defaults (the
+    output head, tied weights) and the layers whose weight the model reads directly rather
+    than calling them (Mamba's ``dt_proj``: a 4-bit or int8 weight there breaks its forward)."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # older transformers
+        head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+        defaults = [n for n, m in model.named_modules() if head is not None and m is head]
+    else:
+        defaults = list(get_keys_to_not_convert(model))
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    return [*defaults, *(n for n in WEIGHT_READ_DIRECTLY.get(model_type, ()) if n not in defaults)]
+
+
+def skipped_by(name: str, skips: list[str]) -> bool:
+    """Whether module ``name`` is kept out of quantization by ``skips`` (as transformers
+    matches them: the name itself, a prefix up to a dot, or a dotted suffix)."""
+    return any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in skips)
+
+
+def _skip_weights_read_directly(quant: Any, folder: Path | str, local_files_only: bool) -> None:
+    """Set ``llm_int8_skip_modules`` to :func:`quantization_skips` for a model that reads a
+    layer's weight directly; setting it replaces transformers' defaults, so they are part of
+    it (read from a meta-device model of the config). A list the caller set is kept."""
+    if quant.llm_int8_skip_modules is not None:
+        return
+    config = AutoConfig.from_pretrained(folder, local_files_only=local_files_only)
+    if not WEIGHT_READ_DIRECTLY.get(getattr(config, "model_type", "") or ""):
+        return
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    quant.llm_int8_skip_modules = quantization_skips(meta)
+
+
+def _warn_unquantized(model: nn.Module, name: str, quantization: str) -> None:
+    """Warn when transformers left linear layers of the body in full precision (subclasses of
+    ``nn.Linear``, see :func:`bnb_converts`): the model loads with them at ``model.dtype``."""
+    skip = quantization_skips(model)
+    kinds: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        if skipped_by(module_name, skip):
+            continue
+        kind = type(module)
+        quantized = kind.__module__.split(".")[0] == "bitsandbytes"
+        if isinstance(module, nn.Linear) and not bnb_converts(module) and not quantized:
+            kinds[kind.__name__] = kinds.get(kind.__name__, 0) + 1
+    if kinds:
+        listed = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        logger.warning(
+            "model.quantization = %r: transformers left %s layer(s) of %s unquantized (it "
+            "converts nn.Linear itself and Conv1D, not their subclasses): those weights stay "
+            "in the loading dtype",
+            quantization,
+            listed,
+            name,
+        )
 
 
 def _describe(kwargs: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ Called once, where the base model is handed to the client worker, before PEFT wr
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 
@@ -39,10 +40,17 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         keep_4bit_layout(model)  # also for a base the caller loaded itself
         from peft import prepare_model_for_kbit_training
 
+        # PEFT 0.22 renamed gradient_checkpointing_kwargs (deprecated, to go in 1.2)
+        params = inspect.signature(prepare_model_for_kbit_training).parameters
+        key = (
+            "activation_checkpointing_kwargs"
+            if "activation_checkpointing_kwargs" in params
+            else "gradient_checkpointing_kwargs"
+        )
         prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS),
+            **{key: dict(CHECKPOINT_KWARGS)},
         )
     elif cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -52,9 +60,14 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*use_cache=True.*", UserWarning)
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS)
-            )
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS)
+                )
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS)
+                )
     if cfg.gradient_checkpointing:
         logger.info("gradient checkpointing on (%s)", type(model).__name__)
     model.eval()

@@ -11,10 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers.pytorch_utils import Conv1D
-
 from flexlora.errors import UsageError
+from flexlora.models.loading import bnb_converts, quantization_skips, skipped_by
 from flexlora.models.meta import meta_model, model_config
 from flexlora.models.targets import layer_shape, resolve_targets, target_linear_modules
 
@@ -81,12 +79,11 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
     """The shape of a built model: on the meta device, or loaded (then ``params`` counts what
     is stored, a quantized layer's packed weights as such)."""
     config = model.config
-    skip = _not_quantized(model)
-    quantizable = {
+    skip = quantization_skips(model)
+    quantizable = {  # what a quantized load converts (Falcon's FalconLinear is not)
         n: layer_shape(m)
         for n, m in model.named_modules()
-        if isinstance(m, (torch.nn.Linear, Conv1D))
-        and not any(n == k or n.startswith(k + ".") for k in skip)
+        if bnb_converts(m) and not skipped_by(n, skip)
     }
     params = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -120,15 +117,6 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
         head_dim=_first(c, "head_dim", default=0) if heads else 0,
         ssm_state=ssm_state,
     )
-
-
-def _not_quantized(model: Any) -> list[str]:
-    """The modules bitsandbytes leaves alone (the output head and tied weights)."""
-    try:
-        from transformers.quantizers.base import get_keys_to_not_convert
-    except ImportError:  # older transformers
-        return ["lm_head"]
-    return list(get_keys_to_not_convert(model))
 
 
 def _first(config: Any, *names: str, default: int | None = None) -> int:
