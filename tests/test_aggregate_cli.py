@@ -8,6 +8,7 @@ truncated with numpy in float64.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -222,6 +223,15 @@ def good(tmp_path) -> list[Path]:
     ]
 
 
+CONFIG_FAULTS = {  # adapter_config.json values that would reach the math as a bad scaling
+    "alpha_zero": {"lora_alpha": 0},
+    "alpha_nan": {"lora_alpha": float("nan")},
+    "alpha_inf_pattern": {"alpha_pattern": {"q_proj": float("inf")}},
+    "rank_pattern_zero": {"rank_pattern": {"q_proj": 0}},
+    "rank_pattern_list": {"rank_pattern": ["q_proj"]},
+}
+
+
 def broken(tmp_path: Path, kind: str) -> tuple[Path, str | None]:
     """A client folder with one fault; returns it and the module the error must name."""
     folder = tmp_path / f"bad-{kind}"
@@ -236,6 +246,12 @@ def broken(tmp_path: Path, kind: str) -> tuple[Path, str | None]:
     if kind == "bin_only":
         small_adapter(folder, 3, seed=2)
         (folder / ADAPTER_WEIGHTS).rename(folder / "adapter_model.bin")
+        return folder, None
+    if kind in CONFIG_FAULTS:
+        small_adapter(folder, 3, seed=2)
+        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+        cfg.update(CONFIG_FAULTS[kind])
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg))  # NaN and Infinity as Python writes
         return folder, None
     if kind == "missing_module":
         return small_adapter(folder, 3, seed=2, up=None), UP
@@ -258,6 +274,11 @@ def broken(tmp_path: Path, kind: str) -> tuple[Path, str | None]:
         ("shape", "10x8"),
         ("nan", "NaN or Inf"),
         ("inf", "NaN or Inf"),
+        ("alpha_zero", "lora_alpha must be a positive finite number, got 0.0"),
+        ("alpha_nan", "lora_alpha must be a positive finite number, got nan"),
+        ("alpha_inf_pattern", "alpha_pattern['q_proj'] must be a positive finite number"),
+        ("rank_pattern_zero", "rank_pattern['q_proj'] must be positive, got 0"),
+        ("rank_pattern_list", "not a valid LoRA config"),
     ],
 )
 def test_bad_client_folders_exit_2_naming_folder_and_module(

@@ -10,6 +10,7 @@ names PEFT's ``rank_pattern`` and ``alpha_pattern`` keys are matched against. Pi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -81,7 +82,7 @@ class AdapterMeta:
                     source, None, "config", f"{ADAPTER_CONFIG}: {bad}=true is not supported"
                 )
         try:
-            return cls(
+            meta = cls(
                 r=int(cfg["r"]),
                 lora_alpha=float(cfg.get("lora_alpha", 8)),
                 rank_pattern={str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
@@ -91,10 +92,34 @@ class AdapterMeta:
                 use_rslora=bool(cfg.get("use_rslora", False)),
                 raw=dict(cfg),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidUpdateError(
                 source, None, "config", f"{ADAPTER_CONFIG} is not a valid LoRA config: {exc!r}"
             ) from None
+        meta.check_values(source)
+        return meta
+
+    def check_values(self, source: str) -> None:
+        """Refuse ranks that are not positive and alphas that are not positive finite numbers
+        (a LoRA scaling of 0, NaN or Inf), naming the config key."""
+        ranks = {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}
+        alphas = {
+            "lora_alpha": self.lora_alpha,
+            **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()},
+        }
+        for key, r in ranks.items():
+            if r <= 0:
+                raise InvalidUpdateError(
+                    source, None, "config", f"{ADAPTER_CONFIG}: {key} must be positive, got {r}"
+                )
+        for key, alpha in alphas.items():
+            if not (math.isfinite(alpha) and alpha > 0):
+                raise InvalidUpdateError(
+                    source,
+                    None,
+                    "config",
+                    f"{ADAPTER_CONFIG}: {key} must be a positive finite number, got {alpha}",
+                )
 
 
 @dataclass(frozen=True)
