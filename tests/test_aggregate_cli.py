@@ -331,6 +331,22 @@ def test_differing_alpha_needs_alpha_flag(good, tmp_path, capsys) -> None:
     assert "--alpha" in err
 
 
+@pytest.mark.parametrize("spelling", ["same", "slash", "dot", "symlink"])
+def test_a_folder_given_twice_exit_2(spelling: str, good, tmp_path, capsys, monkeypatch) -> None:
+    """The same folder under another spelling would count that client twice."""
+    monkeypatch.chdir(tmp_path)
+    again = {
+        "same": str(good[0]),
+        "slash": f"{good[0]}/",
+        "dot": f"./{good[0].name}",
+        "symlink": str(tmp_path / "link"),
+    }[spelling]
+    (tmp_path / "link").symlink_to(good[0])
+    argv = ["--client", str(good[0]), "--client", str(good[1]), "--client", f"{again}:2"]
+    err = run_failing([*argv, "--rank", "2"], tmp_path / "out", capsys)
+    assert f"client {again}" in err and f"the same folder as client {good[0]}" in err
+
+
 def test_fedit_with_mixed_ranks_exit_2(good, tmp_path, capsys) -> None:
     argv = [a for f in good for a in ("--client", str(f))] + ["--rank", "2"]
     err = run_failing([*argv, "--strategy", "fedit"], tmp_path / "out", capsys)

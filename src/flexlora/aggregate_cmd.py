@@ -114,6 +114,19 @@ def check_out(out: Path) -> None:
             return
 
 
+def check_distinct(specs: Sequence[ClientSpec]) -> None:
+    """Refuse a folder given twice under any spelling (``a``, ``a/``, ``./a``, a symlink):
+    it would count that client twice."""
+    seen: dict[Path, str] = {}
+    for spec in specs:
+        key = Path(spec.folder).resolve()
+        if key in seen:
+            raise InvalidUpdateError(
+                spec.folder, None, "duplicate", f"the same folder as client {seen[key]}"
+            )
+        seen[key] = spec.folder
+
+
 def run_aggregate(
     clients: Sequence[str],
     ranks: Sequence[int],
@@ -134,6 +147,7 @@ def run_aggregate(
             raise UsageError(f"--rank must be positive, got {r}")
     check_out(Path(out))
     specs = [parse_client(c) for c in clients]
+    check_distinct(specs)
     readers = [open_adapter(s.folder) for s in specs]
     bases = {str(a.meta.raw.get("base_model_name_or_path")) for a in readers}
     if len(bases) > 1:
