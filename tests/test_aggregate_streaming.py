@@ -175,3 +175,29 @@ def test_flora_aggregate_writes_the_whole_sum_at_its_rank_when_modules_differ(
         for r, want in ((16, W), (3, truncation(W, 3))):
             ours = written_delta(tmp_path / "out", r, name)
             assert np.linalg.norm(ours - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_flora_aggregate_pads_a_stacked_module_past_its_rank(tmp_path: Path) -> None:
+    """FLoRA writes the whole ΔW at any rank: a module whose stack is narrower than --rank
+    (a rank_pattern gives it a smaller Σ r_i, or --rank exceeds Σ r_i) gets zero B past its
+    rank. It was refused ("this global state has rank 6 and cannot be cut to rank 9")."""
+    shapes = {"layers.0.q_proj": (64, 64), "layers.0.down_proj": (64, 96)}  # both stacked
+    ranks = {"layers.0.q_proj": [3, 3, 3], "layers.0.down_proj": [2, 2, 2]}  # Σ: 9 and 6
+    g = torch.Generator().manual_seed(3)
+    specs, weights = [], [1.0, 2.0, 3.0]
+    for i, w in enumerate(weights):
+        factors = {
+            name: LoRAFactors(
+                torch.randn(ranks[name][i], n, generator=g),  # (r, n)
+                torch.randn(m, ranks[name][i], generator=g),  # (m, r)
+                8.0,
+            )
+            for name, (m, n) in shapes.items()
+        }
+        specs.append(f"{write_adapter(tmp_path / f'c{i}', factors, {})}:{w}")
+    run_aggregate(specs, [9, 12], tmp_path / "out", strategy="flora")
+    for name in shapes:
+        W = dense_sum(specs, weights, name)
+        for r in (9, 12):
+            ours = written_delta(tmp_path / "out", r, name)
+            assert np.linalg.norm(ours - W) <= 1e-5 * np.linalg.norm(W), (name, r)

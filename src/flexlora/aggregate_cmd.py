@@ -35,6 +35,7 @@ from flexlora.lora.peft_io import (
     open_adapter,
     write_adapters_atomically,
 )
+from flexlora.lora.svd import factored_svd
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def run_aggregate(
     for module, delta in deltas:
         for r in dict.fromkeys(ranks):
             try:
-                outputs[f"rank-{r}"][module] = delta.for_rank(r).factors(
+                outputs[f"rank-{r}"][module] = cut_ready(delta, r, padded=bool(pads)).factors(
                     r,
                     alphas[module],
                     use_rslora=use_rslora,
@@ -209,6 +210,16 @@ def run_aggregate(
         note = "" if math.isnan(share) else f", keeps {100 * share:.2f}% of ||dW||^2"
         print(f"wrote {path} (rank {r}{note})")
     return written
+
+
+def cut_ready(delta: ModuleDelta, rank: int, *, padded: bool) -> ModuleDelta:
+    """``delta.for_rank(rank)``; where the output is padded (FLoRA writes the whole ΔW at any
+    rank), an exact stack asked for more components than it holds goes through its thin SVD,
+    which the pad extends with zero B (an exact state refuses any rank but its own)."""
+    if padded and delta.truncation == "exact" and rank > delta.rank:
+        U, S, Vh = factored_svd(delta.U * delta.S, delta.Vh)  # (m, k), (k,), (k, n)
+        return ModuleDelta(U=U, S=S, Vh=Vh, truncation="svd")
+    return delta.for_rank(rank)
 
 
 def whole_norm(adapter: AdapterReader) -> float:
