@@ -312,6 +312,38 @@ def test_non_positive_weights_exit_2(weight: str, good, tmp_path, capsys) -> Non
     assert f"client {good[0]}" in err and "weight must be > 0" in err
 
 
+@pytest.mark.parametrize("weight", ["1e39", "1e300"])
+def test_weights_past_float32_range_give_the_weighted_sum(weight: str, tmp_path) -> None:
+    """Only the ratios of the --client weights count: 1e39 : 1e39 is 1 : 1 (it overflowed
+    float32 and crashed in the SVD)."""
+    folders = [small_adapter(tmp_path / f"c{i}", 2 + i, seed=i) for i in range(2)]
+    outs = {}
+    for w in ("1", weight):
+        outs[w] = tmp_path / f"out-{w}"
+        argv = [a for f in folders for a in ("--client", f"{f}:{w}")]
+        assert main(["aggregate", *argv, "--rank", "5", "--out", str(outs[w])]) == 0
+    from flexlora.lora.peft_io import load_adapter
+
+    for name in (Q, UP):
+        ref = load_adapter(outs["1"] / "rank-5").factors[name].delta()
+        got = load_adapter(outs[weight] / "rank-5").factors[name].delta()
+        torch.testing.assert_close(got, ref)
+
+
+def test_an_update_too_large_for_float32_exit_2(tmp_path, capsys) -> None:
+    """Finite factors whose product overflows float32: exit 2 naming the module, whether
+    the SVD fails on the sum or gives NaN factors (written with exit 0 before)."""
+    big = (torch.full((2, 8), 1e20), torch.full((12, 2), 1e20))
+    folder = small_adapter(tmp_path / "big", 2, seed=0, up=big)
+    for clients in ([folder], [folder, small_adapter(tmp_path / "small", 3, seed=1)]):
+        argv = [a for f in clients for a in ("--client", str(f))]
+        err = run_failing([*argv, "--rank", "2"], tmp_path / "out", capsys)
+        assert f"module {UP}" in err and "[nonfinite]" in err and "--dtype float64" in err
+    # in float64 the sum is finite, but ΔW (~1e41) does not fit the clients' float32
+    argv = ["--client", str(folder), "--rank", "2", "--dtype", "float64"]
+    assert "torch.float32 output" in run_failing(argv, tmp_path / "out", capsys)
+
+
 def test_rank_larger_than_the_decomposition_exit_2(good, tmp_path, capsys) -> None:
     # 2 + 4 = 6 components for q (8x8) and up (12x8): rank 7 cannot be given
     argv = [a for f in good for a in ("--client", str(f))] + ["--rank", "4", "--rank", "7"]

@@ -27,6 +27,7 @@ from flexlora.aggregation import Aggregator, get_aggregator
 from flexlora.aggregation.base import check_factors
 from flexlora.aggregation.hetlora import HetLoRA
 from flexlora.errors import InvalidUpdateError, RankError, UsageError
+from flexlora.lora.finite import all_finite
 from flexlora.lora.norms import update_norm
 from flexlora.lora.peft_io import (
     AdapterReader,
@@ -201,6 +202,7 @@ def run_aggregate(
         spectra[module] = delta.S if delta.truncation == "svd" and not capped else None
         del delta  # else this module's state (U, S, Vh) lives on while the next one is reduced
     out_dtype = readers[0].factors(next(iter(readers[0].shapes))).A.dtype
+    check_finite(outputs, out_dtype, aggregator.dtype)
     template = dict(readers[0].meta.raw)
     template.pop("rank_pattern", None)
     template.pop("alpha_pattern", None)
@@ -210,6 +212,24 @@ def run_aggregate(
         note = "" if math.isnan(share) else f", keeps {100 * share:.2f}% of ||dW||^2"
         print(f"wrote {path} (rank {r}{note})")
     return written
+
+
+def check_finite(
+    outputs: Mapping[str, Mapping[str, LoRAFactors]], dtype: torch.dtype, compute: torch.dtype
+) -> None:
+    """Refuse output factors that hold NaN or Inf once in ``dtype`` (the inputs' dtype), naming
+    the module: an update too large for the ``compute`` dtype or for ``dtype`` itself."""
+    for name, factors in outputs.items():
+        for module, f in factors.items():
+            if not (all_finite(f.A.to(dtype)) and all_finite(f.B.to(dtype))):
+                raise InvalidUpdateError(
+                    None,
+                    module,
+                    "nonfinite",
+                    f"the {name} factors hold NaN or Inf: the clients' values are too large "
+                    f"for the {compute} computation or the {dtype} output "
+                    "(--dtype float64 may hold the first)",
+                )
 
 
 def cut_ready(delta: ModuleDelta, rank: int, *, padded: bool) -> ModuleDelta:
@@ -250,6 +270,10 @@ def stream_modules(
                 )
     if len({a.source for a in readers}) < len(readers):
         raise InvalidUpdateError(None, None, "duplicate", "a client folder is given twice")
+    # p_i = w_i / Σ w in float64 first: a raw weight past float32's range (3.4e38) would
+    # overflow the accumulator's w_i·s_i·B_i
+    raw_total = math.fsum(weights)
+    weights = [w / raw_total for w in weights]
     total = math.fsum(weights)
     options: dict[str, object] = {}
     if isinstance(aggregator, HetLoRA) and aggregator.weighting == "client":
@@ -263,7 +287,16 @@ def stream_modules(
             acc.check(a.source, f)
             acc.fold(a.source, f, w)
             del f
-        delta = acc.result(total)
+        try:
+            delta = acc.result(total)
+        except torch.linalg.LinAlgError:  # the SVD of a sum that overflowed
+            raise InvalidUpdateError(
+                None,
+                module,
+                "nonfinite",
+                f"the weighted sum of the clients' updates is not finite in {aggregator.dtype} "
+                "(--dtype float64 may hold it)",
+            ) from None
         del acc  # the stacks or the dense sum go before the caller cuts the outputs
         yield module, delta
         del delta
