@@ -201,3 +201,29 @@ def test_flora_aggregate_pads_a_stacked_module_past_its_rank(tmp_path: Path) -> 
         for r in (9, 12):
             ours = written_delta(tmp_path / "out", r, name)
             assert np.linalg.norm(ours - W) <= 1e-5 * np.linalg.norm(W), (name, r)
+
+
+def test_fedex_aggregate_writes_its_residual_beside_the_adapters(tmp_path: Path, capsys) -> None:
+    """FedEx-LoRA's adapter is the FedAvg of the factors; the rest of Σ p_i s_i B_i A_i is a
+    residual its clients hold in their base weights. It used to be dropped without a word
+    (the written ΔW was far off the weighted sum); it is written as frozen_delta.safetensors,
+    as `flexlora run` exports it, and adapter + residual is the exact sum."""
+    from flexlora.lora.peft_io import FROZEN_DELTA
+    from flexlora.types import GlobalUpdate
+
+    specs = make_clients(tmp_path)
+    top = max(RANKS)
+    run_aggregate(specs, [top], tmp_path / "out", strategy="fedex", dtype="float64")
+    assert f"{FROZEN_DELTA} (fedex: the residual" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / FROZEN_DELTA), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no iter
+        residual = GlobalUpdate.from_tensors(tensors, fh.metadata())
+    assert set(residual.modules) == set(SHAPES)
+    for name in SHAPES:
+        exact = dense_sum(specs, WEIGHTS, name)
+        adapter = written_delta(tmp_path / "out", top, name)
+        rest = residual.modules[name].dense().double().numpy()
+        assert np.linalg.norm(adapter - exact) > 0.1 * np.linalg.norm(exact)  # not the sum alone
+        assert np.linalg.norm(adapter + rest - exact) <= 1e-6 * np.linalg.norm(exact), name

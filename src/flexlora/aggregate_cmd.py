@@ -30,6 +30,7 @@ from flexlora.errors import InvalidUpdateError, RankError, UsageError
 from flexlora.lora.finite import all_finite
 from flexlora.lora.norms import update_norm
 from flexlora.lora.peft_io import (
+    FROZEN_DELTA,
     AdapterReader,
     LoadedAdapter,
     load_adapter,
@@ -172,12 +173,15 @@ def run_aggregate(
     weights = [s.weight for s in specs]
     outputs: dict[str, dict[str, LoRAFactors]] = {f"rank-{r}": {} for r in dict.fromkeys(ranks)}
     spectra: dict[str, torch.Tensor | None] = {}  # S per module (None: not an SVD state)
+    frozen: dict[str, ModuleDelta] = {}  # FedEx-LoRA's residual, per module
     if aggregator.streams:
-        deltas = stream_modules(aggregator, readers, weights)
+        deltas = stream_modules(aggregator, readers, weights, frozen)
     else:
         adapters = [load_adapter(s.folder) for s in specs]
         updates = [ClientUpdate(a.source, 1, a.factors) for a in adapters]
-        deltas = iter(aggregator.aggregate(updates, weights=weights).modules.items())
+        whole = aggregator.aggregate(updates, weights=weights)
+        frozen.update(whole.frozen)
+        deltas = iter(whole.modules.items())
     # a strategy whose clients merge the whole ΔW (FLoRA) writes all of it at any rank: past
     # the state's own rank the extra components have zero B (ΔW unchanged), so --rank Σ r_i
     # works whether a module's state is its stack or the SVD of its dense sum
@@ -206,11 +210,18 @@ def run_aggregate(
     template = dict(readers[0].meta.raw)
     template.pop("rank_pattern", None)
     template.pop("alpha_pattern", None)
-    written = write_adapters_atomically(out, outputs, template, dtype=out_dtype)
+    # a frozen part no adapter carries goes beside them, as `flexlora run` exports it
+    files = {FROZEN_DELTA: GlobalUpdate(modules=frozen, strategy=aggregator.name).to_tensors()} if frozen else {}
+    written = write_adapters_atomically(out, outputs, template, dtype=out_dtype, files=files)
     for r, path in zip(dict.fromkeys(ranks), written, strict=True):
         share = spectrum_energy_kept(spectra, r)
         note = "" if math.isnan(share) else f", keeps {100 * share:.2f}% of ||dW||^2"
         print(f"wrote {path} (rank {r}{note})")
+    if frozen:
+        print(
+            f"wrote {Path(out) / FROZEN_DELTA} ({strategy}: the residual U·S·Vh of the averaged "
+            "factors, which these adapters need in their base: W0 + U·S·Vh, per module)"
+        )
     return written
 
 
@@ -248,12 +259,17 @@ def whole_norm(adapter: AdapterReader) -> float:
 
 
 def stream_modules(
-    aggregator: Aggregator, readers: Sequence[AdapterReader], weights: Sequence[float]
+    aggregator: Aggregator,
+    readers: Sequence[AdapterReader],
+    weights: Sequence[float],
+    frozen: dict[str, ModuleDelta] | None = None,
 ) -> Iterator[tuple[str, ModuleDelta]]:
-    """Each module's global update in turn, reading one module of one client at a time.
+    """Each module's global update in turn, reading one module of one client at a time; a
+    strategy's frozen part (FedEx-LoRA's residual) goes into ``frozen`` by module.
 
     Every client must adapt the same modules; a module's shape is the one most clients
-    agree on (an odd one out is blamed by name). Holds one module's accumulator at a time.
+    agree on (an odd one out is blamed by name). Holds one module's accumulator at a time
+    (and the frozen parts, each as small as the module's state).
     """
     owners: dict[str, str] = {}  # module -> the first client that sent it
     for a in readers:
@@ -297,6 +313,9 @@ def stream_modules(
                 f"the weighted sum of the clients' updates is not finite in {aggregator.dtype} "
                 "(--dtype float64 may hold it)",
             ) from None
-        del acc  # the stacks or the dense sum go before the caller cuts the outputs
+        part = acc.frozen()
+        if part is not None and frozen is not None:
+            frozen[module] = part
+        del acc, part  # the stacks or the dense sum go before the caller cuts the outputs
         yield module, delta
         del delta

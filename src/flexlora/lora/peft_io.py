@@ -30,6 +30,10 @@ from flexlora.errors import InvalidUpdateError
 from flexlora.lora.finite import all_finite
 from flexlora.types import LoRAFactors, match_pattern
 
+#: a strategy's frozen part beside exported adapters (FedEx-LoRA's residual: the adapters
+#: hold the averaged factors, the base they are used on is W0 + U·S·Vh)
+FROZEN_DELTA = "frozen_delta.safetensors"
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
@@ -379,9 +383,11 @@ def write_adapters_atomically(
     template: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     cards: Mapping[str, str] | None = None,
+    files: Mapping[str, tuple[dict[str, Tensor], dict[str, str]]] | None = None,
 ) -> list[Path]:
-    """Write ``out/<name>/`` for each adapter (with ``cards[name]`` as its README.md), all
-    or nothing.
+    """Write ``out/<name>/`` for each adapter (with ``cards[name]`` as its README.md) and
+    ``out/<file>`` for each of ``files`` (safetensors tensors and metadata), all or nothing;
+    returns the adapter folders.
 
     Everything is written into a temporary folder beside ``out`` first and moved into place
     only once every adapter is on disk, so an error leaves ``out`` as it was.
@@ -392,6 +398,8 @@ def write_adapters_atomically(
     try:
         for name, factors in adapters.items():
             write_adapter(staging / name, factors, template, dtype, (cards or {}).get(name))
+        for name, (tensors, meta) in (files or {}).items():
+            save_file(tensors, str(staging / name), metadata=meta)
         out_path.mkdir(exist_ok=True)
         written = []
         for name in adapters:
@@ -400,6 +408,8 @@ def write_adapters_atomically(
                 shutil.rmtree(target)
             os.replace(staging / name, target)
             written.append(target)
+        for name in files or {}:
+            os.replace(staging / name, out_path / name)
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

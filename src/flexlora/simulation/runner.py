@@ -42,6 +42,7 @@ from flexlora.federation.round import (
     injected_failures,
     round_frozen,
 )
+from flexlora.lora.peft_io import FROZEN_DELTA
 from flexlora.models import TINY_LLAMA, resolve_targets, target_linear_modules
 from flexlora.schedule import sample_clients
 from flexlora.server import Coordinator, resolve_client_types
@@ -61,9 +62,6 @@ from flexlora.types import GlobalUpdate, LoRAFactors
 log = logging.getLogger(__name__)
 
 __all__ = ["FROZEN_DELTA", "FederatedRun"]
-
-#: File beside the exported adapters holding a frozen part of ΔW no adapter carries (FedEx).
-FROZEN_DELTA = "frozen_delta.safetensors"
 
 
 class FederatedRun:
