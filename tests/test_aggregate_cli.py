@@ -479,3 +479,31 @@ def test_hetlora_client_weights_multiply_its_norm_weights(good, tmp_path) -> Non
 
     plain, heavy = run("1", tmp_path / "w1"), run("9", tmp_path / "w9")
     assert not torch.allclose(plain, heavy)
+
+
+def test_output_dtype_is_the_widest_of_the_clients(tmp_path) -> None:
+    """A bf16 client first and a float32 one after: the output is float32 (it followed the
+    first client and rounded the float32 client's precision away); bf16 with fp16 gives
+    float32 too, and all-bf16 clients stay bf16."""
+    from safetensors.torch import load_file, save_file
+
+    def client(name: str, dtype: torch.dtype) -> str:
+        folder = small_adapter(tmp_path / name, 2, seed=len(name))
+        weights = folder / ADAPTER_WEIGHTS
+        tensors = {k: v.to(dtype) for k, v in load_file(str(weights)).items()}
+        save_file(tensors, str(weights))
+        return str(folder)
+
+    cases = {
+        "mixed": [("a", torch.bfloat16), ("bb", torch.float32)],
+        "halves": [("c", torch.bfloat16), ("dd", torch.float16)],
+        "bf16": [("e", torch.bfloat16), ("ff", torch.bfloat16)],
+    }
+    expected = {"mixed": torch.float32, "halves": torch.float32, "bf16": torch.bfloat16}
+    for case, specs in cases.items():
+        folders = [client(n, d) for n, d in specs]
+        out = tmp_path / f"out-{case}"
+        argv = [a for f in folders for a in ("--client", f)]
+        assert main(["aggregate", *argv, "--rank", "2", "--out", str(out)]) == 0
+        got = load_file(str(out / "rank-2" / ADAPTER_WEIGHTS))
+        assert {v.dtype for v in got.values()} == {expected[case]}, case

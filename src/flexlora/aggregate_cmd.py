@@ -14,6 +14,7 @@ first. Other strategies load every adapter.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
@@ -205,13 +206,16 @@ def run_aggregate(
         # a capped spectrum cannot say what share of ||dW||^2 it keeps
         spectra[module] = delta.S if delta.truncation == "svd" and not capped else None
         del delta  # else this module's state (U, S, Vh) lives on while the next one is reduced
-    out_dtype = readers[0].factors(next(iter(readers[0].shapes))).A.dtype
+    # the clients' widest storage dtype (bf16 and fp16 clients together: float32)
+    out_dtype = functools.reduce(torch.promote_types, (a.dtype for a in readers))
     check_finite(outputs, out_dtype, aggregator.dtype)
     template = dict(readers[0].meta.raw)
     template.pop("rank_pattern", None)
     template.pop("alpha_pattern", None)
     # a frozen part no adapter carries goes beside them, as `flexlora run` exports it
-    files = {FROZEN_DELTA: GlobalUpdate(modules=frozen, strategy=aggregator.name).to_tensors()} if frozen else {}
+    files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+    if frozen:
+        files[FROZEN_DELTA] = GlobalUpdate(modules=frozen, strategy=aggregator.name).to_tensors()
     written = write_adapters_atomically(out, outputs, template, dtype=out_dtype, files=files)
     for r, path in zip(dict.fromkeys(ranks), written, strict=True):
         share = spectrum_energy_kept(spectra, r)

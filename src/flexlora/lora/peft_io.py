@@ -9,6 +9,7 @@ names PEFT's ``rank_pattern`` and ``alpha_pattern`` keys are matched against. Pi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,6 +31,13 @@ from flexlora.errors import InvalidUpdateError
 from flexlora.lora.finite import all_finite
 from flexlora.types import LoRAFactors, match_pattern
 
+#: safetensors' names of the float dtypes factors may be stored in
+_FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+}
 #: a strategy's frozen part beside exported adapters (FedEx-LoRA's residual: the adapters
 #: hold the averaged factors, the base they are used on is W0 + U·S·Vh)
 FROZEN_DELTA = "frozen_delta.safetensors"
@@ -273,6 +281,7 @@ class AdapterReader:
     path: Path
     keys: Mapping[str, Mapping[str, str]]  # module -> {"A": key, "B": key}
     shapes: Mapping[str, tuple[int, int]]  # module -> (m, n) of the adapted weight
+    dtype: torch.dtype = torch.float32  # the widest float dtype its factors are stored in
 
     def factors(self, module: str) -> LoRAFactors:
         """The module's factors, value-checked (float dtype, finite)."""
@@ -294,7 +303,9 @@ def open_adapter(folder: str | os.PathLike[str]) -> AdapterReader:
     source, weights_path, meta = _open_folder(folder)
     try:
         with safe_open(str(weights_path), framework="pt") as fh:
-            shapes_of = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+            slices = {key: fh.get_slice(key) for key in fh.keys()}  # noqa: SIM118
+            shapes_of = {key: tuple(sl.get_shape()) for key, sl in slices.items()}
+            stored = {_FLOAT_DTYPES.get(sl.get_dtype()) for sl in slices.values()} - {None}
     except _READ_ERRORS as exc:
         raise _unreadable(source, exc) from None
     keys = group_keys(shapes_of, source)
@@ -303,7 +314,8 @@ def open_adapter(folder: str | os.PathLike[str]) -> AdapterReader:
         a, b = shapes_of[pair["A"]], shapes_of[pair["B"]]
         check_pair_shapes(source, module, a, b, meta)
         shapes[module] = (int(b[0]), int(a[1]))
-    return AdapterReader(source, meta, weights_path, keys, shapes)
+    dtype = functools.reduce(torch.promote_types, stored) if stored else torch.float32
+    return AdapterReader(source, meta, weights_path, keys, shapes, dtype)
 
 
 def state_dict_from_factors(
