@@ -141,6 +141,15 @@ def test_folder_without_weights_is_a_usage_error(tmp_path: Path) -> None:
     assert "model.safetensors" in str(info.value)
 
 
+def test_folder_without_tokenizer_is_a_usage_error(tmp_path: Path) -> None:
+    """Weights and config.json but no tokenizer files (transformers raises a ValueError):
+    a UsageError naming the folder, not a traceback."""
+    build_tiny_llama()[0].save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="could not load the tokenizer") as info:
+        load_base_model(str(tmp_path))
+    assert str(tmp_path) in str(info.value) and "save_pretrained" in str(info.value)
+
+
 def test_hub_id_offline_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     start = time.perf_counter()
     with pytest.raises(UsageError, match="local Hugging Face cache"):

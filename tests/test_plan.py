@@ -132,6 +132,16 @@ def test_parse_size() -> None:
         parse_size("lots")
 
 
+@pytest.mark.parametrize("size", ["", "0", "0GiB"])
+def test_an_empty_or_zero_device_memory_is_an_error(size: str) -> None:
+    """``--device-memory ""`` was skipped as if not given, and ``0`` marked every type "no"."""
+    from flexlora.cli import main
+
+    with pytest.raises(UsageError, match="not a size"):
+        parse_size(size)
+    assert main(["plan", "--device-memory", size, "--set", "model.name='tiny-llama'"]) == 2
+
+
 def measured_plan(folder: Path, batch: int, cutoff: int) -> str:
     """benchmarks/plan_check.py's output for 2 steps of the model in ``folder`` on the CPU
     (glibc returning freed activations at once, so the peak RSS is what training used)."""

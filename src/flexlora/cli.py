@@ -240,7 +240,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         from flexlora.plan import format_plan, parse_size
 
         cfg = load_config(args.config, args.set)
-        size = parse_size(args.device_memory) if args.device_memory else None
+        size = parse_size(args.device_memory) if args.device_memory is not None else None
         print(format_plan(cfg, size))
         return 0
 

@@ -146,6 +146,13 @@ def load_base_model(
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local_files_only)
         except OSError as exc:  # a hub id with no network, or a damaged folder
             raise UsageError(f"could not load model {name_or_path!r}: {exc}. {_HINT}") from exc
+        except ValueError as exc:  # a folder without tokenizer files (transformers' ValueError)
+            reason = " ".join(str(exc).split())
+            raise UsageError(
+                f"could not load the tokenizer of model {name_or_path!r} from {folder} (a "
+                "folder needs tokenizer files beside config.json and the weights; write them "
+                f"with tokenizer.save_pretrained): {reason}"
+            ) from exc
         model = _from_pretrained(name_or_path, folder, kwargs, local_files_only)
         logger.info(
             "loaded %s from %s in %.2f s (%s)",
