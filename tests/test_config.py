@@ -100,3 +100,13 @@ def test_model_dtype_and_quantization_take_their_usual_spellings(
 def test_an_unknown_quantization_is_still_refused() -> None:
     with pytest.raises(UsageError, match=r"model\.quantization: 'gptq' is not none, 4bit or 8bit"):
         load_config(values={"model": {"quantization": "gptq"}})
+
+
+def test_python_dash_m_flexlora_is_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "flexlora", "plan", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--device-memory" in done.stdout, done.stderr

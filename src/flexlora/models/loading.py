@@ -292,8 +292,9 @@ def _warn_unquantized(model: nn.Module, name: str, quantization: str) -> None:
         listed = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
         logger.warning(
             "model.quantization = %r: transformers left %s layer(s) of %s unquantized (it "
-            "converts nn.Linear itself and Conv1D, not their subclasses): those weights stay "
-            "in the loading dtype",
+            "converts nn.Linear itself and Conv1D, not their subclasses); PEFT's k-bit "
+            "preparation casts them to float32 for training, so this base takes more memory "
+            "than the same model unquantized (see `flexlora plan`)",
             quantization,
             listed,
             name,
