@@ -7,6 +7,7 @@ kept in the server state across rounds without the largest rank.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -635,3 +636,23 @@ def test_bench_and_run_help_list_the_new_strategies(capsys) -> None:
         assert info.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
         assert "fedex" in text and "fedsa" in text, command
+
+
+@pytest.mark.parametrize(
+    ("strategy", "names"),
+    [
+        ("fedit", "fedit-min or fedit-max"),
+        ("fedavg", "fedavg+homogeneous or fedavg+homogeneous-max"),
+    ],
+)
+def test_a_one_rank_strategy_on_mixed_types_names_its_own_alternatives(
+    strategy: str, names: str
+) -> None:
+    from flexlora.config import load_config
+    from flexlora.errors import UsageError
+    from flexlora.server import Coordinator
+
+    cfg = load_config(values={"federation": {"strategy": strategy}})
+    shapes = {"model.layers.0.self_attn.q_proj": (8, 8)}
+    with pytest.raises(UsageError, match=rf"mix types \['200', '8'\]; use {re.escape(names)}$"):
+        Coordinator(cfg, shapes, {"a": "8", "b": "200"})

@@ -219,7 +219,7 @@ class Coordinator:
         if self.aggregator.needs_uniform_rank and len(set(self.client_type.values())) > 1:
             raise UsageError(
                 f"strategy {fed.strategy} needs one rank for every client but the clients mix "
-                f"types {sorted(set(self.client_type.values()))}; use fedit-min or fedit-max"
+                f"types {sorted(set(self.client_type.values()))}; use {_held_names(self.plan)}"
             )
         self.validator = UpdateValidator(
             shapes=self.shapes,
@@ -859,3 +859,11 @@ def _warn_if_no_ffn_module(
     message = unused_ffn_ranks(modules, rank_types, ffn_modules)
     if message is not None:
         warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _held_names(plan: StrategyPlan) -> str:
+    """The strategy names that hold every client to one rank type, for this plan's method."""
+    if plan.method == "fedit":
+        return "fedit-min or fedit-max"
+    method = plan.method if plan.method in ("fedavg", "slora") else "fedit"
+    return f"{method}+homogeneous or {method}+homogeneous-max"
