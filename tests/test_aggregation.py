@@ -895,3 +895,17 @@ def test_ffa_redistribution_keeps_the_frozen_A_for_every_split(split: str) -> No
     for f, r in zip(back, ranks, strict=True):
         assert rel_err(dense(f), ref_client_delta("ffa", updates, Q, p, r[Q])) <= 1e-12
     agg.aggregate([ClientUpdate(f"client-{i}", 1, {Q: f}) for i, f in enumerate(back)])
+
+
+def test_ffa_names_the_clients_own_rank_when_it_is_larger_than_the_reference() -> None:
+    """A rank-3 client whose A moved, against a rank-2 reference: the message gave the
+    length of the compared prefix (2) as the client's rank."""
+    updates = make_round(2, {Q: (6, 8)}, [{Q: 2}, {Q: 3}], [1, 1], [8.0] * 2, shared_A=True)
+    f = updates[1].factors[Q]
+    updates[1] = ClientUpdate("client-1", 1, {Q: LoRAFactors(f.A + 1e-3, f.B, f.alpha)})
+    with pytest.raises(
+        InvalidUpdateError,
+        match=r"this client's A \(rank 3\) differs from .*"
+        r"\(rank 2\) in its first 2 rows",
+    ):
+        get_aggregator("ffa").aggregate(updates)

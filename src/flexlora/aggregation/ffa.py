@@ -17,18 +17,27 @@ from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
 
 def check_frozen_A(
-    client: str, module: str, A: Tensor, frozen: Tensor, whose: str, atol: float
+    client: str,
+    module: str,
+    A: Tensor,
+    frozen: Tensor,
+    whose: str,
+    atol: float,
+    rank: int | None = None,
 ) -> None:
-    """Raise ``frozen_A`` unless ``A`` (r, n) is the first r rows of ``frozen`` (within atol)."""
+    """Raise ``frozen_A`` unless ``A`` (r, n) is the first r rows of ``frozen`` (within atol);
+    ``rank`` is the client's own rank when ``A`` is a prefix of its A (default r)."""
     r = A.shape[0]
+    own = r if rank is None else rank
     frozen = frozen.to(A.device)
     if r > frozen.shape[0] or not torch.allclose(A.to(frozen.dtype), frozen[:r], atol=atol, rtol=0):
+        rows = "" if own == r else f" in its first {r} rows"
         raise InvalidUpdateError(
             client,
             module,
             "frozen_A",
-            f"ffa needs every client to keep the shared frozen A; this client's A (rank {r}) "
-            f"differs from {whose} frozen A (rank {frozen.shape[0]})",
+            f"ffa needs every client to keep the shared frozen A; this client's A (rank {own}) "
+            f"differs from {whose} frozen A (rank {frozen.shape[0]}){rows}",
         )
 
 
@@ -64,7 +73,9 @@ class FFAModule(ModuleAccumulator):
             return
         common = self.A[: f.rank] if self.fixed else self.A[: min(f.rank, self.A.shape[0])]
         A = f.A if self.fixed else f.A[: common.shape[0]]
-        check_frozen_A(client_id, self.module, A.to(self.device), common, self.whose, self.atol)
+        check_frozen_A(
+            client_id, self.module, A.to(self.device), common, self.whose, self.atol, f.rank
+        )
 
     def fold(self, client_id: str, f: LoRAFactors, weight: float) -> None:
         A, B = self.load(f)
