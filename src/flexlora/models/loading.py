@@ -164,9 +164,40 @@ def load_base_model(
     _ensure_pad_token(model, tokenizer, name_or_path)
     if quant is not None:
         keep_4bit_layout(model)
+        own_unquantized_weights(model)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
+
+
+def own_unquantized_weights(model: nn.Module) -> int:
+    """Copy the weights a quantized CPU load left as views of the checkpoint file; returns
+    how many tensors were copied.
+
+    transformers maps a safetensors file into memory and hands out views of it where no
+    conversion is needed (float32 weights loaded as float32: the embeddings, norms and output
+    head of a quantized model). One view keeps the whole mapping alive, so every page the
+    quantization read stayed resident: 418 MiB of a 515 MiB float32 SmolLM2-135M file after
+    a 4-bit load, for 160 MiB of model. Copies own their memory and the mapping goes. Holds
+    one extra copy of one tensor at a time; on another device nothing is a view of the file.
+    """
+    seen: set[int] = set()
+    copied = 0
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = [
+                *module.named_parameters(recurse=False),
+                *module.named_buffers(recurse=False),
+            ]
+            for _, t in tensors:
+                if id(t) in seen or t.device.type != "cpu":
+                    continue
+                seen.add(id(t))
+                if type(t).__module__.split(".")[0] == "bitsandbytes":
+                    continue  # the quantized weights are new tensors already
+                t.data = t.data.clone()
+                copied += 1
+    return copied
 
 
 def keep_4bit_layout(model: torch.nn.Module) -> int:
