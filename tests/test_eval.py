@@ -204,3 +204,45 @@ def test_eval_device_overrides_the_runs_device_map() -> None:
         target = EvalTarget(base="tiny-llama", model_cfg=ModelConfig(device_map=device_map))
         model, _ = load_base(target, "cpu")
         assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_eval_adds_the_fedex_residual_for_the_adapters_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedEx-LoRA's adapters are meant for W0 + U·S·Vh (adapters/frozen_delta.safetensors):
+    each is scored on that base, as the run evaluated it; the base model row is W0."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from flexlora.evaluation import harness
+    from flexlora.models import build_tiny_llama
+
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        str(out), federation={"rounds": 2, "strategy": "fedex"}, eval={"at_start": False}
+    )
+    FederatedRun(cfg, dataset=make_dataset()).run()
+    prompt = torch.tensor([[1, 72, 101, 108, 108, 111, 32, 119]])
+    seen: list[torch.Tensor] = []
+
+    def logits(model, tokenizer, names, **kw):  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            seen.append(model(prompt).logits[0, -1])
+        return {}, {}
+
+    monkeypatch.setattr(harness, "score", logits)
+    tasks = write_tasks(tmp_path / "tasks")
+    assert main(["eval", str(out), "--tasks", "t_mc", "--include-path", str(tasks)]) == 0
+
+    base, _ = build_tiny_llama()
+    torch.testing.assert_close(seen[0], base(prompt).logits[0, -1].detach())
+    residual = load_file(out / "adapters" / "frozen_delta.safetensors")
+    with torch.no_grad():
+        for name, layer in base.named_modules():
+            if f"{name}.U" in residual:
+                U, S, Vh = (residual[f"{name}.{k}"] for k in ("U", "S", "Vh"))
+                layer.weight += (U * S) @ Vh  # (m, n)
+    want = PeftModel.from_pretrained(base, out / "adapters" / "rank-8")
+    with torch.no_grad():
+        torch.testing.assert_close(seen[-1], want(prompt).logits[0, -1], rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ card keeps PEFT's format and says where the base came from."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from flexlora.models import SMOLLM2, build_tiny_llama, convert_gguf, load_base_model
+from flexlora.models import SMOLLM2, TINY_LLAMA, build_tiny_llama, convert_gguf, load_base_model
 from flexlora.models import gguf as gguf_mod
 from flexlora.simulation.export import BASE_FOLDER
 from flexlora.simulation.runner import FederatedRun
@@ -158,3 +159,22 @@ def test_the_card_keeps_the_format_peft_writes(tmp_path: Path) -> None:
     assert our_headings[0] == "# Model Card for flexlora adapter rank-4 (strategy flexlora)"
     assert headings[1:] == our_headings[1:]
     assert their_lines[-1] == our_lines[-1]  # "- PEFT <version>" closes both
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (quant extra)"
+)
+def test_a_4bit_run_saves_tiny_llama_unquantized_so_both_bases_load(tmp_path: Path) -> None:
+    """The card says the adapters load on the quantized or the full-precision base: the run
+    saves tiny-llama as built (float32), and that folder loaded at 4 bits is the run's base."""
+    run = run_tiny(tmp_path / "q", quantization="4bit")
+    base_dir = run / BASE_FOLDER
+    assert "quantization_config" not in json.loads((base_dir / "config.json").read_text())
+    full, _ = load_base_model(str(base_dir))
+    built = build_tiny_llama()[0].state_dict()
+    assert all(torch.equal(v, built[k]) for k, v in full.state_dict().items())
+    adapter = run / "adapters" / "rank-8"
+    trained_on, _ = load_base_model(TINY_LLAMA, quantization="4bit")
+    reloaded, _ = load_base_model(str(base_dir), quantization="4bit")
+    assert peft_logits(reloaded, adapter) == peft_logits(trained_on, adapter)
+    assert peft_logits(full, adapter) != peft_logits(reloaded, adapter)  # really float32

@@ -104,7 +104,12 @@ def run_eval(
     from peft import PeftModel
 
     from flexlora.evaluation.harness import check_tasks, parse_tasks, score, task_manager
-    from flexlora.evaluation.targets import check_fits, load_base, resolve_target
+    from flexlora.evaluation.targets import (
+        add_frozen_delta,
+        check_fits,
+        load_base,
+        resolve_target,
+    )
 
     names = parse_tasks(tasks)
     tgt = resolve_target(target, base)
@@ -135,6 +140,9 @@ def run_eval(
 
     if score_base:
         run(BASE_LABEL, model)
+    residual = add_frozen_delta(model, tgt)  # the adapters' base is W0 + U·S·Vh (FedEx-LoRA)
+    if residual is not None:
+        log.info("adapters scored on the base plus the residual in %s", residual)
     peft_model = None
     for label, folder in tgt.adapters.items():
         if peft_model is None:
@@ -151,6 +159,7 @@ def run_eval(
         "run_dir": str(tgt.run_dir) if tgt.run_dir else None,
         "base": tgt.base,
         "adapters": {k: str(v) for k, v in tgt.adapters.items()},
+        "frozen_delta": str(residual) if residual is not None else None,
         "tasks": names,
         "include_path": str(include_path) if include_path else None,
         "limit": limit,

@@ -3,7 +3,9 @@ base model they go on (``--base``, else the adapters' ``base_model_name_or_path`
 
 A run folder's ``config.toml`` gives the loading settings (dtype, quantization, device), so
 the base is scored as it was trained. An adapter whose modules are missing from the base, or
-whose shapes differ, is refused before anything is scored, naming the module.
+whose shapes differ, is refused before anything is scored, naming the module. FedEx-LoRA's
+adapters are meant for ``W0 + U·S·Vh``: its residual beside them
+(``adapters/frozen_delta.safetensors``) is added to the base for them, as the run did.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from flexlora.config import ModelConfig
 from flexlora.errors import UsageError
 
-__all__ = ["EvalTarget", "check_fits", "load_base", "resolve_target"]
+__all__ = ["EvalTarget", "add_frozen_delta", "check_fits", "load_base", "resolve_target"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -118,3 +120,50 @@ def check_fits(model: Any, folder: Path, base: str) -> None:
                 f"adapter {folder} does not match base {base}: module {name} is "
                 f"{layer_shape(layer)} (out, in) in the base but {want} in the adapter"
             )
+
+
+def add_frozen_delta(model: Any, target: EvalTarget) -> Path | None:
+    """Add the residual exported beside the adapters (FedEx-LoRA) to ``model``'s base layers.
+
+    Each layer gets a forward hook adding ``x·Vh^T·diag(S)·U^T`` in float32, as the run's
+    evaluation did: nothing is written into the weights, on any dtype or quantization.
+    Returns the file read, or ``None`` when there is none.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from flexlora.lora.peft_io import FROZEN_DELTA
+    from flexlora.models.targets import layer_shape
+    from flexlora.types import GlobalUpdate
+
+    files = sorted({f.parent / FROZEN_DELTA for f in target.adapters.values()})
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None
+    if len(files) > 1:
+        raise UsageError(f"the adapters have different residuals beside them: {files}")
+    try:
+        with safe_open(str(files[0]), "pt") as fh:
+            meta = fh.metadata() or {}
+        update = GlobalUpdate.from_tensors(load_file(str(files[0])), meta)
+    except (OSError, KeyError, ValueError) as exc:
+        raise UsageError(f"{files[0]} cannot be read: {exc}") from None
+    modules = dict(model.named_modules())
+    for name, d in update.modules.items():
+        layer = modules.get(name)
+        want = (int(d.U.shape[0]), int(d.Vh.shape[1]))  # (m, n)
+        if layer is None or layer_shape(layer) != want:
+            raise UsageError(
+                f"{files[0]} does not match base {target.base}: module {name} is "
+                f"{'missing' if layer is None else layer_shape(layer)} in the base, {want} there"
+            )
+        device = next(layer.parameters()).device
+        B = (d.U.to(torch.float32) * d.S.to(torch.float32)).to(device)  # (m, k)
+        A = d.Vh.to(device, torch.float32)  # (k, n)
+
+        def add(_m: Any, inputs: tuple, out: Any, A: Any = A, B: Any = B) -> Any:
+            return out + ((inputs[0].to(torch.float32) @ A.T) @ B.T).to(out.dtype)
+
+        layer.register_forward_hook(add)
+    return files[0]

@@ -43,7 +43,12 @@ from flexlora.federation.round import (
     round_frozen,
 )
 from flexlora.lora.peft_io import FROZEN_DELTA
-from flexlora.models import TINY_LLAMA, resolve_targets, target_linear_modules
+from flexlora.models import (
+    TINY_LLAMA,
+    build_tiny_llama,
+    resolve_targets,
+    target_linear_modules,
+)
 from flexlora.schedule import sample_clients
 from flexlora.server import Coordinator, resolve_client_types
 from flexlora.simulation.checkpoint import (
@@ -102,6 +107,7 @@ class FederatedRun:
         )
         if not self.data.seen:
             raise UsageError("the dataset has no seen (training) clients")
+        given = model_and_tokenizer
         if model_and_tokenizer is None and self.trains_in_process:
             model_and_tokenizer = self._load_model()
         self._model = model_and_tokenizer
@@ -112,10 +118,12 @@ class FederatedRun:
 
             model = meta_model(cfg.model.name)
         cfg.lora.target_modules = resolve_targets(model, cfg.lora.target_modules)
-        # tiny-llama exists only in memory: its export saves it (the worker wraps the model)
+        # tiny-llama exists only in memory: its export saves it (the worker wraps the model).
+        # A model the caller gave is saved as given; one the run loads is saved as built, in
+        # float32, never quantized or cast: model.dtype / model.quantization apply at load
         self._tiny_base = (
-            (copy.deepcopy(model), model_and_tokenizer[1])
-            if model_and_tokenizer is not None
+            (copy.deepcopy(given[0]), given[1])
+            if given is not None
             and cfg.output.save_adapters
             and cfg.model.name.strip().lower() == TINY_LLAMA
             else None
@@ -558,7 +566,7 @@ class FederatedRun:
             _write_metrics(self.out / "metrics.jsonl", metrics)
         if self.cfg.output.save_adapters:
             if self._tiny_base is None and self.cfg.model.name.strip().lower() == TINY_LLAMA:
-                self._tiny_base = self._load_model()  # built from its seed, never wrapped
+                self._tiny_base = build_tiny_llama()  # float32, as load_base_model builds it
             if self._tiny_base is not None:
                 save_tiny_base(*self._tiny_base, self.out)
             export_adapters(
