@@ -204,6 +204,12 @@ class SVDState:
         """The full ``ΔW`` (m, n), for tests, evaluation of tiny models and exports."""
         return (self.U.to(dtype) * self.S.to(dtype)) @ self.Vh.to(dtype)  # (m, n)
 
+    def side_factors(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(U·diag(S), Vh) in float32 on ``device``, (m, k) and (k, n): ΔW as the term a hook
+        adds beside a frozen layer (:func:`flexlora.lora.products.low_rank_output`)."""
+        B = (self.U.to(torch.float32) * self.S.to(torch.float32)).to(device)  # (m, k)
+        return B, self.Vh.to(device, torch.float32)  # (k, n)
+
     def for_rank(self, rank: int) -> ModuleDelta:
         """This ΔW ready to be cut at ``rank``: an ``exact`` stack (FLoRA's first-round
         stack, FedIT's average) asked for fewer components than it stores becomes its thin

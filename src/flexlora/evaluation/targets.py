@@ -129,11 +129,11 @@ def add_frozen_delta(model: Any, target: EvalTarget) -> Path | None:
     evaluation did: nothing is written into the weights, on any dtype or quantization.
     Returns the file read, or ``None`` when there is none.
     """
-    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from flexlora.lora.peft_io import FROZEN_DELTA
+    from flexlora.lora.products import low_rank_output
     from flexlora.models.targets import layer_shape
     from flexlora.types import GlobalUpdate
 
@@ -158,12 +158,10 @@ def add_frozen_delta(model: Any, target: EvalTarget) -> Path | None:
                 f"{files[0]} does not match base {target.base}: module {name} is "
                 f"{'missing' if layer is None else layer_shape(layer)} in the base, {want} there"
             )
-        device = next(layer.parameters()).device
-        B = (d.U.to(torch.float32) * d.S.to(torch.float32)).to(device)  # (m, k)
-        A = d.Vh.to(device, torch.float32)  # (k, n)
+        B, A = d.side_factors(next(layer.parameters()).device)  # (m, k), (k, n)
 
         def add(_m: Any, inputs: tuple, out: Any, A: Any = A, B: Any = B) -> Any:
-            return out + ((inputs[0].to(torch.float32) @ A.T) @ B.T).to(out.dtype)
+            return low_rank_output(inputs[0], out, B, A)
 
         layer.register_forward_hook(add)
     return files[0]

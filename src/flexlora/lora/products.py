@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["GRAM_BLOCK_ROWS", "GRAM_MAX_BLOCKS", "gram", "upper_product"]
+__all__ = ["GRAM_BLOCK_ROWS", "GRAM_MAX_BLOCKS", "gram", "low_rank_output", "upper_product"]
 
 #: gram's row blocks have about this many rows (96-160 ran at the gemm's rate), at most
 #: GRAM_MAX_BLOCKS of them
@@ -70,3 +70,10 @@ def upper_product(P: Tensor, Q: Tensor) -> Tensor:
             rows, cols = slice(cuts[i], cuts[i + 1]), slice(cuts[j], cuts[j + 1])
             out[rows, cols] = P[rows, start:] @ Q[cols, start:].T
     return out
+
+
+def low_rank_output(x: Tensor, output: Tensor, B: Tensor, A: Tensor) -> Tensor:
+    """``output + x·Aᵀ·Bᵀ`` computed in float32 and returned in ``output``'s dtype: a layer's
+    output plus a low-rank ΔW = B·A (m, k)·(k, n) beside its frozen weights, whatever their
+    dtype or quantization (x: (..., n), output: (..., m)). Never forms ΔW."""
+    return output + ((x.to(torch.float32) @ A.T) @ B.T).to(output.dtype)

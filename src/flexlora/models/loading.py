@@ -302,9 +302,9 @@ def _skip_weights_read_directly(quant: Any, folder: Path | str, local_files_only
     config = AutoConfig.from_pretrained(folder, local_files_only=local_files_only)
     if not WEIGHT_READ_DIRECTLY.get(getattr(config, "model_type", "") or ""):
         return
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
-    quant.llm_int8_skip_modules = quantization_skips(meta)
+    from flexlora.models.meta import meta_model  # it imports this module
+
+    quant.llm_int8_skip_modules = quantization_skips(meta_model(config))
 
 
 def _warn_unquantized(model: nn.Module, name: str, quantization: str) -> None:

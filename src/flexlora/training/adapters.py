@@ -28,6 +28,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.lora.products import low_rank_output
 from flexlora.models.targets import layer_shape
 from flexlora.types import GlobalUpdate, LoRAFactors, lora_scaling
 
@@ -320,9 +321,8 @@ class AdapterHost:
             def add_delta(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
                 if not self._side_on:
                     return output
-                x = inputs[0]
                 for B, A in self._side[name]:  # (m, k), (k, n)
-                    output = output + ((x.to(torch.float32) @ A.T) @ B.T).to(output.dtype)
+                    output = low_rank_output(inputs[0], output, B, A)
                 return output
 
             base.register_forward_hook(add_delta)
@@ -331,9 +331,7 @@ class AdapterHost:
             device = base.weight.device
             for part in (update.modules, update.frozen):
                 if name in part:
-                    d = part[name]
-                    B = (d.U.to(torch.float32) * d.S.to(torch.float32)).to(device)  # (m, k)
-                    terms.append((B, d.Vh.to(device, torch.float32)))  # (k, n)
+                    terms.append(part[name].side_factors(device))  # (m, k), (k, n)
         self._side[name] = terms
 
     @contextmanager
