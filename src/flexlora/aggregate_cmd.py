@@ -38,7 +38,6 @@ from flexlora.lora.peft_io import (
     open_adapter,
     write_adapters_atomically,
 )
-from flexlora.lora.svd import factored_svd
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
 log = logging.getLogger(__name__)
@@ -192,7 +191,7 @@ def run_aggregate(
     for module, delta in deltas:
         for r in dict.fromkeys(ranks):
             try:
-                outputs[f"rank-{r}"][module] = cut_ready(delta, r, padded=bool(pads)).factors(
+                outputs[f"rank-{r}"][module] = delta.for_rank(r, padded=bool(pads)).factors(
                     r,
                     alphas[module],
                     use_rslora=use_rslora,
@@ -245,16 +244,6 @@ def check_finite(
                     f"for the {compute} computation or the {dtype} output "
                     "(--dtype float64 may hold the first)",
                 )
-
-
-def cut_ready(delta: ModuleDelta, rank: int, *, padded: bool) -> ModuleDelta:
-    """``delta.for_rank(rank)``; where the output is padded (FLoRA writes the whole ΔW at any
-    rank), an exact stack asked for more components than it holds goes through its thin SVD,
-    which the pad extends with zero B (an exact state refuses any rank but its own)."""
-    if padded and delta.truncation == "exact" and rank > delta.rank:
-        U, S, Vh = factored_svd(delta.U * delta.S, delta.Vh)  # (m, k), (k,), (k, n)
-        return ModuleDelta(U=U, S=S, Vh=Vh, truncation="svd")
-    return delta.for_rank(rank)
 
 
 def whole_norm(adapter: AdapterReader) -> float:

@@ -210,11 +210,13 @@ class SVDState:
         B = (self.U.to(torch.float32) * self.S.to(torch.float32)).to(device)  # (m, k)
         return B, self.Vh.to(device, torch.float32)  # (k, n)
 
-    def for_rank(self, rank: int) -> ModuleDelta:
+    def for_rank(self, rank: int, padded: bool = False) -> ModuleDelta:
         """This ΔW ready to be cut at ``rank``: an ``exact`` stack (FLoRA's first-round
         stack, FedIT's average) asked for fewer components than it stores becomes its thin
-        SVD, so the cut is the best approximation instead of an error; else itself."""
-        if self.truncation != "exact" or rank >= self.rank:
+        SVD, so the cut is the best approximation instead of an error; with ``padded`` (an
+        output that extends the state with zero-B components, FLoRA's) one asked for more
+        does too, since an exact state refuses any rank but its own; else itself."""
+        if self.truncation != "exact" or rank == self.rank or (rank > self.rank and not padded):
             return self
         U, S, Vh = factored_svd(self.U * self.S, self.Vh)  # (m, k), (k,), (k, n)
         return ModuleDelta(U=U, S=S, Vh=Vh, truncation="svd")
