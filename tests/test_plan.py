@@ -372,3 +372,41 @@ def test_layer_activations_follow_the_configs_own_head_dim(tmp_path: Path, head_
     )
     estimate = layer_activation_bytes(shape, cfg, dict.fromkeys(shape.targets, 4))
     assert abs(estimate - measured) <= 0.01 * measured, (estimate, measured)
+
+
+def test_a_soft_cap_on_the_logits_keeps_one_more_logits_tensor(tmp_path: Path) -> None:
+    """Gemma 2 computes cap·tanh(logits / cap): autograd keeps the tanh's output, one more
+    logits-sized tensor (the logits term was 14 % low in bf16). The saved bytes of the same
+    model with and without the cap differ by exactly what the plan adds."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from flexlora.plan.memory import activation_bytes
+
+    tokens, extra = 16, {}
+    for cap in (30.0, None):
+        config = Gemma2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=128,
+            final_logit_softcapping=cap,
+        )
+        folder = tmp_path / str(cap) / "1"
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        saved = _saved_bytes_per_token(folder.parent, 1, tokens)
+        shape = model_shape(str(folder), ["q_proj", "v_proj"])
+        assert shape.logit_softcapping == (cap is not None)
+        cfg = load_config(
+            values={
+                "model": {"name": str(folder), "dtype": "float32"},
+                "train": {"batch_size": 1, "cutoff_len": tokens},
+            }
+        )
+        planned = activation_bytes(shape, cfg, dict.fromkeys(shape.targets, 4), False)
+        extra[cap] = (saved, planned)
+    measured = extra[30.0][0] - extra[None][0]
+    assert measured == 4 * tokens * 128  # one float32 (tokens, vocab) tensor
+    assert extra[30.0][1] - extra[None][1] == measured

@@ -14,7 +14,8 @@ adapted module's input in the adapter's float32 (shared by modules that read the
 when dropout is off and no cast is needed; otherwise one copy per module, plus dropout's mask:
 float32 on the CPU, 1 byte on CUDA) and its rank-r intermediate. The loss keeps the logits
 and differentiates them through a float32 log-softmax: (e + 12) bytes per token and
-vocabulary entry. With gradient checkpointing each layer keeps only its input and one layer is
+vocabulary entry, e more for a soft cap on the logits (Gemma 2's cap·tanh(logits / cap)).
+With gradient checkpointing each layer keeps only its input and one layer is
 recomputed at a time.
 """
 
@@ -185,7 +186,8 @@ def activation_bytes(
     tokens *= parallel
     e = _activation_dtype(shape, cfg)
     per_layer = layer_activation_bytes(shape, cfg, ranks) * tokens
-    logits = (e + 3 * F32) * tokens * shape.vocab
+    # the logits, a float32 log-softmax's three; a soft cap (Gemma 2) keeps its tanh's output
+    logits = (e + 3 * F32 + (e if shape.logit_softcapping else 0)) * tokens * shape.vocab
     if checkpointing:
         layers = shape.layers * e * shape.hidden * tokens + per_layer  # inputs + one recomputed
     else:

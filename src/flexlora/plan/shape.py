@@ -39,6 +39,7 @@ class ModelShape:
     checkpoint_dtype: str  # the config's own dtype (what model.dtype = "auto" loads)
     head_dim: int = 0  # the config's own (Gemma, Qwen3: not hidden / heads); 0: hidden / heads
     ssm_state: int = 0  # a state-space model's state size (Mamba: no attention); 0: none
+    logit_softcapping: bool = False  # cap·tanh(logits / cap) (Gemma 2): one more logits tensor
 
     @property
     def activations_modelled(self) -> bool:
@@ -116,6 +117,7 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
         checkpoint_dtype=str(dtype).removeprefix("torch."),
         head_dim=_first(c, "head_dim", default=0) if heads else 0,
         ssm_state=ssm_state,
+        logit_softcapping=bool(getattr(c, "final_logit_softcapping", None)),
     )
 
 
