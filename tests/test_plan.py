@@ -381,19 +381,12 @@ def test_a_soft_cap_on_the_logits_keeps_one_more_logits_tensor(tmp_path: Path) -
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     from flexlora.plan.memory import activation_bytes
+    from tests.test_architectures import LLAMA_LIKE
 
     tokens, extra = 16, {}
     for cap in (30.0, None):
-        config = Gemma2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=128,
-            final_logit_softcapping=cap,
-        )
+        one_layer = {**LLAMA_LIKE, "num_hidden_layers": 1}
+        config = Gemma2Config(**one_layer, head_dim=8, vocab_size=128, final_logit_softcapping=cap)
         folder = tmp_path / str(cap) / "1"
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
         saved = _saved_bytes_per_token(folder.parent, 1, tokens)
