@@ -193,7 +193,7 @@ def own_unquantized_weights(model: nn.Module) -> int:
                 if id(t) in seen or t.device.type != "cpu":
                     continue
                 seen.add(id(t))
-                if type(t).__module__.split(".")[0] == "bitsandbytes":
+                if _from_bitsandbytes(t):
                     continue  # the quantized weights are new tensors already
                 t.data = t.data.clone()
                 copied += 1
@@ -266,6 +266,11 @@ def _from_pretrained(
     return model
 
 
+def _from_bitsandbytes(obj: object) -> bool:
+    """Whether ``obj`` is one of bitsandbytes' own classes (a quantized layer or weight)."""
+    return type(obj).__module__.split(".")[0] == "bitsandbytes"
+
+
 def bnb_converts(module: nn.Module) -> bool:
     """Whether transformers' bitsandbytes integration quantizes this layer: ``nn.Linear``
     itself or GPT-2's ``Conv1D``, not a subclass of ``nn.Linear`` (Falcon's ``FalconLinear``)."""
@@ -315,10 +320,10 @@ def _warn_unquantized(model: nn.Module, name: str, quantization: str) -> None:
     for module_name, module in model.named_modules():
         if skipped_by(module_name, skip):
             continue
-        kind = type(module)
-        quantized = kind.__module__.split(".")[0] == "bitsandbytes"
-        if isinstance(module, nn.Linear) and not bnb_converts(module) and not quantized:
-            kinds[kind.__name__] = kinds.get(kind.__name__, 0) + 1
+        linear = isinstance(module, nn.Linear) and not _from_bitsandbytes(module)
+        if linear and not bnb_converts(module):
+            kind = type(module).__name__
+            kinds[kind] = kinds.get(kind, 0) + 1
     if kinds:
         listed = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
         logger.warning(
