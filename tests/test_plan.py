@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from flexlora.aggregation import get_aggregator
 from flexlora.cli import main
 from flexlora.config import load_config
 from flexlora.errors import UsageError
@@ -27,6 +28,7 @@ from flexlora.plan import (
     parse_size,
     server_memory,
 )
+from flexlora.types import ClientUpdate, LoRAFactors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -229,6 +231,34 @@ def test_server_keep_rank_all_and_a_number() -> None:
             }
         )
         assert set(server_memory(shape, cfg).keep_rank.values()) == {k}
+
+
+def test_an_uncapped_server_state_is_planned_at_the_rounds_rank_not_min_m_n() -> None:
+    """keep_rank = all (or a number above Σ r_i) keeps rank(ΔW) <= Σ r_i triplets, as the
+    aggregator does: 3 clients of rank 8 give 24 on a 64 x 64 module, not 64."""
+    shape = model_shape("tiny-llama", ["q_proj"])
+    for keep, k in (("all", 24), (40, 24), (5, 5)):
+        cfg = load_config(
+            values={
+                "model": {"name": "tiny-llama"},
+                "lora": {"target_modules": ["q_proj"]},
+                "federation": {
+                    "keep_rank": keep,
+                    "clients_per_round": 3,
+                    "rank_types": {"r8": [8, 8]},
+                },
+            }
+        )
+        server = server_memory(shape, cfg)
+        assert set(server.keep_rank.values()) == {k}
+        assert server.state == 4 * 2 * k * (64 + 64 + 1)  # 2 layers of U, S, Vh in float32
+    g = torch.Generator().manual_seed(0)
+    updates = [
+        ClientUpdate(f"c{i}", 1, {"q": LoRAFactors(torch.randn(8, 64, generator=g),
+                                                   torch.randn(64, 8, generator=g), 16.0)})
+        for i in range(3)
+    ]  # fmt: skip
+    assert get_aggregator("flexlora", keep_rank="all").aggregate(updates)["q"].rank == 24
 
 
 def test_one_config_reader_for_every_kind_of_name(

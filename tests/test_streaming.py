@@ -397,3 +397,16 @@ def test_federation_keep_rank_spelled_as_text_is_a_number() -> None:
     for bad in ("0", "x", "-3", "²", "٣"):  # digits of other scripts are not a rank
         with pytest.raises(UsageError, match="keep_rank"):
             load_config(values={"federation": {"keep_rank": bad}})
+
+
+def test_a_per_module_keep_rank_may_say_all() -> None:
+    """keep_rank = {Q: "all", UP: 2}: Q keeps every triplet (the exact ΔW), UP two."""
+    shapes = {Q: (24, 16), UP: (40, 16)}
+    updates = make_round(3, shapes, [{Q: 4, UP: 3}, {Q: 2, UP: 5}], [1, 2], [8.0, 8.0])
+    full = get_aggregator("flexlora", keep_rank="all").aggregate(updates)
+    mixed = get_aggregator("flexlora", keep_rank={Q: "all", UP: 2}).aggregate(updates)
+    assert mixed[Q].rank == full[Q].rank == 6 and mixed[UP].rank == 2
+    torch.testing.assert_close(mixed[Q].dense(), full[Q].dense())
+    top = full[UP]
+    cut = (top.U[:, :2] * top.S[:2]) @ top.Vh[:2]  # the best rank-2 part of the exact ΔW
+    torch.testing.assert_close(mixed[UP].dense(torch.float32), cut)

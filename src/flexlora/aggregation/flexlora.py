@@ -213,8 +213,8 @@ class FlexLoRA(Aggregator):
     keep_rank:
         Keep only this many singular triplets per module in the global state: one number, or
         a number per module (the largest rank any client can receive there: then every
-        client gets exactly what the full state would give it). ``None`` or ``"all"`` keeps
-        them all, so the state is exactly ΔW.
+        client gets exactly what the full state would give it). ``None`` or ``"all"`` (also
+        as a module's value) keeps them all, so the state is exactly ΔW.
     dtype, device:
         Compute dtype (float32 or float64) and device of the server step.
     """
@@ -224,7 +224,7 @@ class FlexLoRA(Aggregator):
     def __init__(
         self,
         svd: str = "auto",
-        keep_rank: int | Mapping[str, int] | None = None,
+        keep_rank: int | str | Mapping[str, int | str | None] | None = None,
         niter: int = 4,
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
@@ -245,7 +245,7 @@ class FlexLoRA(Aggregator):
         if isinstance(self.keep_rank, Mapping):
             if module not in self.keep_rank:
                 raise UsageError(f"keep_rank gives no rank for module {module}")
-            return int(self.keep_rank[module])
+            return self.keep_rank[module]  # a positive int, or None for "all"
         return self.keep_rank
 
     def start_module(

@@ -239,7 +239,8 @@ def client_memory(shape: ModelShape, cfg: RunConfig) -> list[ClientMemory]:
 
 def server_memory(shape: ModelShape, cfg: RunConfig) -> ServerMemory:
     """FlexLoRA's server: the state at ``federation.keep_rank`` (``max``: the largest rank any
-    client receives, per module; ``all``: min(m, n); or a number), and per module the cheaper
+    client receives, per module; ``all`` or a number: at most Σ r_i of a round, clients per round
+    times the largest rank, and min(m, n)), and per module the cheaper
     of the round's factor stacks and a dense sum."""
     ranks_by_type = slot_ranks(shape, cfg)
     keep_rank = getattr(cfg.federation, "keep_rank", "max")
@@ -248,8 +249,10 @@ def server_memory(shape: ModelShape, cfg: RunConfig) -> ServerMemory:
     state = accumulators = 0
     for name, (m, n) in shape.targets.items():
         r_max = max(r[name] for r in ranks_by_type.values())
-        cap = {"all": min(m, n), "max": r_max}.get(keep_rank, keep_rank)  # type: ignore[arg-type]
-        k = min(int(cap), m, n)
+        # rank(ΔW) <= Σ r_i <= clients·r_max: a larger cap (or none) keeps no more than that
+        stacked = clients * r_max
+        cap = {"all": stacked, "max": r_max}.get(keep_rank, keep_rank)  # type: ignore[arg-type]
+        k = min(int(cap), stacked, m, n)
         keep[name] = k
         state += F32 * k * (m + n + 1)  # U (m, k), S (k), Vh (k, n)
         accumulators += F32 * min(clients * r_max * (m + n), m * n)
