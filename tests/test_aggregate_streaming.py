@@ -7,6 +7,7 @@ and, underneath, the dense weighted sum truncated by numpy's SVD in float64.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,14 @@ def test_randomized_aggregate_stops_at_the_largest_rank_written(
     run_aggregate(specs, [3, 1], tmp_path / "out", strategy="flexlora", svd="randomized")
     assert asked == [3] * len(SHAPES)
     printed = capsys.readouterr().out
-    assert "wrote" in printed and "keeps" not in printed  # no share from a capped spectrum
+    # the capped state knows the ||dW||^2 its cap left out: each rank's share is the whole ΔW's
+    spectra = [np.linalg.svd(dense_sum(specs, WEIGHTS, name), compute_uv=False) for name in SHAPES]
+    total = sum(float((S**2).sum()) for S in spectra)
+    for r in (3, 1):
+        share = sum(float((S[:r] ** 2).sum()) for S in spectra) / total
+        found = re.search(rf"\(rank {r}, keeps ([0-9.]+)% of", printed)
+        assert found is not None, printed
+        assert float(found.group(1)) == pytest.approx(100 * share, abs=0.02)
     for name, (m, n) in SHAPES.items():
         want = truncation(dense_sum(specs, WEIGHTS, name), 3)
         ours = written_delta(tmp_path / "out", 3, name)

@@ -656,3 +656,29 @@ def test_a_one_rank_strategy_on_mixed_types_names_its_own_alternatives(
     shapes = {"model.layers.0.self_attn.q_proj": (8, 8)}
     with pytest.raises(UsageError, match=rf"mix types \['200', '8'\]; use {re.escape(names)}$"):
         Coordinator(cfg, shapes, {"a": "8", "b": "200"})
+
+
+@pytest.mark.parametrize("svd", ["auto", "dense", "randomized"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rank_energy_of_a_capped_state_is_that_of_the_whole_update(
+    svd: str, dtype: torch.dtype
+) -> None:
+    """keep_rank = the largest client rank (the default) leaves triplets out of the state; the
+    shares each rank type keeps are still of the round's whole ΔW, as with keep_rank = all
+    (the largest type keeps less than 1)."""
+    from flexlora.diagnostics import rank_energy
+
+    shapes = {Q: (40, 30), UP: (50, 30)}
+    ranks = [{Q: 4, UP: 6}, {Q: 2, UP: 3}, {Q: 5, UP: 2}]
+    updates = make_round(4, shapes, ranks, [3, 1, 2], [8.0, 16.0, 4.0], dtype=dtype)
+    types = {u.client_id: f"t{i}" for i, u in enumerate(updates)}
+    slots = {types[u.client_id]: u.ranks for u in updates}
+    cap = {name: max(r[name] for r in ranks) for name in shapes}
+    full = get_aggregator("flexlora", svd=svd, keep_rank="all", dtype=dtype).aggregate(updates)
+    capped = get_aggregator("flexlora", svd=svd, keep_rank=cap, dtype=dtype).aggregate(updates)
+    assert all(capped[name].rank == cap[name] < full[name].rank for name in shapes)
+    want = rank_energy(full, slots, updates, types)["energy_kept"]
+    got = rank_energy(capped, slots, updates, types)["energy_kept"]
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert got == pytest.approx(want, rel=tol, abs=tol)
+    assert max(got.values()) < 1 - 1e-3

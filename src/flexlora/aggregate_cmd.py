@@ -92,18 +92,26 @@ def _modules(adapter: LoadedAdapter | AdapterReader) -> Mapping[str, object]:
 def energy_kept(state: GlobalUpdate, rank: int) -> float:
     """Share of ‖ΔW‖²_F kept by the rank-``rank`` truncation, over all modules."""
     return spectrum_energy_kept(
-        {n: d.S if d.truncation == "svd" else None for n, d in state.modules.items()}, rank
+        {
+            n: (d.S, d.cut_energy) if d.truncation == "svd" else None
+            for n, d in state.modules.items()
+        },
+        rank,
     )
 
 
-def spectrum_energy_kept(spectra: Mapping[str, torch.Tensor | None], rank: int) -> float:
-    """As :func:`energy_kept`, from the singular values alone (``None``: not an SVD: NaN)."""
+def spectrum_energy_kept(
+    spectra: Mapping[str, tuple[torch.Tensor, float] | None], rank: int
+) -> float:
+    """As :func:`energy_kept`, from each module's singular values and the ‖·‖²_F a cap left
+    out of them (``None``: not an SVD: NaN)."""
     total = kept = 0.0
-    for S in spectra.values():
-        if S is None:
+    for spectrum in spectra.values():
+        if spectrum is None:
             return float("nan")
+        S, cut = spectrum
         s2 = S.double() ** 2
-        total += float(s2.sum())
+        total += float(s2.sum()) + cut
         kept += float(s2[:rank].sum())
     return kept / total if total > 0 else 1.0
 
@@ -156,14 +164,12 @@ def run_aggregate(
     if len(bases) > 1:
         raise UsageError(f"the adapters were trained on different base models: {sorted(bases)}")
     options: dict[str, object] = {}
-    # the randomized SVD is approximate and its cost grows with how many triplets it finds:
-    # it stops at the largest rank written (the exact paths keep every triplet, for the
-    # share of ||dW||^2 each rank keeps)
-    capped = strategy == "flexlora" and svd == "randomized"
     if strategy == "flexlora":
         options["svd"] = svd
-        if capped:
-            options["keep_rank"] = max(ranks)
+        # no rank written needs more triplets than the largest: the SVD forms only those (and
+        # the randomized one, approximate, finds only those); each rank's share of ||dW||^2
+        # comes from the energy the cap left out
+        options["keep_rank"] = max(ranks)
     elif strategy == "hetlora":
         # HetLoRA weighs clients by ||s*B*A||_F; the --client weights multiply those
         options["weight_by_examples"] = True
@@ -172,7 +178,8 @@ def run_aggregate(
     use_rslora = readers[0].meta.use_rslora
     weights = [s.weight for s in specs]
     outputs: dict[str, dict[str, LoRAFactors]] = {f"rank-{r}": {} for r in dict.fromkeys(ranks)}
-    spectra: dict[str, torch.Tensor | None] = {}  # S per module (None: not an SVD state)
+    # S per module and the ||dW||^2 a cap left out (None: not an SVD state)
+    spectra: dict[str, tuple[torch.Tensor, float] | None] = {}
     frozen: dict[str, ModuleDelta] = {}  # FedEx-LoRA's residual, per module
     if aggregator.streams:
         deltas = stream_modules(aggregator, readers, weights, frozen)
@@ -202,8 +209,8 @@ def run_aggregate(
                 )
             except RankError as exc:
                 raise UsageError(f"--rank {r}: {exc}") from None
-        # a capped spectrum cannot say what share of ||dW||^2 it keeps
-        spectra[module] = delta.S if delta.truncation == "svd" and not capped else None
+        # a capped state knows the ||dW||^2 its cap left out
+        spectra[module] = (delta.S, delta.cut_energy) if delta.truncation == "svd" else None
         del delta  # else this module's state (U, S, Vh) lives on while the next one is reduced
     # the clients' widest storage dtype (bf16 and fp16 clients together: float32)
     out_dtype = functools.reduce(torch.promote_types, (a.dtype for a in readers))

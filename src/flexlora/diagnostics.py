@@ -7,10 +7,13 @@ values, or the thin SVD of its factors) and the round's client factors, never fr
 - ``energy_kept[type]``: the fraction of ‖ΔW‖²_F (the adapter part of the global update) that a
   client of that rank type receives, Σ over modules of ‖ΔW_r‖²_F over Σ of ‖ΔW‖²_F. For an SVD
   state it is Σ_{k≤r} σ_k² / Σ_k σ_k² (Eckart–Young: no rank-r piece keeps more); for a prefix
-  state (HetLoRA, FFA, FedEx, FedSA) it is ‖B[:, :r]·A[:r]‖²_F / ‖B·A‖²_F.
+  state (HetLoRA, FFA, FedEx, FedSA) it is ‖B[:, :r]·A[:r]‖²_F / ‖B·A‖²_F. A state a
+  ``keep_rank`` cap cut carries the ‖·‖²_F it left out (``cut_energy``), which the total
+  counts: the shares are of the round's whole ΔW either way.
 - ``effective_rank``: exp of the entropy of the normalised squared spectrum of ΔW, p_k = σ_k² /
   Σ σ², averaged over modules (Roy & Vetterli, 2007, use σ_k / Σ σ; we use the energy so that it
-  matches ``energy_kept``): 1 when one direction carries everything, k for k equal directions.
+  matches ``energy_kept``): 1 when one direction carries everything, k for k equal directions;
+  of the state's own spectrum (a capped state's kept σ_k).
 - ``update_survival[type]``: for each client of the round, ‖P(ΔW_i)‖_F / ‖ΔW_i‖_F, where P
   projects onto the subspace of the factors its rank type receives (P(X) = Q_B Q_Bᵀ X Q_A Q_Aᵀ,
   Q_B and Q_A orthonormal bases of the received B's columns and A's rows), every module
@@ -76,8 +79,9 @@ def rank_energy(
     ranks: list[float] = []
     bases: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for name, d in state.modules.items():
-        full = _sq_norm(d.U.to(F64) * d.S.to(F64), d.Vh.to(F64))
-        total += full
+        # the state's own ΔW, and what a keep_rank cap left out of it (FlexLoRA's default):
+        # the shares are of the round's whole ΔW
+        total += _sq_norm(d.U.to(F64) * d.S.to(F64), d.Vh.to(F64)) + d.cut_energy
         ranks.append(effective_rank(_spectrum(d)))
         for t, per_module in slot_ranks.items():
             B, A = _received(d, per_module[name])

@@ -239,6 +239,7 @@ class DPSum:
                 S=S[:k].contiguous(),
                 Vh=Vh[:k].contiguous(),
                 truncation="svd",
+                cut_energy=float(S[k:].double().square().sum()),
             )
             del U, S, Vh
         return GlobalUpdate(modules=modules, strategy="flexlora"), self.clipped

@@ -174,6 +174,10 @@ class SVDState:
     S: Tensor  # (k,)
     Vh: Tensor  # (k, n)
     truncation: Truncation = "svd"
+    #: ‖·‖²_F of the triplets a cap left out when this state was made (FlexLoRA's keep_rank):
+    #: the round's whole ΔW has ‖ΔW‖²_F = Σ S² + cut_energy. A diagnostic of the round that
+    #: made the state (:mod:`flexlora.diagnostics`); not stored in checkpoints or records
+    cut_energy: float = 0.0
 
     def __new__(cls, *args: object, **kwargs: object) -> SVDState:
         truncation = kwargs.get("truncation", args[3] if len(args) > 3 else "svd")

@@ -23,6 +23,7 @@ Replies are folded one at a time (:meth:`Aggregator.start` -> :class:`Accumulato
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -388,7 +389,7 @@ class BufferedAccumulator(Accumulator):
 def _to_cpu(d: ModuleDelta) -> ModuleDelta:
     if d.U.device.type == "cpu":
         return d
-    return ModuleDelta(U=d.U.cpu(), S=d.S.cpu(), Vh=d.Vh.cpu(), truncation=d.truncation)
+    return dataclasses.replace(d, U=d.U.cpu(), S=d.S.cpu(), Vh=d.Vh.cpu())
 
 
 class Aggregator:

@@ -22,7 +22,7 @@ from flexlora.lora.svd import (
     canonical_signs,
     dense_svd,
     factored_svd,
-    gram_svd,
+    gram_cut_svd,
     randomized_svd,
 )
 from flexlora.types import GlobalUpdate, LoRAFactors, ModuleDelta
@@ -157,26 +157,32 @@ class FlexLoRAModule(ModuleAccumulator):
     def result(self, total_weight: float) -> ModuleDelta:
         m, n = self.shape
         keep = self.keep
+        energy: float | None = None  # ‖ΔW‖²_F when the SVD below forms only the kept triplets
         if self.delta is None:
             B, A = self.stacks()  # (m, R), (R, n)
             if keep is not None and keep < self.total_rank < min(m, n):
-                U, S, Vh = gram_svd(B, A, keep)  # only the kept triplets are formed
+                # only the kept triplets are formed; the core gives the whole ‖ΔW‖²_F
+                (U, S, Vh), energy = gram_cut_svd(B, A, keep)
             else:  # every triplet is kept: Householder QR and a float32 core SVD are cheaper
                 U, S, Vh = factored_svd(B, A)
         elif self.method == "randomized":
             U, S, Vh = randomized_svd(
                 self.delta, keep if keep is not None else min(self.total_rank, m, n), self.niter
             )
+            energy = float(torch.linalg.vector_norm(self.delta, dtype=torch.float64)) ** 2
         else:
             U, S, Vh = dense_svd(self.delta)
         # rank(ΔW) <= R: a dense SVD's further triplets are zeros, cut so both forms agree
         k = self.total_rank if keep is None else min(keep, self.total_rank)
+        whole = float(S.double().square().sum()) if energy is None else energy
+        cut = max(0.0, whole - float(S[:k].double().square().sum()))
         U, S, Vh = canonical_signs(U[:, :k], S[:k], Vh[:k])
         return ModuleDelta(
             U=U.contiguous(),
             S=(S / total_weight).contiguous(),
             Vh=Vh.contiguous(),
             truncation="svd",
+            cut_energy=cut / total_weight**2,
         )
 
 

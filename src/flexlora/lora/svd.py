@@ -31,11 +31,14 @@ from flexlora.lora.topk import top_core
 
 __all__ = [
     "SVD",
+    "CutSVD",
     "canonical_signs",
     "dense_svd",
     "factored_svd",
     "gram",
+    "gram_cut_svd",
     "gram_svd",
+    "householder_cut_svd",
     "householder_svd",
     "low_rank_sum_svd",
     "randomized_svd",
@@ -58,6 +61,14 @@ class SVD(NamedTuple):
     U: Tensor  # (m, k)
     S: Tensor  # (k,)
     Vh: Tensor  # (k, n)
+
+
+class CutSVD(NamedTuple):
+    """The top triplets of a product and the whole product's ‖·‖²_F (a float64 sum): what a
+    cut leaves out is ``energy − Σ S²``, known without the triplets it did not form."""
+
+    svd: SVD
+    energy: float
 
 
 def canonical_signs(U: Tensor, S: Tensor, Vh: Tensor) -> SVD:
@@ -132,7 +143,13 @@ def _orthonormal(X: Tensor, tol: float) -> bool:
 
 def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
     """The top ``k`` (default all R) triplets of the thin SVD of ``B·A``; ``B: (m, R)``,
-    ``A: (R, n)``, R < min(m, n).
+    ``A: (R, n)``, R < min(m, n). :func:`gram_cut_svd` without the energy."""
+    return gram_cut_svd(B, A, k).svd
+
+
+def gram_cut_svd(B: Tensor, A: Tensor, k: int | None = None) -> CutSVD:
+    """The top ``k`` (default all R) triplets of the thin SVD of ``B·A`` and its ‖B·A‖²_F;
+    ``B: (m, R)``, ``A: (R, n)``, R < min(m, n).
 
     Rb, Ra are Cholesky factors of the Grams BᵀB and AAᵀ, so B = Qb·Rb and Aᵀ = Qa·Ra with
     Qb = B·Rb⁻¹ never formed: core = Rb·Raᵀ = Uc·S·Vcᵀ (R×R) and U_k = B·(Rb⁻¹·Uc[:, :k]),
@@ -157,20 +174,28 @@ def gram_svd(B: Tensor, A: Tensor, k: int | None = None) -> SVD:
         # relative to |Rb|·|Ra|, is that of the float32 inputs themselves
         core = upper_product(Rb, Ra).double()
         Uc, S, Vc = top_core(core, k, fast)  # (R, k), (k,), (R, k)
+        energy = (
+            float(torch.linalg.vector_norm(core)) ** 2
+        )  # ‖B·A‖²_F = ‖core‖²_F (Qb, Qa orthonormal)
         left = torch.linalg.solve_triangular(Rb.double(), Uc, upper=True)  # (R, k)
         right = torch.linalg.solve_triangular(Ra.double(), Vc, upper=True)  # (R, k)
         U = B @ left.to(B.dtype)  # (m, k)
         Vh = right.T.to(A.dtype) @ A  # (k, n), row-major as the state keeps it
         if fast and not (_orthonormal(U, FAST_ORTHO_TOL) and _orthonormal(Vh.T, FAST_ORTHO_TOL)):
             continue
-        return SVD(U, S.to(B.dtype), Vh)
-    return householder_svd(B, A, k)
+        return CutSVD(SVD(U, S.to(B.dtype), Vh), energy)
+    return householder_cut_svd(B, A, k)
 
 
 def householder_svd(B: Tensor, A: Tensor, k: int) -> SVD:
-    """The top ``k`` triplets of ``B·A`` from Householder QR of both stacks, exact for any
-    conditioning (rank-deficient stacks too: clients that start a round from the same global
-    factors send nearly collinear ones); ``B: (m, R)``, ``A: (R, n)``, R ≤ min(m, n).
+    """:func:`householder_cut_svd` without the energy."""
+    return householder_cut_svd(B, A, k).svd
+
+
+def householder_cut_svd(B: Tensor, A: Tensor, k: int) -> CutSVD:
+    """The top ``k`` triplets of ``B·A`` and its ‖B·A‖²_F, from Householder QR of both stacks:
+    exact for any conditioning (rank-deficient stacks too: clients that start a round from the
+    same global factors send nearly collinear ones); ``B: (m, R)``, ``A: (R, n)``, R ≤ min(m, n).
 
     ``geqrf`` keeps each Q as its reflectors: core = Rb·Raᵀ (R×R), its top k triplets as in
     :func:`gram_svd`, and ``ormqr`` applies Qb and Qa to those k columns only; forming both
@@ -183,13 +208,14 @@ def householder_svd(B: Tensor, A: Tensor, k: int) -> SVD:
     Rb, Ra = hb[:R].triu(), ha[:R].triu()  # (R, R) upper
     core = (Rb @ Ra.T).double()  # in the stacks' precision: its rounding is theirs
     Uc, S, Vc = top_core(core, k, B.dtype == torch.float32)  # (R, k), (k,), (R, k)
+    energy = float(torch.linalg.vector_norm(core)) ** 2  # ‖B·A‖²_F
     Uk = torch.zeros(B.shape[0], Uc.shape[1], dtype=B.dtype, device=B.device)  # (m, k)
     Uk[:R] = Uc.to(B.dtype)
     Vk = torch.zeros(A.shape[1], Vc.shape[1], dtype=A.dtype, device=A.device)  # (n, k)
     Vk[:R] = Vc.to(A.dtype)
     U = torch.ormqr(hb, tb, Uk)  # (m, k) = Qb·[Uc; 0]
     V = torch.ormqr(ha, ta, Vk)  # (n, k) = Qa·[Vc; 0]
-    return SVD(U, S.to(B.dtype), V.T)
+    return CutSVD(SVD(U, S.to(B.dtype), V.T), energy)
 
 
 def dense_svd(delta: Tensor) -> SVD:
