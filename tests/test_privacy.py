@@ -318,14 +318,18 @@ def test_dpsum_result_forms_one_dense_matrix_at_a_time(monkeypatch: pytest.Monke
     shapes = {"q": (30, 20), "v": (30, 8), "up": (12, 40)}
     ups = [make_update(f"c{i}", shapes, {"q": 2, "v": 4, "up": 8}, i, 1.0) for i in range(3)]
     seen: list[weakref.ref] = []
-    real = privacy.dense_svd
 
-    def tracking_svd(delta: torch.Tensor):  # type: ignore[no-untyped-def]
-        assert all(ref() is None for ref in seen), "an earlier module's matrix is still held"
-        seen.append(weakref.ref(delta))
-        return real(delta)
+    def tracking(real):  # type: ignore[no-untyped-def]
+        def svd(delta: torch.Tensor, *args: int):  # type: ignore[no-untyped-def]
+            assert all(ref() is None for ref in seen), "an earlier module's matrix is still held"
+            seen.append(weakref.ref(delta))
+            return real(delta, *args)
 
-    monkeypatch.setattr(privacy, "dense_svd", tracking_svd)
+        return svd
+
+    # the full SVD, or the top-k route for a kept rank at most min(m, n) / 4 (q, up here)
+    monkeypatch.setattr(privacy, "dense_svd", tracking(privacy.dense_svd))
+    monkeypatch.setattr(privacy, "dense_top_svd", tracking(privacy.dense_top_svd))
     for sigma in (0.0, 1.0):
         seen.clear()
         dp = ClientDP(clip=1.0, noise_multiplier=sigma, delta=1e-5, cohort=3, population=9)

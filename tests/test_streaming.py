@@ -410,3 +410,38 @@ def test_a_per_module_keep_rank_may_say_all() -> None:
     top = full[UP]
     cut = (top.U[:, :2] * top.S[:2]) @ top.Vh[:2]  # the best rank-2 part of the exact ΔW
     torch.testing.assert_close(mixed[UP].dense(torch.float32), cut)
+
+
+def test_a_capped_dense_sum_gives_every_client_what_the_full_state_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Float32 stacks past the dense switch (R·(m + n) > m·n) with keep_rank ≤ min(m, n) / 4:
+    the top-k route from the sum's Gram gives each rank what the full dense SVD gives, and
+    the ‖·‖²_F it left out."""
+    import flexlora.aggregation.flexlora as flexlora_module
+
+    routed: list[tuple[int, int]] = []
+    original = flexlora_module.dense_top_svd
+
+    def spy(delta: torch.Tensor, k: int) -> object:
+        routed.append((delta.shape[0], k))
+        return original(delta, k)
+
+    monkeypatch.setattr(flexlora_module, "dense_top_svd", spy)
+    shapes = {Q: (48, 40), UP: (36, 64)}
+    ranks = [{Q: 10, UP: 8}, {Q: 6, UP: 9}, {Q: 10, UP: 5}, {Q: 8, UP: 7}]
+    updates = make_round(5, shapes, ranks, [4, 1, 3, 2], [8.0] * 4, dtype=torch.float32)
+    cap = {name: max(r[name] for r in ranks) for name in shapes}
+    full = get_aggregator("flexlora", keep_rank="all").aggregate(updates)
+    capped = get_aggregator("flexlora", keep_rank=cap).aggregate(updates)
+    for name, (m, n) in shapes.items():
+        assert sum(r[name] for r in ranks) * (m + n) > m * n  # the dense form
+        assert capped[name].rank == cap[name] and 4 * cap[name] <= min(m, n)
+        for r in range(1, cap[name] + 1):
+            fa, fb = full[name].factors(r, 8.0), capped[name].factors(r, 8.0)
+            want = (fa.B.double() @ fa.A.double()).numpy()
+            got = (fb.B.double() @ fb.A.double()).numpy()
+            assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+        tail = float(full[name].S[cap[name] :].double().square().sum())
+        assert capped[name].cut_energy == pytest.approx(tail, rel=1e-4)
+    assert sorted(routed) == [(36, cap[UP]), (48, cap[Q])]  # only the capped state took it

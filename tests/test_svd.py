@@ -539,3 +539,30 @@ def test_float64_stacks_never_take_the_float32_eigensolver(monkeypatch: pytest.M
     assert not calls
     U0, S0, Vh0 = reference((B @ A).numpy())
     assert rel_err(truncate(U, S, Vh, k), truncate(U0, S0, Vh0, k)) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "rank", "k"),
+    [(40, 30, 30, 5), (30, 70, 25, 6), (700, 560, 560, 40), (560, 900, 300, 64), (50, 40, 3, 8)],
+)
+def test_dense_top_svd_is_the_dense_truncation(m: int, n: int, rank: int, k: int) -> None:
+    """The top k of a formed float32 matrix from its Gram on the smaller side (the refined
+    float32 eigensolver from 512 rows, float64 below), both orientations; a matrix of rank
+    below k falls back to the full SVD."""
+    from flexlora.lora.svd import dense_top_svd
+
+    g = torch.Generator().manual_seed(m + n + k)
+    spread = torch.logspace(0, -2, rank, dtype=torch.float64)
+    B = torch.randn(m, rank, generator=g, dtype=torch.float64) * spread
+    delta = (B @ torch.randn(rank, n, generator=g, dtype=torch.float64)).float()  # (m, n)
+    U, S, Vh = dense_top_svd(delta, k)
+    assert U.shape == (m, k) and S.shape == (k,) and Vh.shape == (k, n)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    Ud, Sd, Vhd = torch.linalg.svd(delta.double(), full_matrices=False)
+    best = (Ud[:, :k] * Sd[:k]) @ Vhd[:k]
+    ours = (U.double() * S.double()) @ Vh.double()
+    assert float(torch.linalg.norm(ours - best) / torch.linalg.norm(best)) <= 1e-5
+    torch.testing.assert_close(S.double(), Sd[:k], rtol=1e-5, atol=1e-6 * float(Sd[0]))
+    eye = torch.eye(k, dtype=torch.float64)
+    torch.testing.assert_close(U.double().T @ U.double(), eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(Vh.double() @ Vh.double().T, eye, atol=1e-5, rtol=0)

@@ -29,10 +29,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flexlora.aggregation.flexlora import FlexLoRAModule
+from flexlora.aggregation.flexlora import DENSE_TOP_RATIO, FlexLoRAModule
 from flexlora.errors import UsageError
 from flexlora.lora.norms import update_norm
-from flexlora.lora.svd import dense_svd
+from flexlora.lora.svd import dense_svd, dense_top_svd
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
 __all__ = ["DP_STRATEGIES", "ClientDP", "DPSum", "clip_update", "dp_epsilon"]
@@ -207,7 +207,8 @@ class DPSum:
         """The noised state (noise drawn module by module, in order) and the clipped count.
 
         Module by module: the dense clipped sum (one product of the stacks, or the running
-        sum), plus σ·C·Z, divided by the cohort K, then its dense SVD cut to the kept rank.
+        sum), plus σ·C·Z, divided by the cohort K, then its top kept-rank triplets (from its
+        Gram when that rank is small, :func:`~flexlora.lora.svd.dense_top_svd`, else its SVD).
         Besides what :class:`DPSum` holds, one module's (m, n) sum and (m, n) noise are held
         at once, then the noised matrix and its SVD; they are freed before the next module.
         The sums are not modified, so calling it again with an equal generator gives the same
@@ -231,15 +232,20 @@ class DPSum:
                 noised = total if owned else total.clone()
             del total
             noised.div_(self.dp.cohort)
-            U, S, Vh = dense_svd(noised)  # (m, k), (k,), (k, n)
+            k = min(int(self.keep_ranks[name]), m, n)
+            if DENSE_TOP_RATIO * k <= min(m, n):  # only the kept triplets, from the Gram
+                U, S, Vh = dense_top_svd(noised, k)  # (m, k), (k,), (k, n)
+                whole = float(torch.linalg.vector_norm(noised, dtype=torch.float64)) ** 2
+            else:
+                U, S, Vh = dense_svd(noised)  # (m, min), (min,), (min, n)
+                whole = float(S.double().square().sum())
             del noised
-            k = min(int(self.keep_ranks[name]), S.shape[0])
             modules[name] = ModuleDelta(
                 U=U[:, :k].contiguous(),
                 S=S[:k].contiguous(),
                 Vh=Vh[:k].contiguous(),
                 truncation="svd",
-                cut_energy=float(S[k:].double().square().sum()),
+                cut_energy=max(0.0, whole - float(S[:k].double().square().sum())),
             )
             del U, S, Vh
         return GlobalUpdate(modules=modules, strategy="flexlora"), self.clipped

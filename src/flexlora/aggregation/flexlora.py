@@ -21,11 +21,16 @@ from flexlora.lora.svd import (
     SVD_METHODS,
     canonical_signs,
     dense_svd,
+    dense_top_svd,
     factored_svd,
     gram_cut_svd,
     randomized_svd,
 )
 from flexlora.types import GlobalUpdate, LoRAFactors, ModuleDelta
+
+#: a dense sum's capped state comes from the top-k route (:func:`dense_top_svd`) when
+#: keep_rank is at most min(m, n) over this; the full SVD otherwise
+DENSE_TOP_RATIO = 4
 
 
 class RowStack:
@@ -169,6 +174,10 @@ class FlexLoRAModule(ModuleAccumulator):
             U, S, Vh = randomized_svd(
                 self.delta, keep if keep is not None else min(self.total_rank, m, n), self.niter
             )
+            energy = float(torch.linalg.vector_norm(self.delta, dtype=torch.float64)) ** 2
+        elif keep is not None and DENSE_TOP_RATIO * keep <= min(m, n):
+            # only the kept triplets, from the sum's Gram: several times cheaper than its SVD
+            U, S, Vh = dense_top_svd(self.delta, keep)
             energy = float(torch.linalg.vector_norm(self.delta, dtype=torch.float64)) ** 2
         else:
             U, S, Vh = dense_svd(self.delta)

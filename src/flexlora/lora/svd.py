@@ -27,13 +27,14 @@ import torch
 from torch import Tensor
 
 from flexlora.lora.products import gram, upper_product
-from flexlora.lora.topk import top_core
+from flexlora.lora.topk import top_core, top_core_eig
 
 __all__ = [
     "SVD",
     "CutSVD",
     "canonical_signs",
     "dense_svd",
+    "dense_top_svd",
     "factored_svd",
     "gram",
     "gram_cut_svd",
@@ -222,6 +223,32 @@ def dense_svd(delta: Tensor) -> SVD:
     """Thin SVD of a formed matrix (m, n)."""
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (m, k), (k,), (k, n)
     return SVD(U, S, Vh)
+
+
+def dense_top_svd(delta: Tensor, k: int) -> SVD:
+    """The top ``k`` triplets of a formed float32 matrix (m, n), exact to float32, without its
+    full SVD: the top k eigenpairs of its Gram on the smaller side
+    (:func:`~flexlora.lora.topk.top_core_eig`: a float32 eigensolver refined in float64, else
+    a float64 one); where that declines, or for float64 input, :func:`dense_svd`.
+
+    For k ≪ min(m, n), as FlexLoRA's capped state is once a round's stacks outgrow the dense
+    sum: 8.5 against 89 s for a 4096² float32 sum and k = 128, 12.4 against 106 s for
+    11008 × 4096, on two shared cores. Holds a float64 copy of ``delta``, a float32 one and the
+    (min, min) Gram with its eigensolver's copy besides the result.
+    """
+    m, n = delta.shape
+    found = None
+    if delta.dtype == torch.float32 and k < min(m, n):  # float64 input: the full SVD's digits
+        core = (delta if m <= n else delta.T).double()  # (small, large)
+        found = top_core_eig(core, k, fast=True)
+        del core
+    if found is None:
+        U, S, Vh = dense_svd(delta)
+        return SVD(U[:, :k], S[:k], Vh[:k])
+    Uc, S, Vc = found  # (small, k), (k,), (large, k)
+    U, V = (Uc, Vc) if m <= n else (Vc, Uc)
+    dtype = delta.dtype
+    return SVD(U.to(dtype).contiguous(), S.to(dtype), V.T.to(dtype).contiguous())
 
 
 def randomized_svd(delta: Tensor, rank: int, niter: int = 4, oversample: int = 10) -> SVD:

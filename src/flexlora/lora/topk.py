@@ -27,7 +27,7 @@ from torch import Tensor
 from flexlora.lora import lapack
 from flexlora.lora.products import gram
 
-__all__ = ["FAST_EIG_MIN", "refined_core", "top_core", "top_eigh"]
+__all__ = ["FAST_EIG_MIN", "refined_core", "top_core", "top_core_eig", "top_eigh"]
 
 _HAVE_SCIPY = (
     importlib.util.find_spec("scipy") is not None
@@ -80,8 +80,9 @@ def _top_vectors32(M: Tensor, count: int) -> Tensor:
 
 
 def refined_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The top ``k`` singular triplets of a float64 ``core`` (R, R) made from float32 stacks:
-    Uc, Vc (R, k) and S (k,), descending, from a float32 eigensolver refined in float64;
+    """The top ``k`` singular triplets of a float64 ``core`` (R, C), R ≤ C, made from float32
+    numbers: Uc (R, k), S (k,) and Vc (C, k), descending, from a float32 eigensolver refined in
+    float64;
     ``None`` when the residual, the spectrum's spread or the estimated truncation error is
     beyond what it accepts (see FAST_EIG_RESIDUAL, FAST_EIG_MAX_ERROR; the caller then solves
     in float64).
@@ -90,8 +91,8 @@ def refined_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
     made orthonormal in float64 (CholeskyQR); Z = coreᵀ·Q, so that ZᵀZ = Qᵀ·core·coreᵀ·Q is
     the Rayleigh quotient (never forming core·coreᵀ in float64); its top k eigenpairs (θ, W)
     give Uc = Q·W, S = √θ and Vc = Z·W / S (= coreᵀ·Uc / S). The residuals of every Ritz
-    pair, the columns of core·(Z·W) − Q·W·Θ, decide. Holds two float32 (R, R) copies
-    (core·coreᵀ and LAPACK's working copy) and a few (R, k + 32) blocks.
+    pair, the columns of core·(Z·W) − Q·W·Θ, decide. Holds a float32 copy of the core, two
+    float32 (R, R) matrices (core·coreᵀ and LAPACK's working copy) and a few (C, k + 32) blocks.
     """
     R = core.shape[0]
     wide = min(R, k + FAST_EIG_OVERSAMPLE)
@@ -160,25 +161,39 @@ def top_eigh(M: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def top_core(core: Tensor, k: int, fast: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Top ``k`` singular triplets of a square float64 ``core`` (R, R): Uc, Vc (R, k) and S.
+    """Top ``k`` singular triplets of a float64 ``core`` (R, C), R ≤ C (square on the server
+    step's Gram route): Uc (R, k), S (k,) and Vc (C, k).
 
-    For k < R they come from the top k eigenpairs of core·coreᵀ: with ``fast`` (a core made
-    from float32 stacks, whose result is float32) on the CPU from R = FAST_EIG_MIN by
-    :func:`refined_core`, unless it refuses; else by :func:`top_eigh` in float64, with
-    Vc = coreᵀ·Uc / S. In float64 the squared spectrum keeps every digit a float32 result
-    needs while σ_k ≥ 1e-5·σ_1; below that (or for k = R) the full SVD of the core is taken.
+    For k < R they come from the top k eigenpairs of core·coreᵀ (:func:`top_core_eig`); where
+    that route declines, and for k = R, the full SVD of the core is taken.
+    """
+    found = top_core_eig(core, k, fast) if k < core.shape[0] else None
+    if found is not None:
+        return found
+    Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)  # (R, R), (R,), (R, C)
+    return Uc[:, :k], S[:k], Vhc[:k].T
+
+
+def top_core_eig(core: Tensor, k: int, fast: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Top ``k`` < R singular triplets of a float64 ``core`` (R, C), R ≤ C, from the top k
+    eigenpairs of core·coreᵀ: Uc (R, k), S (k,), Vc (C, k); ``None`` where they would not be
+    exact (σ_k < 1e-5·σ_1, or a zero core: the caller takes an SVD).
+
+    With ``fast`` (a core made from float32 numbers, whose result is float32) on the CPU from
+    R = FAST_EIG_MIN by :func:`refined_core`, unless it refuses; else by :func:`top_eigh` in
+    float64, with Vc = coreᵀ·Uc / S. In float64 the squared spectrum keeps every digit a
+    float32 result needs while σ_k ≥ 1e-5·σ_1. Holds core·coreᵀ (R, R) and its eigensolver's
+    copy, besides (C, k + 32) blocks.
     """
     R = core.shape[0]
-    if k < R:
-        cpu = core.device.type == "cpu"
-        if fast and cpu and FAST_EIG_MIN <= R and k + FAST_EIG_OVERSAMPLE < R:
-            refined = refined_core(core, k)
-            if refined is not None:
-                return refined
-        lam_top, Uc = top_eigh(gram(core.T), k)  # core·coreᵀ from its upper blocks
-        if bool(lam_top[-1] >= 1e-10 * lam_top[0]) and bool(lam_top[0] > 0):
-            S = lam_top.sqrt()
-            Vc = (core.T @ Uc) / S  # (R, k)
-            return Uc, S, Vc
-    Uc, S, Vhc = torch.linalg.svd(core)  # (R, R), (R,), (R, R)
-    return Uc[:, :k], S[:k], Vhc[:k].T
+    cpu = core.device.type == "cpu"
+    if fast and cpu and FAST_EIG_MIN <= R and k + FAST_EIG_OVERSAMPLE < R:
+        refined = refined_core(core, k)
+        if refined is not None:
+            return refined
+    lam_top, Uc = top_eigh(gram(core.T), k)  # core·coreᵀ from its upper blocks
+    if bool(lam_top[-1] >= 1e-10 * lam_top[0]) and bool(lam_top[0] > 0):
+        S = lam_top.sqrt()
+        Vc = (core.T @ Uc) / S  # (C, k)
+        return Uc, S, Vc
+    return None
