@@ -566,3 +566,20 @@ def test_dense_top_svd_is_the_dense_truncation(m: int, n: int, rank: int, k: int
     eye = torch.eye(k, dtype=torch.float64)
     torch.testing.assert_close(U.double().T @ U.double(), eye, atol=1e-5, rtol=0)
     torch.testing.assert_close(Vh.double() @ Vh.double().T, eye, atol=1e-5, rtol=0)
+
+
+def test_times64_converts_a_float32_matrix_a_block_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """X·Y in float64 whatever X's dtype, with blocks that do not divide its rows."""
+    from flexlora.lora import topk
+
+    monkeypatch.setattr(topk, "TIMES64_BLOCK", 7 * 10)  # 7 rows of 10 a block
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(23, 10, generator=g)
+    Y = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    want = X.double() @ Y
+    for x in (X, X.double(), X.T.contiguous().T):
+        got = topk.times64(x, Y)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-14)

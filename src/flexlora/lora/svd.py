@@ -232,16 +232,13 @@ def dense_top_svd(delta: Tensor, k: int) -> SVD:
     a float64 one); where that declines, or for float64 input, :func:`dense_svd`.
 
     For k ≪ min(m, n), as FlexLoRA's capped state is once a round's stacks outgrow the dense
-    sum: 8.5 against 89 s for a 4096² float32 sum and k = 128, 12.4 against 106 s for
-    11008 × 4096, on two shared cores. Holds a float64 copy of ``delta``, a float32 one and the
-    (min, min) Gram with its eigensolver's copy besides the result.
+    sum. Holds the (min, min) Gram with its eigensolver's copy and (max, k + 32) blocks besides
+    the result (a float64 copy of ``delta`` only where the float32 eigensolver is refused).
     """
     m, n = delta.shape
     found = None
     if delta.dtype == torch.float32 and k < min(m, n):  # float64 input: the full SVD's digits
-        core = (delta if m <= n else delta.T).double()  # (small, large)
-        found = top_core_eig(core, k, fast=True)
-        del core
+        found = top_core_eig(delta if m <= n else delta.T, k, fast=True)  # (small, large)
     if found is None:
         U, S, Vh = dense_svd(delta)
         return SVD(U[:, :k], S[:k], Vh[:k])

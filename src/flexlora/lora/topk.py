@@ -27,7 +27,7 @@ from torch import Tensor
 from flexlora.lora import lapack
 from flexlora.lora.products import gram
 
-__all__ = ["FAST_EIG_MIN", "refined_core", "top_core", "top_core_eig", "top_eigh"]
+__all__ = ["FAST_EIG_MIN", "refined_core", "times64", "top_core", "top_core_eig", "top_eigh"]
 
 _HAVE_SCIPY = (
     importlib.util.find_spec("scipy") is not None
@@ -79,10 +79,27 @@ def _top_vectors32(M: Tensor, count: int) -> Tensor:
     return torch.linalg.eigh(M)[1][:, R - count :]
 
 
+#: times64 converts a float32 matrix to float64 this many numbers (32 MiB) at a time
+TIMES64_BLOCK = 1 << 22
+
+
+def times64(X: Tensor, Y: Tensor) -> Tensor:
+    """``X·Y`` in float64 for a float64 ``Y`` (rows, p): a float64 ``X`` (rows_x, inner) as it
+    is, a float32 one converted a block of rows at a time, so that no float64 copy of it is
+    held (the float32 products are exact in float64). Holds the result and one block."""
+    if X.dtype == torch.float64:
+        return X @ Y
+    out = torch.empty(X.shape[0], Y.shape[1], dtype=torch.float64, device=X.device)
+    step = max(1, TIMES64_BLOCK // max(1, X.shape[1]))
+    for lo in range(0, X.shape[0], step):
+        out[lo : lo + step] = X[lo : lo + step].double() @ Y
+    return out
+
+
 def refined_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The top ``k`` singular triplets of a float64 ``core`` (R, C), R ≤ C, made from float32
-    numbers: Uc (R, k), S (k,) and Vc (C, k), descending, from a float32 eigensolver refined in
-    float64;
+    """The top ``k`` singular triplets of a ``core`` (R, C), R ≤ C, of float32 numbers (held in
+    float32, or in float64 as the Gram route's core): Uc (R, k), S (k,) and Vc (C, k), float64,
+    descending, from a float32 eigensolver refined in float64;
     ``None`` when the residual, the spectrum's spread or the estimated truncation error is
     beyond what it accepts (see FAST_EIG_RESIDUAL, FAST_EIG_MAX_ERROR; the caller then solves
     in float64).
@@ -91,8 +108,9 @@ def refined_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
     made orthonormal in float64 (CholeskyQR); Z = coreᵀ·Q, so that ZᵀZ = Qᵀ·core·coreᵀ·Q is
     the Rayleigh quotient (never forming core·coreᵀ in float64); its top k eigenpairs (θ, W)
     give Uc = Q·W, S = √θ and Vc = Z·W / S (= coreᵀ·Uc / S). The residuals of every Ritz
-    pair, the columns of core·(Z·W) − Q·W·Θ, decide. Holds a float32 copy of the core, two
-    float32 (R, R) matrices (core·coreᵀ and LAPACK's working copy) and a few (C, k + 32) blocks.
+    pair, the columns of core·(Z·W) − Q·W·Θ, decide; products with the core are float64
+    (:func:`times64`). Holds a float32 copy of a float64 core, two float32 (R, R) matrices
+    (core·coreᵀ and LAPACK's working copy) and a few (C, k + 32) blocks.
     """
     R = core.shape[0]
     wide = min(R, k + FAST_EIG_OVERSAMPLE)
@@ -103,7 +121,7 @@ def refined_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
     if int(info) != 0:
         return None
     Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T  # (R, wide) orthonormal
-    Z = core.T @ Q  # (R, wide)
+    Z = times64(core.T, Q)  # (C, wide)
     ritz, W = torch.linalg.eigh(gram(Z))  # ascending; (wide,), (wide, wide)
     ritz, W = ritz.flip(0), W.flip(1)  # descending
     theta = ritz[:k]  # (k,) kept
@@ -111,7 +129,9 @@ def refined_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
         return None
     X = Q @ W  # (R, wide) Ritz vectors
     ZX = Z @ W  # (R, wide) = coreᵀ·X
-    r_all = torch.linalg.vector_norm(core @ ZX - X * ritz, dim=0)  # (wide,) ‖M·x_i − θ_i·x_i‖
+    r_all = torch.linalg.vector_norm(
+        times64(core, ZX) - X * ritz, dim=0
+    )  # (wide,) ‖M·x_i − θ_i·x_i‖
     r = r_all[:k]
     if not bool(torch.linalg.vector_norm(r) <= FAST_EIG_RESIDUAL * torch.linalg.vector_norm(theta)):
         return None
@@ -175,9 +195,10 @@ def top_core(core: Tensor, k: int, fast: bool = False) -> tuple[Tensor, Tensor, 
 
 
 def top_core_eig(core: Tensor, k: int, fast: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Top ``k`` < R singular triplets of a float64 ``core`` (R, C), R ≤ C, from the top k
-    eigenpairs of core·coreᵀ: Uc (R, k), S (k,), Vc (C, k); ``None`` where they would not be
-    exact (σ_k < 1e-5·σ_1, or a zero core: the caller takes an SVD).
+    """Top ``k`` < R singular triplets of a ``core`` (R, C), R ≤ C, float64 (or float32 with
+    ``fast``, never copied whole to float64 on the refined route), from the top k eigenpairs of
+    core·coreᵀ: Uc (R, k), S (k,), Vc (C, k), float64; ``None`` where they would not be exact
+    (σ_k < 1e-5·σ_1, or a zero core: the caller takes an SVD).
 
     With ``fast`` (a core made from float32 numbers, whose result is float32) on the CPU from
     R = FAST_EIG_MIN by :func:`refined_core`, unless it refuses; else by :func:`top_eigh` in
@@ -191,9 +212,9 @@ def top_core_eig(core: Tensor, k: int, fast: bool = False) -> tuple[Tensor, Tens
         refined = refined_core(core, k)
         if refined is not None:
             return refined
-    lam_top, Uc = top_eigh(gram(core.T), k)  # core·coreᵀ from its upper blocks
+    lam_top, Uc = top_eigh(gram(core.T.double()), k)  # core·coreᵀ from its upper blocks
     if bool(lam_top[-1] >= 1e-10 * lam_top[0]) and bool(lam_top[0] > 0):
         S = lam_top.sqrt()
-        Vc = (core.T @ Uc) / S  # (C, k)
+        Vc = times64(core.T, Uc) / S  # (C, k)
         return Uc, S, Vc
     return None
