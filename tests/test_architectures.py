@@ -425,3 +425,53 @@ def test_linear_subclasses_transformers_does_not_quantize_are_named_and_planned_
     assert "left 8 FalconLinear layer(s)" in caplog.text
     assert model.transformer.h[0].self_attention.query_key_value.weight.dtype == torch.bfloat16
     assert model_shape(str(folder), targets).quantizable == {}
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (the 'quant' extra)")
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_checkpointing_a_model_that_cannot_is_a_clear_error_quantized_or_not(
+    tmp_path: Path, quantization: str
+) -> None:
+    """CTRL has no gradient checkpointing: train.gradient_checkpointing is refused by name on
+    a full-precision base and on a quantized one (PEFT's k-bit preparation raised a bare
+    ValueError there)."""
+    from flexlora.config import TrainConfig
+    from flexlora.models.loading import load_base_model
+    from flexlora.models.prepare import prepare_for_training
+
+    config = tf.CTRLConfig(n_embd=32, n_layer=2, n_head=4, dff=64, vocab_size=260, n_positions=64)
+    folder = save_model(config, tmp_path / "ctrl")
+    model, _ = load_base_model(str(folder), "float32", quantization=quantization)
+    with pytest.raises(UsageError, match="CTRLLMHeadModel does not support gradient checkpointing"):
+        prepare_for_training(model, TrainConfig(gradient_checkpointing=True))
+
+
+def test_every_adapter_slot_adapts_a_moe_models_shared_expert(tmp_path: Path) -> None:
+    """Qwen2-MoE's shared expert is plain Linear layers named like the fused experts'
+    projections. PEFT 0.22 kept them as modules for the first adapter and rewrote them into
+    expert parameters for every later one (the modules were LoRA wrappers by then), so the
+    second rank type's slot missed them (a KeyError mid-run). Every slot now adapts the same
+    layers, at its own ranks, and the run trains, evaluates and exports."""
+    from flexlora.training.adapters import AdapterHost
+
+    config = tf.Qwen2MoeConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, **IDS,
+    )  # fmt: skip
+    folder = save_model(config, tmp_path / "qwen2moe")
+    targets = ["q_proj", "shared_expert.down_proj"]
+    model = tf.AutoModelForCausalLM.from_pretrained(folder)
+    paths = [
+        n for n, m in model.named_modules() if n.endswith(("q_proj", "shared_expert.down_proj"))
+    ]
+    host = AdapterHost(model, targets, alpha=16.0, dropout=0.0)
+    host.add_slot("a", dict.fromkeys(paths, 2))
+    host.add_slot("b", {p: 4 if p.endswith("q_proj") else 8 for p in paths})
+    for path, layer in host.layers.items():
+        assert set(layer.lora_A) >= {"a", "b"}, path
+        want = 4 if path.endswith("q_proj") else 8
+        assert layer.lora_A["b"].weight.shape[0] == want, path
+    assert sorted(host.layers) == sorted(paths)
+    rows = run_on(folder, tmp_path / "run", targets, [])
+    assert rows[-1]["aggregated"] and rows[-1]["rouge_l_unseen"] is not None

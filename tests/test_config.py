@@ -110,3 +110,10 @@ def test_python_dash_m_flexlora_is_the_command_line() -> None:
         [sys.executable, "-m", "flexlora", "plan", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "--device-memory" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize(("given", "want"), [("MAX", "max"), (" Full ", "full"), ("16", 16)])
+def test_eval_global_rank_spellings(given: str, want: str | int) -> None:
+    """eval.global_rank's names in any case (as model.dtype's and quantization's), an integer
+    as text too."""
+    assert load_config(values={"eval": {"global_rank": given}}).eval.global_rank == want

@@ -304,6 +304,23 @@ def test_a_gguf_file_that_cannot_be_read_is_a_clear_error(
     assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-converted
 
 
+def test_a_gguf_file_without_the_gguf_package_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers reads GGUF through the gguf package; without it the load says to install
+    it, naming the file, rather than an ImportError traceback."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import import_utils
+
+    monkeypatch.setenv("FLEXLORA_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = build_tiny_llama(seed=5, hidden_size=32, intermediate_size=64)
+    path = write_llama_gguf(model, tokenizer, tmp_path / "my-model.gguf")
+    monkeypatch.setattr(import_utils, "is_gguf_available", lambda *a, **k: False)
+    monkeypatch.setattr(gguf_utils, "is_gguf_available", lambda *a, **k: False, raising=False)
+    with pytest.raises(UsageError, match=r"my-model\.gguf needs the gguf package"):
+        load_base_model(str(path))
+
+
 def _gpt2(**dropouts: float) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=2, n_head=2, **dropouts)
     torch.manual_seed(0)

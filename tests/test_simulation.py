@@ -52,6 +52,20 @@ def test_two_rounds_write_every_output(tmp_path: Path) -> None:
         assert (out / "adapters" / f"rank-{slot}" / "adapter_model.safetensors").is_file()
 
 
+def test_every_row_records_what_an_evaluation_scores(tmp_path: Path) -> None:
+    """eval.global_rank is on every metrics row, evaluated or not; the ranks it resolved to
+    only where the round was evaluated (eval.every = 2 over 3 rounds: rounds 2 and 3)."""
+    _sim, _ = run(
+        tmp_path,
+        federation={"rounds": 3},
+        eval={"every": 2, "at_start": False, "global_rank": "full"},
+    )
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["eval_global_rank"] for r in rows] == ["full"] * 3
+    assert ["eval_ranks" in r for r in rows] == [False, True, True]
+
+
 def test_adapters_load_with_peft_at_their_ranks(tmp_path: Path) -> None:
     run(tmp_path)
     for slot, (attn, ffn) in {"2": (2, 2), "2-8": (2, 8), "8": (8, 8)}.items():

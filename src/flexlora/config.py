@@ -532,6 +532,8 @@ class EvalConfig:
         rank = self.global_rank
         if isinstance(rank, str) and re.fullmatch(r"\s*[0-9]+\s*", rank):
             rank = self.global_rank = int(rank)  # a Flower run config or --set spelled "16"
+        if isinstance(rank, str) and rank.strip().lower() in ("max", "full"):
+            rank = self.global_rank = rank.strip().lower()  # as model.dtype's names: any case
         if isinstance(rank, str) and rank not in ("max", "full"):
             raise UsageError(f"eval.global_rank: {rank!r} is not 'max', 'full' or an integer")
         if isinstance(rank, int) and rank <= 0:

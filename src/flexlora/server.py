@@ -488,6 +488,9 @@ class Coordinator:
             "kept_previous_state": kept_previous,
             "train_loss": (sum(x * w for x, w in weights) / total) if total else None,
             "seconds_aggregate": round(seconds_aggregate, 4),
+            # what an evaluation of this round's model scores (eval.global_rank), on every
+            # row; a row that was evaluated also has the ranks it used (eval_ranks)
+            "eval_global_rank": self.cfg.eval.global_rank,
         }
 
     # ------------------------------------------------------------------ evaluation

@@ -100,6 +100,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: str | None = None) -> P
         quantized = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, dtype=torch.float32, **kwargs
         )
+    except ImportError as exc:  # transformers reads GGUF through the gguf package
+        raise UsageError(
+            f"reading the GGUF file {gguf_path} needs the gguf package (pip install "
+            f"'gguf>=0.10'): {exc}"
+        ) from exc
     except (OSError, ValueError, KeyError, NotImplementedError) as exc:
         # not a GGUF file, an empty one, an architecture or tensor type transformers cannot
         # read: the user's input, not a crash of ours

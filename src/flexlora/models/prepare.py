@@ -36,6 +36,11 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     Idempotent; returns ``model``.
     """
     model.requires_grad_(False)
+    if cfg.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise UsageError(
+            f"train.gradient_checkpointing: {type(model).__name__} does not support "
+            "gradient checkpointing"
+        )
     if is_quantized(model):
         keep_4bit_layout(model)  # also for a base the caller loaded itself
         from peft import prepare_model_for_kbit_training
@@ -53,11 +58,6 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             **{key: dict(CHECKPOINT_KWARGS)},
         )
     elif cfg.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise UsageError(
-                f"train.gradient_checkpointing: {type(model).__name__} does not support "
-                "gradient checkpointing"
-            )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*use_cache=True.*", UserWarning)
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x

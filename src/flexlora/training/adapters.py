@@ -40,6 +40,38 @@ EVAL_ADAPTER = "global-eval"
 SUBRANK_SLOT = "client-ranks"
 
 
+@contextmanager
+def _same_targets_as_the_first(peft: PeftModel) -> Iterator[None]:
+    """Inside the block, PEFT adds an adapter to the layers its first one adapts.
+
+    On transformers 5 MoE models PEFT rewrites ``target_modules`` that name a projection the
+    experts also have (Qwen2-MoE's ``shared_expert.down_proj``) into fused expert *parameters*
+    unless every module they match is an ``nn.Linear``; from the second adapter on those
+    modules are LoRA wrappers, so it rewrote them and the new adapter missed the layers the
+    first one has (PEFT 0.22). Where the first adapter's config kept its targets as modules
+    (no ``target_parameters``), that rewrite is skipped for the same targets; elsewhere PEFT
+    is left as it is.
+    """
+    first = next(iter(peft.peft_config.values()), None)
+    if first is None or getattr(first, "target_parameters", None):
+        yield
+        return
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # an older PEFT: no rewrite to skip
+        yield
+        return
+    original = getattr(conversion, "convert_peft_config_for_transformers", None)
+    if original is None:
+        yield
+        return
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
 class AdapterHost:
     """PEFT adapter slots on a shared frozen base model.
 
@@ -128,7 +160,21 @@ class AdapterHost:
                     f"no linear layer of the model matches target_modules={self.target_modules}"
                 )
         else:
-            self.peft.add_adapter(name, config)
+            try:
+                with _same_targets_as_the_first(self.peft):
+                    self.peft.add_adapter(name, config)
+            except ValueError as exc:
+                raise UsageError(
+                    f"PEFT cannot add adapter {name} for lora.target_modules="
+                    f"{self.target_modules} on {type(self.base).__name__}: {exc}"
+                ) from exc
+            absent = [path for path, layer in self.layers.items() if name not in layer.lora_A]
+            if absent:
+                self.peft.delete_adapter(name)
+                raise UsageError(
+                    f"PEFT did not add adapter {name} to {len(absent)} of the layers the first "
+                    f"adapter adapts (e.g. {absent[0]}, a {type(self.layers[absent[0]]).__name__})"
+                )
         missing = set(self.layers) - set(ranks)
         if missing:
             self.peft.delete_adapter(name)
