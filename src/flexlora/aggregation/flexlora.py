@@ -5,7 +5,9 @@ SVD per module per round serves every rank asked for: the best rank-r approximat
 its first r singular triplets (Eckart–Young). Replies are folded as they arrive: per module
 the server keeps either the stacked factors or a running dense sum, whichever is smaller
 (:class:`FlexLoRAModule`), and the SVD is computed from the stacks without forming ΔW while
-they are the smaller (see :mod:`flexlora.lora.svd`). The state keeps ``keep_rank`` triplets.
+they are the smaller (see :mod:`flexlora.lora.svd`). The state keeps ``keep_rank`` triplets,
+and only those are formed (from the stacks' Grams, or the dense sum's Gram); it also carries
+the ‖·‖²_F the cut left out (``cut_energy``).
 """
 
 from __future__ import annotations

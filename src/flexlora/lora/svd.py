@@ -14,7 +14,8 @@ only the top ``k`` of them: the R×R Grams ``BsᵀBs`` and ``As·Asᵀ`` (float3
 accurate enough, else float64) give Rb and Ra by Cholesky, the top k eigenpairs of
 core·coreᵀ give the core's top triplets, and only ``k`` columns of U and rows of Vh are
 formed (two (m, R)·(R, k) products instead of two Householder QRs with their explicit Q).
-Otherwise ΔW is formed (streaming over clients) and decomposed densely, or approximately
+Otherwise ΔW is formed (streaming over clients) and decomposed densely: its top ``k`` only
+from its Gram on the smaller side (:func:`dense_top_svd`), or every triplet, or approximately
 with ``torch.svd_lowrank``.
 """
 
