@@ -445,3 +445,24 @@ def test_a_capped_dense_sum_gives_every_client_what_the_full_state_gives(
         tail = float(full[name].S[cap[name] :].double().square().sum())
         assert capped[name].cut_energy == pytest.approx(tail, rel=1e-4)
     assert sorted(routed) == [(36, cap[UP]), (48, cap[Q])]  # only the capped state took it
+
+
+@pytest.mark.parametrize("shapes", [{Q: (24, 16), UP: (40, 16)}, {Q: (400, 300), UP: (300, 500)}])
+def test_a_cut_that_leaves_out_nothing_reports_no_energy(shapes: dict) -> None:
+    """Clients sharing one A: rank(ΔW) is the largest client rank, the cap's, so the cut
+    leaves out nothing; float32 rounding of the two totals (1e-7 of ‖ΔW‖²) is not reported
+    as energy (stacks and the dense sum alike)."""
+    ranks = [{Q: 4, UP: 3}, {Q: 2, UP: 5}, {Q: 3, UP: 2}] * 2
+    updates = make_round(6, shapes, ranks, [1, 2, 3] * 2, [8.0] * 6, shared_A=True)
+    updates = [
+        ClientUpdate(
+            u.client_id,
+            u.num_examples,
+            {n: LoRAFactors(f.A.float(), f.B.float(), f.alpha) for n, f in u.factors.items()},
+        )
+        for u in updates
+    ]
+    cap = {name: max(r[name] for r in ranks) for name in shapes}
+    state = get_aggregator("flexlora", keep_rank=cap).aggregate(updates)
+    assert all(state[name].rank == cap[name] for name in shapes)
+    assert [state[name].cut_energy for name in shapes] == [0.0, 0.0]

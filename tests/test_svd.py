@@ -583,3 +583,27 @@ def test_times64_converts_a_float32_matrix_a_block_at_a_time(
         got = topk.times64(x, Y)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-14)
+
+
+def test_an_eigensolver_that_does_not_converge_falls_back_to_the_svd() -> None:
+    """A float32 matrix with a huge cluster of tiny singular values (550 collinear columns:
+    σ_51 = 4e-6, σ_52 = 5e-11 of σ_1 = 6e2) made LAPACK's float32 eigensolver fail to
+    converge, which raised out of the server step; the eigen route now declines and the SVD
+    gives the truncation, on the dense route and the stacks' Householder route alike."""
+    from flexlora.lora.svd import dense_top_svd, householder_svd
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(700, 600, generator=g)
+    A = torch.randn(600, 900, generator=g) / 30
+    B[:, 50:] = B[:, :1]
+    hb, _ = torch.geqrf(B)
+    ha, _ = torch.geqrf(A.T)
+    D = hb[:600].triu() @ ha[:600].triu().T  # (600, 600) float32
+    Ur, Sr, Vr = torch.linalg.svd(D.double())
+    ref = (Ur[:, :100] * Sr[:100]) @ Vr[:100]
+    U, S, Vh = dense_top_svd(D, 100)
+    assert float(((U.double() * S.double()) @ Vh.double() - ref).norm() / ref.norm()) <= 1e-5
+    Ur, Sr, Vr = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+    ref = (Ur[:, :100] * Sr[:100]) @ Vr[:100]
+    U, S, Vh = householder_svd(B, A, 100)
+    assert float(((U.double() * S.double()) @ Vh.double() - ref).norm() / ref.norm()) <= 1e-5

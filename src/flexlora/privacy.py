@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flexlora.aggregation.flexlora import DENSE_TOP_RATIO, FlexLoRAModule
+from flexlora.aggregation.flexlora import DENSE_TOP_RATIO, FlexLoRAModule, cut_energy
 from flexlora.errors import UsageError
 from flexlora.lora.norms import update_norm
 from flexlora.lora.svd import dense_svd, dense_top_svd
@@ -245,7 +245,7 @@ class DPSum:
                 S=S[:k].contiguous(),
                 Vh=Vh[:k].contiguous(),
                 truncation="svd",
-                cut_energy=max(0.0, whole - float(S[:k].double().square().sum())),
+                cut_energy=cut_energy(whole, float(S[:k].double().square().sum())),
             )
             del U, S, Vh
         return GlobalUpdate(modules=modules, strategy="flexlora"), self.clipped

@@ -186,7 +186,7 @@ class FlexLoRAModule(ModuleAccumulator):
         # rank(ΔW) <= R: a dense SVD's further triplets are zeros, cut so both forms agree
         k = self.total_rank if keep is None else min(keep, self.total_rank)
         whole = float(S.double().square().sum()) if energy is None else energy
-        cut = max(0.0, whole - float(S[:k].double().square().sum()))
+        cut = cut_energy(whole, float(S[:k].double().square().sum()))
         U, S, Vh = canonical_signs(U[:, :k], S[:k], Vh[:k])
         return ModuleDelta(
             U=U.contiguous(),
@@ -195,6 +195,17 @@ class FlexLoRAModule(ModuleAccumulator):
             truncation="svd",
             cut_energy=cut / total_weight**2,
         )
+
+
+#: a cut that leaves out less than this share of ‖ΔW‖²_F left out nothing float32 resolves
+CUT_ENERGY_FLOOR = 1e-6
+
+
+def cut_energy(whole: float, kept: float) -> float:
+    """The ‖·‖²_F a cut left out, ``whole − kept``, as 0.0 below CUT_ENERGY_FLOOR·whole: a
+    difference of two float32-rounded totals (a rank-deficient sum's zero tail read 1e-7·whole)."""
+    cut = whole - kept
+    return cut if cut > CUT_ENERGY_FLOOR * whole else 0.0
 
 
 def _keep_value(k: object) -> int | None:

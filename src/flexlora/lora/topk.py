@@ -116,13 +116,19 @@ def refined_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
     wide = min(R, k + FAST_EIG_OVERSAMPLE)
     if wide - k < 2:
         return None  # the estimate needs two pairs left out below the cut
-    Q = _top_vectors32(gram(core.T.float()), wide).double()  # (R, wide)
+    try:  # a float32 eigensolver that does not converge (a huge cluster of tiny σ) declines
+        Q = _top_vectors32(gram(core.T.float()), wide).double()  # (R, wide)
+    except torch.linalg.LinAlgError:
+        return None
     L, info = torch.linalg.cholesky_ex(gram(Q))  # QᵀQ ≈ I: CholeskyQR, exact for so small a cond
     if int(info) != 0:
         return None
     Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T  # (R, wide) orthonormal
     Z = times64(core.T, Q)  # (C, wide)
-    ritz, W = torch.linalg.eigh(gram(Z))  # ascending; (wide,), (wide, wide)
+    try:
+        ritz, W = torch.linalg.eigh(gram(Z))  # ascending; (wide,), (wide, wide)
+    except torch.linalg.LinAlgError:
+        return None
     ritz, W = ritz.flip(0), W.flip(1)  # descending
     theta = ritz[:k]  # (k,) kept
     if not bool(theta[-1] > 0) or not bool(theta[-1] >= FAST_EIG_MIN_RATIO * theta[0]):
@@ -212,7 +218,10 @@ def top_core_eig(core: Tensor, k: int, fast: bool = False) -> tuple[Tensor, Tens
         refined = refined_core(core, k)
         if refined is not None:
             return refined
-    lam_top, Uc = top_eigh(gram(core.T.double()), k)  # core·coreᵀ from its upper blocks
+    try:
+        lam_top, Uc = top_eigh(gram(core.T.double()), k)  # core·coreᵀ from its upper blocks
+    except torch.linalg.LinAlgError:  # no convergence: the caller's SVD
+        return None
     if bool(lam_top[-1] >= 1e-10 * lam_top[0]) and bool(lam_top[0] > 0):
         S = lam_top.sqrt()
         Vc = times64(core.T, Uc) / S  # (C, k)

@@ -164,6 +164,8 @@ class AdapterHost:
                 with _same_targets_as_the_first(self.peft):
                     self.peft.add_adapter(name, config)
             except ValueError as exc:
+                if name in self.peft.peft_config:  # whatever PEFT added before refusing
+                    self.peft.delete_adapter(name)
                 raise UsageError(
                     f"PEFT cannot add adapter {name} for lora.target_modules="
                     f"{self.target_modules} on {type(self.base).__name__}: {exc}"
