@@ -32,6 +32,7 @@ import torch
 from flexlora.aggregation.flexlora import DENSE_TOP_RATIO, FlexLoRAModule, cut_energy
 from flexlora.errors import UsageError
 from flexlora.lora.norms import update_norm
+from flexlora.lora.products import squared_norm
 from flexlora.lora.svd import dense_svd, dense_top_svd
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
@@ -235,7 +236,7 @@ class DPSum:
             k = min(int(self.keep_ranks[name]), m, n)
             if DENSE_TOP_RATIO * k <= min(m, n):  # only the kept triplets, from the Gram
                 U, S, Vh = dense_top_svd(noised, k)  # (m, k), (k,), (k, n)
-                whole = float(torch.linalg.vector_norm(noised, dtype=torch.float64)) ** 2
+                whole = squared_norm(noised)
             else:
                 U, S, Vh = dense_svd(noised)  # (m, min), (min,), (min, n)
                 whole = float(S.double().square().sum())

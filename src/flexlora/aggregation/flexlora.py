@@ -19,6 +19,7 @@ from torch import Tensor
 
 from flexlora.aggregation.base import Aggregator, ModuleAccumulator, register
 from flexlora.errors import UsageError
+from flexlora.lora.products import squared_norm
 from flexlora.lora.svd import (
     SVD_METHODS,
     canonical_signs,
@@ -176,11 +177,11 @@ class FlexLoRAModule(ModuleAccumulator):
             U, S, Vh = randomized_svd(
                 self.delta, keep if keep is not None else min(self.total_rank, m, n), self.niter
             )
-            energy = float(torch.linalg.vector_norm(self.delta, dtype=torch.float64)) ** 2
+            energy = squared_norm(self.delta)
         elif keep is not None and DENSE_TOP_RATIO * keep <= min(m, n):
             # only the kept triplets, from the sum's Gram: several times cheaper than its SVD
             U, S, Vh = dense_top_svd(self.delta, keep)
-            energy = float(torch.linalg.vector_norm(self.delta, dtype=torch.float64)) ** 2
+            energy = squared_norm(self.delta)
         else:
             U, S, Vh = dense_svd(self.delta)
         # rank(ΔW) <= R: a dense SVD's further triplets are zeros, cut so both forms agree

@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["GRAM_BLOCK_ROWS", "GRAM_MAX_BLOCKS", "gram", "low_rank_output", "upper_product"]
+__all__ = [
+    "GRAM_BLOCK_ROWS",
+    "GRAM_MAX_BLOCKS",
+    "gram",
+    "low_rank_output",
+    "squared_norm",
+    "upper_product",
+]
 
 #: gram's row blocks have about this many rows (96-160 ran at the gemm's rate), at most
 #: GRAM_MAX_BLOCKS of them
@@ -77,3 +84,9 @@ def low_rank_output(x: Tensor, output: Tensor, B: Tensor, A: Tensor) -> Tensor:
     output plus a low-rank ΔW = B·A (m, k)·(k, n) beside its frozen weights, whatever their
     dtype or quantization (x: (..., n), output: (..., m)). Never forms ΔW."""
     return output + ((x.to(torch.float32) @ A.T) @ B.T).to(output.dtype)
+
+
+def squared_norm(t: Tensor) -> float:
+    """‖t‖²_F accumulated in float64, with no float64 copy of ``t``: the whole energy of a
+    state whose cut leaves triplets out (the R×R core's, or a dense sum's)."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2

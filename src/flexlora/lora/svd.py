@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from flexlora.lora.products import gram, upper_product
+from flexlora.lora.products import gram, squared_norm, upper_product
 from flexlora.lora.topk import top_core, top_core_eig
 
 __all__ = [
@@ -176,9 +176,7 @@ def gram_cut_svd(B: Tensor, A: Tensor, k: int | None = None) -> CutSVD:
         # relative to |Rb|·|Ra|, is that of the float32 inputs themselves
         core = upper_product(Rb, Ra).double()
         Uc, S, Vc = top_core(core, k, fast)  # (R, k), (k,), (R, k)
-        energy = (
-            float(torch.linalg.vector_norm(core)) ** 2
-        )  # ‖B·A‖²_F = ‖core‖²_F (Qb, Qa orthonormal)
+        energy = squared_norm(core)  # ‖B·A‖²_F = ‖core‖²_F: Qb, Qa are orthonormal
         left = torch.linalg.solve_triangular(Rb.double(), Uc, upper=True)  # (R, k)
         right = torch.linalg.solve_triangular(Ra.double(), Vc, upper=True)  # (R, k)
         U = B @ left.to(B.dtype)  # (m, k)
@@ -210,7 +208,7 @@ def householder_cut_svd(B: Tensor, A: Tensor, k: int) -> CutSVD:
     Rb, Ra = hb[:R].triu(), ha[:R].triu()  # (R, R) upper
     core = (Rb @ Ra.T).double()  # in the stacks' precision: its rounding is theirs
     Uc, S, Vc = top_core(core, k, B.dtype == torch.float32)  # (R, k), (k,), (R, k)
-    energy = float(torch.linalg.vector_norm(core)) ** 2  # ‖B·A‖²_F
+    energy = squared_norm(core)  # ‖B·A‖²_F
     Uk = torch.zeros(B.shape[0], Uc.shape[1], dtype=B.dtype, device=B.device)  # (m, k)
     Uk[:R] = Uc.to(B.dtype)
     Vk = torch.zeros(A.shape[1], Vc.shape[1], dtype=A.dtype, device=A.device)  # (n, k)

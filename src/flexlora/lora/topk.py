@@ -134,10 +134,9 @@ def refined_core(core: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
     if not bool(theta[-1] > 0) or not bool(theta[-1] >= FAST_EIG_MIN_RATIO * theta[0]):
         return None
     X = Q @ W  # (R, wide) Ritz vectors
-    ZX = Z @ W  # (R, wide) = coreᵀ·X
-    r_all = torch.linalg.vector_norm(
-        times64(core, ZX) - X * ritz, dim=0
-    )  # (wide,) ‖M·x_i − θ_i·x_i‖
+    ZX = Z @ W  # (C, wide) = coreᵀ·X
+    residual = times64(core, ZX) - X * ritz  # (R, wide): M·x_i − θ_i·x_i
+    r_all = torch.linalg.vector_norm(residual, dim=0)  # (wide,)
     r = r_all[:k]
     if not bool(torch.linalg.vector_norm(r) <= FAST_EIG_RESIDUAL * torch.linalg.vector_norm(theta)):
         return None

@@ -52,17 +52,13 @@ def _same_targets_as_the_first(peft: PeftModel) -> Iterator[None]:
     (no ``target_parameters``), that rewrite is skipped for the same targets; elsewhere PEFT
     is left as it is.
     """
-    first = next(iter(peft.peft_config.values()), None)
-    if first is None or getattr(first, "target_parameters", None):
-        yield
-        return
     try:
         from peft.utils import transformers_weight_conversion as conversion
     except ImportError:  # an older PEFT: no rewrite to skip
-        yield
-        return
+        conversion = None
     original = getattr(conversion, "convert_peft_config_for_transformers", None)
-    if original is None:
+    first = next(iter(peft.peft_config.values()), None)
+    if original is None or first is None or getattr(first, "target_parameters", None):
         yield
         return
     conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
