@@ -313,7 +313,7 @@ def test_dpsum_result_forms_one_dense_matrix_at_a_time(monkeypatch: pytest.Monke
     """Each module's noised (m, n) matrix is freed before the next module's SVD."""
     import weakref
 
-    from flexlora import privacy
+    from flexlora.lora import svd as svd_module
 
     shapes = {"q": (30, 20), "v": (30, 8), "up": (12, 40)}
     ups = [make_update(f"c{i}", shapes, {"q": 2, "v": 4, "up": 8}, i, 1.0) for i in range(3)]
@@ -328,8 +328,8 @@ def test_dpsum_result_forms_one_dense_matrix_at_a_time(monkeypatch: pytest.Monke
         return svd
 
     # the full SVD, or the top-k route for a kept rank at most min(m, n) / 4 (q, up here)
-    monkeypatch.setattr(privacy, "dense_svd", tracking(privacy.dense_svd))
-    monkeypatch.setattr(privacy, "dense_top_svd", tracking(privacy.dense_top_svd))
+    monkeypatch.setattr(svd_module, "dense_svd", tracking(svd_module.dense_svd))
+    monkeypatch.setattr(svd_module, "dense_top_svd", tracking(svd_module.dense_top_svd))
     for sigma in (0.0, 1.0):
         seen.clear()
         dp = ClientDP(clip=1.0, noise_multiplier=sigma, delta=1e-5, cohort=3, population=9)

@@ -418,16 +418,16 @@ def test_a_capped_dense_sum_gives_every_client_what_the_full_state_gives(
     """Float32 stacks past the dense switch (R·(m + n) > m·n) with keep_rank ≤ min(m, n) / 4:
     the top-k route from the sum's Gram gives each rank what the full dense SVD gives, and
     the ‖·‖²_F it left out."""
-    import flexlora.aggregation.flexlora as flexlora_module
+    import flexlora.lora.svd as svd_module
 
     routed: list[tuple[int, int]] = []
-    original = flexlora_module.dense_top_svd
+    original = svd_module.dense_top_svd
 
     def spy(delta: torch.Tensor, k: int) -> object:
         routed.append((delta.shape[0], k))
         return original(delta, k)
 
-    monkeypatch.setattr(flexlora_module, "dense_top_svd", spy)
+    monkeypatch.setattr(svd_module, "dense_top_svd", spy)
     shapes = {Q: (48, 40), UP: (36, 64)}
     ranks = [{Q: 10, UP: 8}, {Q: 6, UP: 9}, {Q: 10, UP: 5}, {Q: 8, UP: 7}]
     updates = make_round(5, shapes, ranks, [4, 1, 3, 2], [8.0] * 4, dtype=torch.float32)

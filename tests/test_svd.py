@@ -568,6 +568,29 @@ def test_dense_top_svd_is_the_dense_truncation(m: int, n: int, rank: int, k: int
     torch.testing.assert_close(Vh.double() @ Vh.double().T, eye, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(40, 60, 5), (60, 40, 10), (40, 60, 30), (40, 60, None)])
+def test_dense_cut_svd_gives_the_truncation_and_the_whole_energy(
+    m: int, n: int, k: int | None
+) -> None:
+    """The capped state of a formed matrix: its top k triplets (from the Gram for a small k,
+    from the full SVD otherwise, every triplet for None) and its whole ‖·‖²_F in float64."""
+    from flexlora.lora.svd import DENSE_TOP_RATIO, dense_cut_svd
+
+    g = torch.Generator().manual_seed(m * n)
+    delta = torch.randn(m, n, generator=g) * torch.logspace(0, -1, n)  # (m, n) float32
+    (U, S, Vh), energy = dense_cut_svd(delta, k)
+    kept = min(m, n) if k is None else k
+    assert U.shape == (m, kept) and S.shape == (kept,) and Vh.shape == (kept, n)
+    want = float(delta.double().square().sum())
+    assert energy == pytest.approx(want, rel=1e-6)  # the full SVD: Σ S² of float32 S
+    Ud, Sd, Vhd = torch.linalg.svd(delta.double(), full_matrices=False)
+    best = (Ud[:, :kept] * Sd[:kept]) @ Vhd[:kept]
+    ours = (U.double() * S.double()) @ Vh.double()
+    assert float(torch.linalg.norm(ours - best) / torch.linalg.norm(best)) <= 1e-5
+    if k is not None and DENSE_TOP_RATIO * k <= min(m, n):  # the Gram route: S² < energy
+        assert float(S.double().square().sum()) < energy
+
+
 def test_times64_converts_a_float32_matrix_a_block_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

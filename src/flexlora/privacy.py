@@ -29,11 +29,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flexlora.aggregation.flexlora import DENSE_TOP_RATIO, FlexLoRAModule, cut_energy
+from flexlora.aggregation.flexlora import FlexLoRAModule, cut_energy
 from flexlora.errors import UsageError
 from flexlora.lora.norms import update_norm
-from flexlora.lora.products import squared_norm
-from flexlora.lora.svd import dense_svd, dense_top_svd
+from flexlora.lora.svd import dense_cut_svd
 from flexlora.types import ClientUpdate, GlobalUpdate, LoRAFactors, ModuleDelta
 
 __all__ = ["DP_STRATEGIES", "ClientDP", "DPSum", "clip_update", "dp_epsilon"]
@@ -209,7 +208,7 @@ class DPSum:
 
         Module by module: the dense clipped sum (one product of the stacks, or the running
         sum), plus σ·C·Z, divided by the cohort K, then its top kept-rank triplets (from its
-        Gram when that rank is small, :func:`~flexlora.lora.svd.dense_top_svd`, else its SVD).
+        Gram when that rank is small, else its SVD: :func:`~flexlora.lora.svd.dense_cut_svd`).
         Besides what :class:`DPSum` holds, one module's (m, n) sum and (m, n) noise are held
         at once, then the noised matrix and its SVD; they are freed before the next module.
         The sums are not modified, so calling it again with an equal generator gives the same
@@ -234,12 +233,7 @@ class DPSum:
             del total
             noised.div_(self.dp.cohort)
             k = min(int(self.keep_ranks[name]), m, n)
-            if DENSE_TOP_RATIO * k <= min(m, n):  # only the kept triplets, from the Gram
-                U, S, Vh = dense_top_svd(noised, k)  # (m, k), (k,), (k, n)
-                whole = squared_norm(noised)
-            else:
-                U, S, Vh = dense_svd(noised)  # (m, min), (min,), (min, n)
-                whole = float(S.double().square().sum())
+            (U, S, Vh), whole = dense_cut_svd(noised, k)  # (m, k), (k,), (k, n)
             del noised
             modules[name] = ModuleDelta(
                 U=U[:, :k].contiguous(),

@@ -23,17 +23,12 @@ from flexlora.lora.products import squared_norm
 from flexlora.lora.svd import (
     SVD_METHODS,
     canonical_signs,
-    dense_svd,
-    dense_top_svd,
+    dense_cut_svd,
     factored_svd,
     gram_cut_svd,
     randomized_svd,
 )
 from flexlora.types import GlobalUpdate, LoRAFactors, ModuleDelta
-
-#: a dense sum's capped state comes from the top-k route (:func:`dense_top_svd`) when
-#: keep_rank is at most min(m, n) over this; the full SVD otherwise
-DENSE_TOP_RATIO = 4
 
 
 class RowStack:
@@ -178,12 +173,8 @@ class FlexLoRAModule(ModuleAccumulator):
                 self.delta, keep if keep is not None else min(self.total_rank, m, n), self.niter
             )
             energy = squared_norm(self.delta)
-        elif keep is not None and DENSE_TOP_RATIO * keep <= min(m, n):
-            # only the kept triplets, from the sum's Gram: several times cheaper than its SVD
-            U, S, Vh = dense_top_svd(self.delta, keep)
-            energy = squared_norm(self.delta)
-        else:
-            U, S, Vh = dense_svd(self.delta)
+        else:  # a small keep: only the kept triplets, from the sum's Gram
+            (U, S, Vh), energy = dense_cut_svd(self.delta, keep)
         # rank(ΔW) <= R: a dense SVD's further triplets are zeros, cut so both forms agree
         k = self.total_rank if keep is None else min(keep, self.total_rank)
         whole = float(S.double().square().sum()) if energy is None else energy

@@ -34,6 +34,7 @@ __all__ = [
     "SVD",
     "CutSVD",
     "canonical_signs",
+    "dense_cut_svd",
     "dense_svd",
     "dense_top_svd",
     "factored_svd",
@@ -57,6 +58,10 @@ FAST_GRAM_MAX_COND = 30.0
 FAST_ORTHO_TOL = 2e-6
 
 SVD_METHODS = ("auto", "factored", "dense", "randomized")
+
+#: dense_cut_svd takes the top-k route (:func:`dense_top_svd`) when k is at most min(m, n)
+#: over this, the full SVD otherwise
+DENSE_TOP_RATIO = 4
 
 
 class SVD(NamedTuple):
@@ -245,6 +250,23 @@ def dense_top_svd(delta: Tensor, k: int) -> SVD:
     U, V = (Uc, Vc) if m <= n else (Vc, Uc)
     dtype = delta.dtype
     return SVD(U.to(dtype).contiguous(), S.to(dtype), V.T.to(dtype).contiguous())
+
+
+def dense_cut_svd(delta: Tensor, k: int | None) -> CutSVD:
+    """The top ``k`` (``None``: every) triplets of a formed matrix (m, n) and its ‖·‖²_F.
+
+    For a capped state (FlexLoRA's dense sum, DP's noised one): only the kept triplets, from
+    the Gram (:func:`dense_top_svd`), when DENSE_TOP_RATIO·k ≤ min(m, n), several times
+    cheaper than the full SVD, which is taken otherwise. Holds what those hold.
+    """
+    m, n = delta.shape
+    if k is not None and DENSE_TOP_RATIO * k <= min(m, n):
+        return CutSVD(dense_top_svd(delta, k), squared_norm(delta))
+    U, S, Vh = dense_svd(delta)  # (m, p), (p,), (p, n), p = min(m, n)
+    whole = float(S.double().square().sum())
+    if k is not None:
+        U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    return CutSVD(SVD(U, S, Vh), whole)
 
 
 def randomized_svd(delta: Tensor, rank: int, niter: int = 4, oversample: int = 10) -> SVD:
