@@ -97,6 +97,19 @@ def test_model_dtype_and_quantization_take_their_usual_spellings(
     assert (m.quantization, m.bnb_4bit_quant_type, m.dtype) == expected
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("model.quantization=4", "4bit"), ("model.quantization=8", "8bit"),
+     ("model.quantization=false", "none"), ("model.quantization=nf4", "4bit")],
+)  # fmt: skip
+def test_quantization_may_be_a_bare_number_or_false(override: str, expected: str) -> None:
+    """TOML's ``quantization = 4`` and ``--set model.quantization=4`` read as numbers."""
+    assert load_config(overrides=[override]).model.quantization == expected
+    assert load_config(values={"model": {"quantization": 8}}).model.quantization == "8bit"
+    with pytest.raises(UsageError, match=r"model\.quantization: '2' is not none, 4bit or 8bit"):
+        load_config(values={"model": {"quantization": 2}})
+
+
 def test_an_unknown_quantization_is_still_refused() -> None:
     with pytest.raises(UsageError, match=r"model\.quantization: 'gptq' is not none, 4bit or 8bit"):
         load_config(values={"model": {"quantization": "gptq"}})

@@ -114,7 +114,8 @@ class ModelConfig:
         default="auto",
     )
 
-    quantization: str = _help(
+    # read as text once built; TOML's and --set's bare 4, 8 and false are spellings of it too
+    quantization: str | int | bool = _help(
         "quantize the frozen base on load with bitsandbytes: none, 4bit (QLoRA) or 8bit; the "
         "LoRA weights stay float32 (`pip install 'flexlora[quant]'`)",
         default="none",
