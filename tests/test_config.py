@@ -110,6 +110,23 @@ def test_quantization_may_be_a_bare_number_or_false(override: str, expected: str
         load_config(values={"model": {"quantization": 2}})
 
 
+def test_keep_rank_and_devices_are_read_in_any_case() -> None:
+    """As eval.global_rank and model.dtype: ``MAX``, `` All ``, ``CPU``, ``CUDA:1``."""
+    cfg = load_config(
+        values={
+            "federation": {"keep_rank": "MAX", "server_device": "CPU"},
+            "model": {"device": "CPU"},
+        }
+    )
+    assert (cfg.federation.keep_rank, cfg.federation.server_device) == ("max", "cpu")
+    assert cfg.model.device == "cpu"
+    cfg = load_config(values={"federation": {"keep_rank": " All ", "server_device": "CUDA:1"}})
+    assert (cfg.federation.keep_rank, cfg.federation.server_device) == ("all", "cuda:1")
+    assert load_config(overrides=["federation.keep_rank=' 16 '"]).federation.keep_rank == 16
+    with pytest.raises(UsageError, match="keep_rank must be 'max', 'all'"):
+        load_config(values={"federation": {"keep_rank": "top"}})
+
+
 def test_an_unknown_quantization_is_still_refused() -> None:
     with pytest.raises(UsageError, match=r"model\.quantization: 'gptq' is not none, 4bit or 8bit"):
         load_config(values={"model": {"quantization": "gptq"}})

@@ -132,6 +132,9 @@ def test_parse_size() -> None:
     assert parse_size("512MiB") == 512 * 2**20
     with pytest.raises(UsageError, match="not a size"):
         parse_size("lots")
+    assert parse_size(str(40 * 2**30)) == 40 * 2**30  # a number of bytes
+    with pytest.raises(UsageError, match="no unit"):  # not 24 bytes: every type "no"
+        parse_size("24")
 
 
 @pytest.mark.parametrize("size", ["", "0", "0GiB"])

@@ -156,6 +156,7 @@ class ModelConfig:
         self.quantization = key
         if self.dtype not in DTYPE_NAMES:
             raise UsageError(f"model.dtype: {self.dtype!r} is not float32/bfloat16/float16/auto")
+        self.device = self.device.strip().lower()  # "CUDA", "cpu "
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UsageError(f"model.device: {self.device!r} is not auto, cpu, cuda, cuda:N or mps")
         if self.quantization not in ("none", "4bit", "8bit"):
@@ -390,7 +391,9 @@ class FederationConfig:
         if self.slora_rounds < 0:
             raise UsageError(f"federation.slora_rounds must be >= 0, got {self.slora_rounds}")
         self._check_slora_density()
-        if isinstance(self.keep_rank, str) and re.fullmatch(r"\s*[0-9]+\s*", self.keep_rank):
+        if isinstance(self.keep_rank, str):  # "MAX", " all ": as eval.global_rank, any case
+            self.keep_rank = self.keep_rank.strip().lower()
+        if isinstance(self.keep_rank, str) and re.fullmatch(r"[0-9]+", self.keep_rank):
             self.keep_rank = int(self.keep_rank)  # a Flower run config or --set spelled "200"
         if isinstance(self.keep_rank, str) and self.keep_rank not in ("max", "all"):
             raise UsageError(
@@ -399,6 +402,7 @@ class FederationConfig:
             )
         if isinstance(self.keep_rank, int) and self.keep_rank <= 0:
             raise UsageError(f"federation.keep_rank must be positive, got {self.keep_rank}")
+        self.server_device = self.server_device.strip().lower()  # "CPU", "CUDA:0"
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.server_device):
             raise UsageError(
                 f"federation.server_device: {self.server_device!r} is not cpu, cuda, cuda:N or auto"

@@ -44,12 +44,15 @@ UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 
 def parse_size(text: str) -> int:
-    """``24GiB``, ``24 GB``, ``80G`` (= GB), ``512MiB`` or a number of bytes; more than 0."""
+    """``24GiB``, ``24 GB``, ``80G`` (= GB), ``512MiB`` or a number of bytes (at least 1 MiB:
+    a bare ``24`` is refused, not read as 24 bytes)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     size = int(float(match.group(1)) * UNITS[unit]) if match and unit in UNITS else 0
     if size <= 0:  # an empty or zero size would mark every rank type as not fitting
         raise UsageError(f"--device-memory: {text!r} is not a size like 24GiB, 24GB or 512MiB")
+    if not unit and size < 2**20:  # "24": surely not 24 bytes, and GiB or GB is a guess
+        raise UsageError(f"--device-memory: {text!r} has no unit: write 24GiB, 24GB or 512MiB")
     return size
 
 
