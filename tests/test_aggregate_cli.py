@@ -344,11 +344,39 @@ def test_an_update_too_large_for_float32_exit_2(tmp_path, capsys) -> None:
     assert "torch.float32 output" in run_failing(argv, tmp_path / "out", capsys)
 
 
-def test_rank_larger_than_the_decomposition_exit_2(good, tmp_path, capsys) -> None:
-    # 2 + 4 = 6 components for q (8x8) and up (12x8): rank 7 cannot be given
-    argv = [a for f in good for a in ("--client", str(f))] + ["--rank", "4", "--rank", "7"]
-    err = run_failing(argv, tmp_path / "out", capsys)
-    assert "--rank 7" in err and "module model.layers.0" in err and "only 6" in err
+@pytest.mark.parametrize("strategy", ["flexlora", "fedit"])
+def test_a_rank_past_the_update_is_padded_as_the_simulator_pads(
+    strategy: str, tmp_path, capsys
+) -> None:
+    """2 + 4 = 6 components for q (8x8) and up (12x8): --rank 7 (and 9, past min(m, n) = 8)
+    write adapters of that rank whose extra components have zero B and PEFT-drawn A, so ΔW
+    is the whole update (as --rank 6 writes it), and say which modules were padded. The
+    simulator hands a client a rank past its module's update the same way."""
+    from flexlora.lora.peft_io import load_adapter
+
+    clients = [small_adapter(tmp_path / n, 4, seed=i) for i, n in enumerate("ab")]
+    if strategy == "flexlora":
+        clients[0] = small_adapter(tmp_path / "a2", 2, seed=0)
+    argv = [a for f in clients for a in ("--client", str(f))] + ["--strategy", strategy]
+    out = tmp_path / "out"
+    ranks = ["6", "7", "9"] if strategy == "flexlora" else ["4", "7"]
+    assert (
+        main(["aggregate", *argv, *(a for r in ranks for a in ("--rank", r)), "--out", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "padded with zero-B ones" in printed and "padded" not in printed.split("\n")[0]
+    whole = load_adapter(out / f"rank-{ranks[0]}").factors
+    for r in ranks[1:]:
+        written = load_adapter(out / f"rank-{r}").factors
+        assert written.keys() == whole.keys()
+        for module, f in written.items():
+            held = whole[module].rank
+            assert f.rank == int(r) and bool((f.B[:, held:] == 0).all())
+            assert bool((f.A[held:] != 0).any())  # trainable, as PEFT initialises A
+            want = whole[module].scaling * whole[module].B.double() @ whole[module].A.double()
+            got = f.scaling * f.B.double() @ f.A.double()
+            assert float(torch.linalg.norm(got - want)) <= 1e-5 * float(torch.linalg.norm(want))
 
 
 def test_differing_alpha_needs_alpha_flag(good, tmp_path, capsys) -> None:

@@ -189,21 +189,23 @@ def run_aggregate(
         whole = aggregator.aggregate(updates, weights=weights)
         frozen.update(whole.frozen)
         deltas = iter(whole.modules.items())
-    # a strategy whose clients merge the whole ΔW (FLoRA) writes all of it at any rank: past
-    # the state's own rank the extra components have zero B (ΔW unchanged), so --rank Σ r_i
-    # works whether a module's state is its stack or the SVD of its dense sum
-    pads = (
-        {r: torch.Generator().manual_seed(r) for r in ranks} if aggregator.merges_into_base else {}
-    )
+    # a rank past what a module's update holds (Σ r_i, or min(m, n)) is written as the
+    # simulator hands it out: the extra components have zero B (ΔW unchanged) and A drawn as
+    # PEFT initialises it, so the adapter loads at the rank asked for and every component can
+    # train on; for FLoRA, whose clients merge the whole ΔW, this writes all of it at any rank
+    pads = {r: torch.Generator().manual_seed(r) for r in ranks}
+    padded: dict[int, list[str]] = {r: [] for r in ranks}  # modules written past their rank
     for module, delta in deltas:
         for r in dict.fromkeys(ranks):
+            if r > delta.rank:
+                padded[r].append(f"{module} ({delta.rank})")
             try:
-                outputs[f"rank-{r}"][module] = delta.for_rank(r, padded=bool(pads)).factors(
+                outputs[f"rank-{r}"][module] = delta.for_rank(r, padded=True).factors(
                     r,
                     alphas[module],
                     use_rslora=use_rslora,
                     split=split,
-                    pad=pads.get(r),
+                    pad=pads[r],
                     dtype=torch.float32,
                     module=module,
                 )
@@ -226,6 +228,11 @@ def run_aggregate(
     for r, path in zip(dict.fromkeys(ranks), written, strict=True):
         share = spectrum_energy_kept(spectra, r)
         note = "" if math.isnan(share) else f", keeps {100 * share:.2f}% of ||dW||^2"
+        if padded[r] and not aggregator.merges_into_base:
+            note += (
+                f"; {len(padded[r])} module(s) hold fewer components, padded with zero-B ones: "
+                f"{', '.join(padded[r][:3])}{', ...' if len(padded[r]) > 3 else ''}"
+            )
         print(f"wrote {path} (rank {r}{note})")
     if frozen:
         print(
