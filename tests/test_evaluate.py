@@ -111,6 +111,25 @@ def test_long_prompts_can_be_cut_from_the_left(tiny) -> None:
     assert cut == [direct[0, 8:].tolist()]
 
 
+def test_a_prompt_is_cut_to_what_the_models_positions_leave(tiny) -> None:
+    """GPT-2's learned positions end at n_positions: a prompt as long as that (train.cutoff_len
+    = n_positions) plus new tokens raised a bare IndexError; it keeps its last tokens now."""
+    import transformers as tf
+
+    _, tokenizer = tiny
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "vocab_size": 260}
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **ids))
+    long_prompt = "filler " * 50 + PROMPTS[1]  # far past 64 tokens
+    cut = generate_ids(gpt2, tokenizer, [long_prompt], max_new_tokens=4, max_prompt_tokens=64)
+    tail = tokenizer(long_prompt)["input_ids"][-60:]
+    gpt2.eval()
+    direct = gpt2.generate(torch.tensor([tail]), max_new_tokens=4, do_sample=False, eos_token_id=2)
+    assert len(cut[0]) >= 1 and cut[0] == direct[0, 60:].tolist()[: len(cut[0])]
+    with pytest.raises(UsageError, match=r"max_new_tokens = 64 .* 64 positions"):
+        generate_ids(gpt2, tokenizer, ["x"], max_new_tokens=64)
+
+
 def test_generation_argument_errors(tiny) -> None:
     model, tokenizer = tiny
     assert generate(model, tokenizer, [], max_new_tokens=4, batch_size=2) == []

@@ -46,6 +46,22 @@ class EvalResult:
     predictions: tuple[str, ...] = ()
 
 
+#: config fields that bound a model's sequence length (GPT-2's learned position table is
+#: n_positions: past it, generation fails with a bare IndexError)
+POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most tokens the model's config says it takes (prompt and generation together), or
+    None when it names no limit. A PeftModel reads its base model's config."""
+    config = getattr(model, "config", None)
+    for field in POSITION_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def generate_ids(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -61,8 +77,9 @@ def generate_ids(
 
     Prompts are tokenized with the tokenizer's special tokens (as training does), left-padded
     in batches of similar length, and kept to their last ``max_prompt_tokens`` tokens when
-    that is set. Works with a plain model and with a ``PeftModel``. The model's train/eval mode
-    is restored afterwards.
+    that is set, and always to what the model's positions leave beside ``max_new_tokens``
+    (:func:`position_limit`). Works with a plain model and with a ``PeftModel``. The model's
+    train/eval mode is restored afterwards.
     """
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -82,6 +99,15 @@ def generate_ids(
         pad_token_id=pad_id,
         stop_strings=[m for m in stop if m] or None,
     )
+    limit = position_limit(model)
+    if limit is not None:  # a prompt and its new tokens must fit the model's positions
+        if max_new_tokens >= limit:
+            raise UsageError(
+                f"eval.max_new_tokens = {max_new_tokens} leaves no room for a prompt in the "
+                f"model's {limit} positions: make it smaller"
+            )
+        room = limit - max_new_tokens
+        max_prompt_tokens = room if max_prompt_tokens is None else min(max_prompt_tokens, room)
     encoded: list[list[int]] = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     if max_prompt_tokens is not None:
         encoded = [ids[-max_prompt_tokens:] for ids in encoded]
