@@ -140,29 +140,49 @@ def _input_group(shape: ModelShape, name: str, n: int, ffn: list[str]) -> tuple[
     return "norm1", n
 
 
+def _on_cuda(cfg: RunConfig) -> bool:
+    device = cfg.model.device
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
 def _mask_bytes(cfg: RunConfig) -> int:
     """Dropout keeps a float32 noise tensor on the CPU and a 1-byte mask on CUDA."""
-    device = cfg.model.device
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return 1 if on_cuda else F32
+    return 1 if _on_cuda(cfg) else F32
 
 
 def layer_activation_bytes(shape: ModelShape, cfg: RunConfig, ranks: Mapping[str, int]) -> float:
     """Bytes one decoder layer keeps for the backward pass, per token.
 
     Checked tensor by tensor (``torch.autograd.graph.saved_tensors_hooks``) on SmolLM2 in
-    float32 and bfloat16, with and without dropout: the count is exact for LLaMA blocks.
+    float32 and bfloat16, with and without dropout: the count is exact for LLaMA blocks. Other
+    blocks add what their config says: an activation composed of several ops (measured once,
+    ``ModelShape.act_saved``) and the base model's own dropout (GPT-2's 0.1 everywhere).
     """
     e = _activation_dtype(shape, cfg)
     lora_e = 2 if cfg.train.precision == "bf16" else F32
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     saved = 2 * F32 * h  # the two norms' inputs, upcast to float32
+    mask = _mask_bytes(cfg)
     if shape.heads:  # none in an attention-free model
         saved += e * (2 * q + 2 * kv)  # q and the attention output; k and v
         saved += F32 * shape.heads  # the attention's log-sum-exp
-        if cfg.model.attn_implementation == "eager":
-            saved += 2 * e * shape.heads * cfg.train.cutoff_len  # scores and probabilities
-    saved += e * (3 * i if shape.gated_mlp else i)  # gate, activation and up outputs
+        probs = shape.heads * cfg.train.cutoff_len  # one row of every head's probabilities
+        eager = cfg.model.attn_implementation == "eager"
+        if eager:
+            saved += 2 * e * probs  # scores and probabilities
+        if shape.attn_dropout > 0 and (eager or not _on_cuda(cfg)):
+            # the mask and the dropped probabilities; sdpa's CPU kernels take no dropout, so
+            # it runs its math path, which keeps the probabilities too (CUDA's fused kernels
+            # draw the mask again in the backward pass)
+            saved += (mask + e) * probs + (0 if eager else e * probs)
+    # the activation's input (more for one composed of several ops) and, gated, the two
+    # inputs of the product with up
+    act = shape.act_saved
+    saved += e * ((act + 2) * i if shape.gated_mlp else act * i)
+    if shape.hidden_dropout > 0:
+        saved += 2 * mask * h  # both residual branches' masks
+    if shape.act_dropout > 0:
+        saved += mask * i
     groups: dict[str, int] = {}
     lora = 0
     for name, (_m, n) in shape.targets.items():

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
+
 from flexlora.errors import UsageError
 from flexlora.models.loading import bnb_converts, quantization_skips, skipped_by
 from flexlora.models.meta import meta_model, model_config
@@ -40,6 +43,14 @@ class ModelShape:
     head_dim: int = 0  # the config's own (Gemma, Qwen3: not hidden / heads); 0: hidden / heads
     ssm_state: int = 0  # a state-space model's state size (Mamba: no attention); 0: none
     logit_softcapping: bool = False  # cap·tanh(logits / cap) (Gemma 2): one more logits tensor
+    #: tensors the MLP's activation keeps for the backward pass, in units of its input: 1 for
+    #: a fused kernel (SiLU, GELU keep their input), 4 for GPT-2's gelu_new (composed of ops)
+    act_saved: float = 1.0
+    #: the base model's own dropout, active while clients train: on the attention
+    #: probabilities, on each residual branch, after the MLP's activation
+    attn_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    act_dropout: float = 0.0
 
     @property
     def activations_modelled(self) -> bool:
@@ -118,7 +129,53 @@ def shape_of(model: Any, target_modules: list[str]) -> ModelShape:
         head_dim=_first(c, "head_dim", default=0) if heads else 0,
         ssm_state=ssm_state,
         logit_softcapping=bool(getattr(c, "final_logit_softcapping", None)),
+        act_saved=activation_saved(model),
+        attn_dropout=_rate(c, "attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"),
+        hidden_dropout=_rate(c, "resid_pdrop", "hidden_dropout", "dropout", "hidden_dropout_prob"),
+        act_dropout=_rate(c, "activation_dropout"),
     )
+
+
+def _rate(config: Any, *names: str) -> float:
+    """The first of these dropout rates the config sets (0.0 if none)."""
+    for n in names:
+        value = getattr(config, n, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return 0.0
+
+
+def _is_activation(name: str, module: nn.Module) -> bool:
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if next(module.children(), None) is not None or next(module.parameters(), None) is not None:
+        return False
+    return type(module).__module__ == "transformers.activations" or leaf.startswith(
+        ("act", "activation", "gelu")
+    )
+
+
+def activation_saved(model: Any) -> float:
+    """What the model's first activation module (the MLP's) keeps for the backward pass, in
+    units of its input: run once on a small CPU tensor under ``saved_tensors_hooks``, each
+    storage counted once. 1.0 where none is found or it cannot run there."""
+    for name, module in model.named_modules():
+        if not _is_activation(name, module):
+            continue
+        x = torch.randn(1024, requires_grad=True)
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, kept: dict[int, int] = kept) -> torch.Tensor:
+            storage = t.untyped_storage()
+            kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                module(x)
+        except Exception:  # an activation that needs more than a tensor: the fused count
+            return 1.0
+        return round(sum(kept.values()) / x.untyped_storage().nbytes(), 2)
+    return 1.0
 
 
 def _first(config: Any, *names: str, default: int | None = None) -> int:
