@@ -709,14 +709,15 @@ def test_a_node_refuses_starting_factors_that_do_not_fit_its_slot(job) -> None:
         name: random_factors(m, n, ranks[name], seed=i, dtype=torch.float32)
         for i, (name, (m, n)) in enumerate(runtime.shapes.items())
     }
-    runtime.check_start(start, ranks)  # fits
+    runtime.check_start(start, ranks, "c0")  # fits
     name = next(iter(start))
-    for bad in (
-        {**start, name: random_factors(*runtime.shapes[name], ranks[name] + 1, seed=9)},
-        {k: v for k, v in start.items() if k != name},
+    for bad, says in (
+        ({**start, name: random_factors(*runtime.shapes[name], ranks[name] + 1, seed=9)}, "rank"),
+        ({k: v for k, v in start.items() if k != name}, "the server sent no factors"),
     ):
-        with pytest.raises(InvalidUpdateError, match=f"client server, module {name}"):
-            runtime.check_start(bad, ranks)
+        # the node's client is named (it was "client server"), and what the server sent
+        with pytest.raises(InvalidUpdateError, match=f"client c0, module {name}: .*{says}"):
+            runtime.check_start(bad, ranks, "c0")
 
 
 def test_fedsa_evaluation_messages_and_replies(job) -> None:
@@ -814,3 +815,22 @@ def test_hetlora_self_pruning_on_flower_equals_the_simulator(job, tmp_path: Path
     assert any(r["client_ranks"] for r in sim_rows[1:])  # someone pruned, and trained again
     assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
     assert_same_outputs(tmp_path / "flower", tmp_path / "sim")
+
+
+def test_negative_tokens_or_seconds_are_rejected_and_a_silent_failure_is_named(job) -> None:
+    """Tokens and seconds sum into the row and seconds decide the straggler rule: a node that
+    reports them negative is rejected by name; a failure record with an empty reason reads as
+    one (it went into the row as '')."""
+    from flwr.app import ConfigRecord
+
+    cfg, values, runtime = job
+    strategy, state, plan, replies, cid = first_round_replies(cfg, values, runtime)
+    replies[0].content.metric_records["metrics"]["tokens"] = -1000
+    replies[1].content.metric_records["metrics"]["seconds"] = -5.0
+    replies[2].content.config_records["failure"] = ConfigRecord({"reason": ""})
+    _, row = strategy.collect(state, plan, replies)
+    assert set(row["rejected"]) == {cid[0], cid[1]}
+    assert "tokens is negative" in row["rejected"][cid[0]]
+    assert "seconds is negative" in row["rejected"][cid[1]]
+    assert row["failed"] == {cid[2]: "the node reported a failure, no reason given"}
+    assert row["aggregated"] == cid[3:] and row["train_tokens"] >= 0

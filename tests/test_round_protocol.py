@@ -727,3 +727,39 @@ def test_a_duplicate_reply_is_rejected_the_same_way_in_both_drivers(
     first = row["clients"][0]
     assert row["aggregated"] == row["clients"]
     assert list(row["rejected"]) == [first] and row["rejected"][first].endswith("[duplicate]")
+
+
+def test_an_unexpected_error_in_one_client_fails_that_client_in_both_drivers(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose training raises what the code does not expect (a ValueError, say) is
+    that client's failure, named by type in the row, and the round goes on: the simulator
+    used to abort the run naming no client, while a Flower node's failure was recorded."""
+    import zlib
+
+    from flexlora.training.worker import ClientWorker
+
+    original = ClientWorker.train
+
+    def victim(client: str) -> bool:
+        return zlib.crc32(client.encode()) % 2 == 0
+
+    def train(self: ClientWorker, client: str, *args: Any, **kwargs: Any) -> Any:
+        if victim(client):
+            raise ValueError("bad value on purpose")
+        return original(self, client, *args, **kwargs)
+
+    monkeypatch.setattr(ClientWorker, "train", train)
+    small = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 4},
+        "output": {"save_adapters": False},
+    }
+    run_both_drivers(tasks, tmp_path, small)
+    sim_rows = strip_timings(read_rows(tmp_path / "sim"))
+    assert_rows_match(strip_timings(read_rows(tmp_path / "flower")), sim_rows)
+    failed = {c: m for r in sim_rows for c, m in r["failed"].items()}
+    assert failed and all(victim(c) for c in failed)
+    assert set(failed.values()) == {"ValueError: bad value on purpose"}
+    assert all(not victim(c) for r in sim_rows for c in r["aggregated"])
+    assert any(r["aggregated"] for r in sim_rows)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flexlora.errors import FlexLoRAError
 from flexlora.federation.replies import ReplyStore
 from flexlora.methods.slora import SparseUpdate
 from flexlora.types import ClientUpdate, GlobalUpdate
@@ -39,6 +40,7 @@ __all__ = [
     "ClientResult",
     "RoundCollector",
     "close_round",
+    "failure_reason",
     "injected_failures",
     "round_frozen",
     "straggler_reason",
@@ -68,6 +70,17 @@ class ClientResult:
     rejected: str | None = None
     batch: int | None = None
     upload_bytes: int = 0  # set when the update is folded and dropped
+
+
+def failure_reason(exc: Exception, client: str) -> str:
+    """A failed client's entry in the row, the same in both drivers: the message of a failure
+    the code expects (a RuntimeError, out of memory among them, or a FlexLoRAError); any other
+    exception is named by its type too, and its traceback goes to the log (it may be a bug).
+    The round goes on without the client either way, as a Flower node's failure does."""
+    if not isinstance(exc, (RuntimeError, FlexLoRAError)):
+        log.error("client %s failed: %s", client, type(exc).__name__, exc_info=exc)
+        return f"{type(exc).__name__}: {exc}"
+    return str(exc) or type(exc).__name__
 
 
 def injected_failures(server: Coordinator, round_: int, clients: Sequence[str]) -> set[str]:

@@ -32,8 +32,8 @@ from flexlora.client_state import (
 )
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
-from flexlora.errors import FlexLoRAError, InvalidUpdateError, UsageError
-from flexlora.federation.round import INJECTED_FAILURE
+from flexlora.errors import InvalidUpdateError, UsageError
+from flexlora.federation.round import INJECTED_FAILURE, failure_reason
 from flexlora.flower.records import (
     factors_to_record,
     record_to_factors,
@@ -156,21 +156,29 @@ class NodeRuntime:
         return self._drawn[client]
 
     # ---------------------------------------------------------------- work
-    def check_start(self, start: Mapping[str, LoRAFactors], ranks: Mapping[str, int]) -> None:
-        """The server's factors must adapt this model's modules at exactly ``ranks``."""
+    def check_start(
+        self, start: Mapping[str, LoRAFactors], ranks: Mapping[str, int], client: str
+    ) -> None:
+        """The server's factors must adapt this model's modules at exactly ``ranks``; what
+        does not is this client's failure, said as the server's factors against this node."""
         missing = sorted(self.shapes.keys() - start.keys())
         if missing:
-            raise InvalidUpdateError("server", missing[0], "missing_module", "no starting factors")
+            raise InvalidUpdateError(
+                client, missing[0], "missing_module", "the server sent no factors for it"
+            )
         for name, f in start.items():
             if name not in self.shapes:
-                raise InvalidUpdateError("server", name, "extra_module", "not adapted here")
+                raise InvalidUpdateError(
+                    client, name, "extra_module", "the server sent factors this node does not adapt"
+                )
             if f.shape != self.shapes[name] or f.rank != ranks[name]:
                 raise InvalidUpdateError(
-                    "server",
+                    client,
                     name,
                     "shape",
-                    f"got rank {f.rank} for a {f.shape} weight; this node expects rank "
-                    f"{ranks[name]} for {self.shapes[name]}",
+                    f"the server sent rank {f.rank} for a {f.shape} weight; this node's model "
+                    f"has {self.shapes[name]} at rank {ranks[name]} (not the server's base "
+                    "model or rank types?)",
                 )
 
     def train(self, content: RecordDict, client: str) -> RecordDict:
@@ -189,9 +197,9 @@ class NodeRuntime:
             if config.get("stage") == "sparse":
                 return self.train_sparse(content, client, config)
             return self.train_lora(content, client, config, slot)
-        except (RuntimeError, FlexLoRAError) as exc:
+        except Exception as exc:
             # a failed client, read by the server as the simulator reads one (federation.round)
-            return RecordDict({"failure": ConfigRecord({"reason": str(exc)})})
+            return RecordDict({"failure": ConfigRecord({"reason": failure_reason(exc, client)})})
 
     def train_lora(
         self, content: RecordDict, client: str, config: ConfigRecord, slot: str
@@ -201,7 +209,7 @@ class NodeRuntime:
         start = record_to_factors(
             content.array_records["arrays"], "server", lora.alpha, lora.use_rslora
         )
-        self.check_start(start, self.slot_ranks[slot])
+        self.check_start(start, self.slot_ranks[slot], client)
         base = content.array_records.get("base")
         aggregator = plan_strategy(self.cfg.federation.strategy).aggregator
         round_ = int(config["server-round"])

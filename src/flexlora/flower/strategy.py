@@ -93,7 +93,8 @@ class RoundPlan:
 def _reply_parts(
     content: RecordDict, client: str, arrays_key: str
 ) -> tuple[ArrayRecord, int, dict[str, float]]:
-    """A reply's arrays record, example count and finite metrics (loss, tokens, seconds)."""
+    """A reply's arrays record, example count and finite metrics (loss, tokens, seconds; the
+    last two not negative: they sum into the row, and seconds decide the straggler rule)."""
     arrays = content.array_records.get(arrays_key)
     metrics = content.metric_records.get("metrics")
     if arrays is None or metrics is None:
@@ -107,6 +108,8 @@ def _reply_parts(
     for key, value in values.items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidUpdateError(client, None, "metrics", f"{key} is {value!r}")
+        if key != "train_loss" and value < 0:
+            raise InvalidUpdateError(client, None, "metrics", f"{key} is negative: {value!r}")
     return arrays, num, {k: float(v) for k, v in values.items()}  # type: ignore[arg-type]
 
 
@@ -284,7 +287,8 @@ class FlexLoRAStrategy(Strategy):
             return ClientResult(cid, error=reply.error.reason)
         failure = reply.content.config_records.get("failure")
         if failure is not None:
-            return ClientResult(cid, error=str(failure.get("reason")))
+            reason = str(failure.get("reason") or "").strip()
+            return ClientResult(cid, error=reason or "the node reported a failure, no reason given")
         try:
             if sparse:
                 update, seconds = decode_sparse_reply(reply.content, cid)

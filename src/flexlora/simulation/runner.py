@@ -33,12 +33,13 @@ from flexlora.client_state import (
 )
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
-from flexlora.errors import FlexLoRAError, UsageError
+from flexlora.errors import UsageError
 from flexlora.federation.replies import remove_spill_folders
 from flexlora.federation.round import (
     INJECTED_FAILURE,
     ClientResult,
     RoundCollector,
+    failure_reason,
     injected_failures,
     round_frozen,
 )
@@ -356,8 +357,8 @@ class FederatedRun:
                     server.client_seed(round_, cid),
                 )
                 self.worker.check(job)
-            except (RuntimeError, FlexLoRAError) as exc:
-                collector.offer(ClientResult(cid, error=str(exc)))
+            except Exception as exc:  # the client fails, the round goes on (as on Flower)
+                collector.offer(ClientResult(cid, error=failure_reason(exc, cid)))
                 continue
             del start
             yield job
@@ -400,8 +401,8 @@ class FederatedRun:
                 positions=self.server.sparse_positions_of(cid),
             )
             took = time.perf_counter() - t0
-        except (RuntimeError, FlexLoRAError) as exc:
-            return ClientResult(cid, error=str(exc))
+        except Exception as exc:
+            return ClientResult(cid, error=failure_reason(exc, cid))
         return ClientResult(cid, update, result.seconds, result.tokens, replied_after=took)
 
     def _train_group(self, jobs: list[ClientJob], batch: int | None) -> list[ClientResult]:
@@ -412,8 +413,8 @@ class FederatedRun:
             t0 = time.perf_counter()
             trained = self.worker.train_many(jobs, train_A=self.server.trains_A)
             took = time.perf_counter() - t0
-        except (RuntimeError, FlexLoRAError) as exc:
-            return [ClientResult(job.client, error=str(exc)) for job in jobs]
+        except Exception as exc:
+            return [ClientResult(job.client, error=failure_reason(exc, job.client)) for job in jobs]
         return [
             ClientResult(
                 update.client_id,
