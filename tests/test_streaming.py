@@ -253,6 +253,25 @@ def test_bad_server_settings_are_refused(key: str, value: object, needle: str) -
         load_config(values={"federation": {key: value}})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_server_gpu_that_is_not_there_is_refused_before_the_model_loads(
+    device: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """federation.server_device = cuda without a GPU: a clear error before the model (which
+    may take minutes for a 7B one) is loaded; it came after the load."""
+    from flexlora.simulation.runner import FederatedRun
+    from tests.sim_helpers import make_dataset, tiny_config
+
+    def no_load(self: FederatedRun) -> None:
+        raise AssertionError("the model was loaded before the server device was checked")
+
+    monkeypatch.setattr(FederatedRun, "_load_model", no_load)
+    cfg = tiny_config(str(tmp_path / "run"), federation={"server_device": device})
+    with pytest.raises(UsageError, match=f"server device '{device}': torch sees no CUDA"):
+        FederatedRun(cfg, dataset=make_dataset())
+
+
 # --- HetLoRA, FedEx-LoRA and FedSA-LoRA stream too -------------------------------------------
 MIXED = [{Q: 4, UP: 6}, {Q: 2, UP: 1}, {Q: 3, UP: 5}]
 

@@ -533,6 +533,10 @@ def resolve_device(device: torch.device | str) -> torch.device:
         raise UsageError(f"server device must be cpu, cuda or auto, got {device!r}") from None
     if out.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"server device {device!r}: torch sees no CUDA device")
+    if out.type == "cuda" and out.index is not None and out.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"server device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)"
+        )
     if out.type not in ("cpu", "cuda"):
         raise UsageError(f"server device must be cpu, cuda or auto, got {device!r}")
     return out

@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flexlora.aggregation.base import resolve_device
 from flexlora.config import RunConfig
 from flexlora.errors import UsageError
 from flexlora.flower.settings import FlowerOptions, load_run_config
@@ -221,6 +222,7 @@ class FlowerRun(FederatedRun):
         fed = cfg.federation
         # federation.client_timeout bounds a round's wait (nodes train in parallel).
         self.timeout = fed.client_timeout or self.options.round_timeout
+        resolve_device(fed.server_device)  # a server GPU that is not there: before the nodes
         if dataset is None:
             from flexlora.data import load_federated_dataset
 

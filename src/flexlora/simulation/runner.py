@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flexlora.aggregation.base import resolve_device
 from flexlora.client_state import (
     CLIENT_RANKS,
     CLIENT_STATE,
@@ -91,6 +92,7 @@ class FederatedRun:
         self.out = Path(cfg.output.dir)
         fed = cfg.federation
         cfg.client_train()  # an optimizer the strategy's method contradicts: refused up front
+        resolve_device(fed.server_device)  # a server GPU that is not there: before any load
         if cfg.model.threads > 0:
             torch.set_num_threads(cfg.model.threads)
 
