@@ -763,3 +763,25 @@ def test_an_unexpected_error_in_one_client_fails_that_client_in_both_drivers(
     assert set(failed.values()) == {"ValueError: bad value on purpose"}
     assert all(not victim(c) for r in sim_rows for c in r["aggregated"])
     assert any(r["aggregated"] for r in sim_rows)
+
+
+def test_the_same_unexpected_error_in_every_client_stops_the_simulator(
+    tasks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that fails every client (a TypeError in each) is shown, not turned into a run
+    whose every round keeps the previous state; the error names the round and a client."""
+    from flexlora.training.worker import ClientWorker
+
+    def train(self: ClientWorker, client: str, *args: Any, **kwargs: Any) -> Any:
+        return 1 + "a"  # type: ignore[operator]
+
+    monkeypatch.setattr(ClientWorker, "train", train)
+    small = {
+        "eval": {"at_start": False, "unseen": False},
+        "federation": {"clients_per_round": 4, "fail_rate": 0.25},
+        "output": {"save_adapters": False},
+    }
+    sim = FederatedRun(toy_config(tmp_path / "sim", tasks, **small))
+    with pytest.raises(RuntimeError, match=r"round 1: every client failed .* TypeError") as info:
+        sim.run()
+    assert isinstance(info.value.__cause__, TypeError)

@@ -155,27 +155,29 @@ def _is_activation(name: str, module: nn.Module) -> bool:
 
 
 def activation_saved(model: Any) -> float:
-    """What the model's first activation module (the MLP's) keeps for the backward pass, in
-    units of its input: run once on a small CPU tensor under ``saved_tensors_hooks``, each
-    storage counted once. 1.0 where none is found or it cannot run there."""
-    for name, module in model.named_modules():
-        if not _is_activation(name, module):
-            continue
-        x = torch.randn(1024, requires_grad=True)
-        kept: dict[int, int] = {}
+    """What the model's activation module (its text MLP's: the first one outside a vision
+    tower) keeps for the backward pass, in units of its input: run once on a small CPU tensor
+    under ``saved_tensors_hooks``, each storage counted once. 1.0 where none is found or it
+    cannot run there."""
+    found = [(n, m) for n, m in model.named_modules() if _is_activation(n, m)]
+    text = [m for n, m in found if not any(v in n.lower() for v in ("vision", "visual"))]
+    if not found:
+        return 1.0
+    module = (text or [m for _, m in found])[0]
+    x = torch.randn(1024, requires_grad=True)
+    kept: dict[int, int] = {}
 
-        def pack(t: torch.Tensor, kept: dict[int, int] = kept) -> torch.Tensor:
-            storage = t.untyped_storage()
-            kept[storage.data_ptr()] = storage.nbytes()
-            return t
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        kept[storage.data_ptr()] = storage.nbytes()
+        return t
 
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                module(x)
-        except Exception:  # an activation that needs more than a tensor: the fused count
-            return 1.0
-        return round(sum(kept.values()) / x.untyped_storage().nbytes(), 2)
-    return 1.0
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+    except Exception:  # an activation that needs more than a tensor: the fused count
+        return 1.0
+    return round(sum(kept.values()) / x.untyped_storage().nbytes(), 2)
 
 
 def _first(config: Any, *names: str, default: int | None = None) -> int:

@@ -34,7 +34,7 @@ from flexlora.client_state import (
 )
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
-from flexlora.errors import UsageError
+from flexlora.errors import FlexLoRAError, UsageError
 from flexlora.federation.replies import remove_spill_folders
 from flexlora.federation.round import (
     INJECTED_FAILURE,
@@ -90,6 +90,7 @@ class FederatedRun:
         seen clients: a Flower ServerApp passes the types its nodes declared."""
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
+        self._unexpected: dict[str, Exception] = {}  # this round's clients failed on a surprise
         fed = cfg.federation
         cfg.client_train()  # an optimizer the strategy's method contradicts: refused up front
         resolve_device(fed.server_device)  # a server GPU that is not there: before any load
@@ -281,6 +282,31 @@ class FederatedRun:
     def run_round(
         self, state: GlobalUpdate, round_: int, bar: bool
     ) -> tuple[GlobalUpdate, dict[str, Any]]:
+        """:meth:`transport_round`, stopped where every client it trained failed on an
+        exception the code does not expect: one client's ValueError fails that client, as on
+        a Flower node, but the same error in all of them is a bug to show, not a run whose
+        rounds all keep the previous state."""
+        self._unexpected = {}
+        state, row = self.transport_round(state, round_, bar)
+        tried = [c for c in row["clients"] if row["failed"].get(c) != INJECTED_FAILURE]
+        if tried and not row["aggregated"] and all(c in self._unexpected for c in tried):
+            cid = tried[0]
+            exc = self._unexpected[cid]
+            raise RuntimeError(
+                f"round {round_}: every client failed on an unexpected error, first {cid}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return state, row
+
+    def _failure(self, exc: Exception, cid: str) -> str:
+        """The row's message for a client that failed on ``exc``; an unexpected one is noted."""
+        if not isinstance(exc, (RuntimeError, FlexLoRAError)):
+            self._unexpected[cid] = exc
+        return failure_reason(exc, cid)
+
+    def transport_round(
+        self, state: GlobalUpdate, round_: int, bar: bool
+    ) -> tuple[GlobalUpdate, dict[str, Any]]:
         """Sample, train every sampled client at its rank, aggregate; return state and row.
 
         The round's protocol (failure injection, the merge step, reading the results, the
@@ -360,7 +386,7 @@ class FederatedRun:
                 )
                 self.worker.check(job)
             except Exception as exc:  # the client fails, the round goes on (as on Flower)
-                collector.offer(ClientResult(cid, error=failure_reason(exc, cid)))
+                collector.offer(ClientResult(cid, error=self._failure(exc, cid)))
                 continue
             del start
             yield job
@@ -404,7 +430,7 @@ class FederatedRun:
             )
             took = time.perf_counter() - t0
         except Exception as exc:
-            return ClientResult(cid, error=failure_reason(exc, cid))
+            return ClientResult(cid, error=self._failure(exc, cid))
         return ClientResult(cid, update, result.seconds, result.tokens, replied_after=took)
 
     def _train_group(self, jobs: list[ClientJob], batch: int | None) -> list[ClientResult]:
@@ -416,7 +442,7 @@ class FederatedRun:
             trained = self.worker.train_many(jobs, train_A=self.server.trains_A)
             took = time.perf_counter() - t0
         except Exception as exc:
-            return [ClientResult(job.client, error=failure_reason(exc, job.client)) for job in jobs]
+            return [ClientResult(job.client, error=self._failure(exc, job.client)) for job in jobs]
         return [
             ClientResult(
                 update.client_id,
