@@ -40,6 +40,7 @@ __all__ = [
     "ClientResult",
     "RoundCollector",
     "close_round",
+    "expected_failure",
     "failure_reason",
     "injected_failures",
     "round_frozen",
@@ -72,12 +73,18 @@ class ClientResult:
     upload_bytes: int = 0  # set when the update is folded and dropped
 
 
+def expected_failure(exc: Exception) -> bool:
+    """Whether a client's exception is a failure the code expects: a RuntimeError (out of
+    memory among them) or a FlexLoRAError; anything else may be a bug."""
+    return isinstance(exc, (RuntimeError, FlexLoRAError))
+
+
 def failure_reason(exc: Exception, client: str) -> str:
     """A failed client's entry in the row, the same in both drivers: the message of a failure
-    the code expects (a RuntimeError, out of memory among them, or a FlexLoRAError); any other
-    exception is named by its type too, and its traceback goes to the log (it may be a bug).
-    The round goes on without the client either way, as a Flower node's failure does."""
-    if not isinstance(exc, (RuntimeError, FlexLoRAError)):
+    the code expects (:func:`expected_failure`); any other exception is named by its type too,
+    and its traceback goes to the log (it may be a bug). The round goes on without the client
+    either way, as a Flower node's failure does."""
+    if not expected_failure(exc):
         log.error("client %s failed: %s", client, type(exc).__name__, exc_info=exc)
         return f"{type(exc).__name__}: {exc}"
     return str(exc) or type(exc).__name__

@@ -34,12 +34,13 @@ from flexlora.client_state import (
 )
 from flexlora.config import RunConfig
 from flexlora.config_io import to_dict
-from flexlora.errors import FlexLoRAError, UsageError
+from flexlora.errors import UsageError
 from flexlora.federation.replies import remove_spill_folders
 from flexlora.federation.round import (
     INJECTED_FAILURE,
     ClientResult,
     RoundCollector,
+    expected_failure,
     failure_reason,
     injected_failures,
     round_frozen,
@@ -300,7 +301,7 @@ class FederatedRun:
 
     def _failure(self, exc: Exception, cid: str) -> str:
         """The row's message for a client that failed on ``exc``; an unexpected one is noted."""
-        if not isinstance(exc, (RuntimeError, FlexLoRAError)):
+        if not expected_failure(exc):
             self._unexpected[cid] = exc
         return failure_reason(exc, cid)
 
