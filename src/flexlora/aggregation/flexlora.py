@@ -173,7 +173,7 @@ class FlexLoRAModule(ModuleAccumulator):
                 self.delta, keep if keep is not None else min(self.total_rank, m, n), self.niter
             )
             energy = squared_norm(self.delta)
-        else:  # a small keep: only the kept triplets, from the sum's Gram
+        else:  # a small keep: only its triplets, from the sum's Gram; else the full SVD
             (U, S, Vh), energy = dense_cut_svd(self.delta, keep)
         # rank(ΔW) <= R: a dense SVD's further triplets are zeros, cut so both forms agree
         k = self.total_rank if keep is None else min(keep, self.total_rank)
